@@ -1,0 +1,79 @@
+"""A backbone plus named heads, and a Hydra-config builder."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn as nn
+from hydra.utils import instantiate
+
+from brain3d.models.heads import SegmentationHead, check_segmentation_shape
+
+
+class Brain3DModel(nn.Module):
+    """A backbone shared by one or more named heads.
+
+    Args:
+        backbone: module with ``feature_channels`` whose forward maps (B, C, D, H, W) to
+            a list of 4 feature maps.
+        heads: head name -> head module; each head maps the feature list to logits.
+
+    Raises:
+        ValueError (in forward): when the input is not 5-D (B, C, D, H, W), or when a
+            segmentation head is present and D, H, W are not all divisible by 16.
+    """
+
+    def __init__(self, backbone: nn.Module, heads: Mapping[str, nn.Module]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.heads = nn.ModuleDict(dict(heads))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if x.dim() != 5:
+            raise ValueError(f"expected a 5-D input (B, C, D, H, W), got shape {tuple(x.shape)}")
+        if any(isinstance(h, SegmentationHead) for h in self.heads.values()):
+            check_segmentation_shape(x.shape[2:])
+        features = self.backbone(x)  # [f1 (/2), f2 (/4), f3 (/8), f4 (/16)]
+        return {name: head(features) for name, head in self.heads.items()}
+
+
+def _target(cfg: Any) -> str:
+    try:
+        return str(cfg.get("_target_"))
+    except AttributeError:
+        return repr(cfg)
+
+
+def build_model(backbone_cfg: Any, head_cfg: Any, head_name: str) -> Brain3DModel:
+    """Instantiate a backbone and one head from Hydra configs (with ``_target_``).
+
+    The head is instantiated with ``feature_channels=backbone.feature_channels``.
+
+    Args:
+        backbone_cfg: DictConfig or dict, e.g.
+            ``{"_target_": "brain3d.models.backbones.PlainBackbone", "width": 1.0}``.
+        head_cfg: DictConfig or dict, e.g.
+            ``{"_target_": "brain3d.models.heads.GlobalPoolHead", "out_features": 1}``.
+        head_name: key of the head in the model's output dict.
+
+    Raises:
+        TypeError: when the backbone is not an ``nn.Module`` with ``feature_channels``,
+            or the head is not an ``nn.Module``; the message names the ``_target_``.
+    """
+    backbone = instantiate(backbone_cfg)
+    if not isinstance(backbone, nn.Module) or not hasattr(backbone, "feature_channels"):
+        raise TypeError(
+            f"backbone target {_target(backbone_cfg)} built {type(backbone).__name__}, "
+            "not an nn.Module with a feature_channels attribute"
+        )
+    head = instantiate(head_cfg, feature_channels=list(backbone.feature_channels))
+    if not isinstance(head, nn.Module):
+        raise TypeError(f"head target {_target(head_cfg)} built {type(head).__name__}, not an nn.Module")
+    return Brain3DModel(backbone, {head_name: head})
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Total number of parameters: ``sum(p.numel() for p in model.parameters())``."""
+    return sum(p.numel() for p in model.parameters())
