@@ -1,0 +1,258 @@
+"""Reading, writing and simple resampling of 3-D NIfTI volumes.
+
+Every volume brain3d reads goes through :func:`load_nifti` / :func:`load_mask`, which
+reorient to the closest canonical RAS orientation so that array axis 0 runs left->right,
+axis 1 posterior->anterior and axis 2 inferior->superior whatever the on-disk layout.
+
+Runtime dependencies: numpy, nibabel, torch (no scipy).
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from pathlib import Path
+from typing import Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from nibabel.filebasedimages import ImageFileError
+
+__all__ = [
+    "NiftiReadError",
+    "load_nifti",
+    "load_mask",
+    "read_header_shape",
+    "resize_volume",
+    "zscore_nonzero",
+    "save_nifti",
+]
+
+# Errors nibabel / gzip / zlib raise for missing, non-NIfTI or damaged files.  A truncated
+# .gz reads its header fine and only fails here, once the data block is decompressed.
+_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, ImageFileError, nib.spatialimages.HeaderDataError)
+
+
+class NiftiReadError(ValueError):
+    """A file could not be read as a NIfTI volume (missing, not NIfTI, truncated...)."""
+
+
+def _read_error(path: Path, exc: BaseException) -> NiftiReadError:
+    # One line: "cannot read NIfTI file <path>: <ExcType>: <reason>".
+    reason = " ".join(str(exc).split()) or "no details"
+    return NiftiReadError(f"cannot read NIfTI file {path}: {type(exc).__name__}: {reason}")
+
+
+def _open(path: str | os.PathLike) -> tuple[Path, nib.spatialimages.SpatialImage]:
+    """nib.load with errors wrapped; reads the header only (data stays on disk)."""
+    path = Path(path)
+    try:
+        img = nib.load(str(path))
+    except _READ_ERRORS as exc:
+        raise _read_error(path, exc) from exc
+    return path, img
+
+
+def _spatial_shape(path: Path, shape: Sequence[int]) -> tuple[int, int, int]:
+    """The 3-D shape after dropping trailing singleton dims (X, Y, Z, 1 -> X, Y, Z).
+
+    Raises:
+        ValueError: the image is not 3-D (e.g. 2-D, or a true 4-D series with >1 volume).
+    """
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 3 or any(s != 1 for s in shape[3:]):
+        raise ValueError(
+            f"{path}: expected a 3-D volume (a 4th dimension of size 1 is allowed), got shape {shape}"
+        )
+    return shape[:3]  # type: ignore[return-value]
+
+
+def load_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Load a 3-D NIfTI volume reoriented to the closest canonical RAS orientation.
+
+    Args:
+        path: a .nii or .nii.gz file (anything nibabel reads as a spatial image works).
+
+    Returns:
+        (data, affine): data is a float32 array of shape (X, Y, Z) with scl_slope /
+        scl_inter applied; affine is the 4x4 float64 voxel->RAS+ (mm) matrix of the
+        reoriented array.
+
+    Raises:
+        NiftiReadError: the file is missing, not an image, or damaged (e.g. truncated .gz).
+        ValueError: the image is not 3-D (a singleton 4th dimension is squeezed).
+    """
+    path, img = _open(path)
+    _spatial_shape(path, img.shape)  # checked from the header before reading any data
+    try:
+        img = nib.as_closest_canonical(img)  # flips/permutes the first 3 axes only
+        data = np.asarray(img.get_fdata(dtype=np.float32))  # applies scl_slope / scl_inter
+    except _READ_ERRORS as exc:
+        raise _read_error(path, exc) from exc
+    # Canonical reordering permutes spatial axes, so take the spatial shape after it.
+    data = data.reshape(data.shape[:3])  # drop the singleton 4th dim: (X, Y, Z, 1) -> (X, Y, Z)
+    return data, np.asarray(img.affine, dtype=np.float64)
+
+
+def load_mask(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Load a binary mask like :func:`load_nifti`, as uint8 (value > 0.5 -> 1, else 0).
+
+    Args:
+        path: a .nii or .nii.gz mask file.
+
+    Returns:
+        (mask, affine): uint8 array (X, Y, Z) of 0/1 in RAS orientation, 4x4 float64 affine.
+
+    Raises:
+        NiftiReadError: unreadable file.
+        ValueError: not a 3-D volume.
+    """
+    data, affine = load_nifti(path)
+    return (data > 0.5).astype(np.uint8), affine  # NaN > 0.5 is False -> 0
+
+
+def read_header_shape(path: str | os.PathLike) -> tuple[int, int, int]:
+    """Spatial shape from the header alone (cheap: the data block is not read).
+
+    The shape is given in RAS axis order, i.e. the shape :func:`load_nifti` would return
+    (a permuted on-disk layout is permuted here too); a singleton 4th dim is dropped.
+
+    Args:
+        path: a .nii or .nii.gz file.
+
+    Returns:
+        (X, Y, Z) as ints.
+
+    Raises:
+        NiftiReadError: unreadable header.
+        ValueError: not a 3-D volume.
+    """
+    path, img = _open(path)
+    shape = _spatial_shape(path, img.shape)
+    # io_orientation[i, 0] = the RAS axis that on-disk axis i maps to (same as load_nifti).
+    ornt = nib.orientations.io_orientation(img.affine)
+    if np.isnan(ornt).any():  # degenerate affine: no axis mapping, keep on-disk order
+        return shape
+    ras_shape = [0, 0, 0]
+    for disk_axis, (ras_axis, _flip) in enumerate(ornt):
+        ras_shape[int(ras_axis)] = shape[disk_axis]
+    return tuple(ras_shape)  # type: ignore[return-value]
+
+
+def resize_volume(volume: np.ndarray, shape: Sequence[int], mode: str) -> np.ndarray:
+    """Resample a whole 3-D array to ``shape`` (how brain3d fits volumes to ``data.shape``).
+
+    This is plain whole-volume resampling: the field of view is kept, so the voxel size
+    changes and the aspect ratio is NOT preserved when the shape ratios differ.  Proper
+    spacing-aware preprocessing (resample to mm, then crop/pad) is a later addition.
+
+    Args:
+        volume: 3-D array (X, Y, Z).
+        shape: target (X', Y', Z').
+        mode: "trilinear" for images (align_corners=False) or "nearest" for masks/labels
+            (torch "nearest-exact", so no new values appear).
+
+    Returns:
+        The resampled array: float32 for "trilinear", the input dtype for "nearest".
+        When the shape already matches, a copy with the same values (and dtype rules).
+
+    Raises:
+        ValueError: bad mode, non-3-D volume or a target shape that is not 3 positive ints.
+    """
+    if mode not in ("trilinear", "nearest"):
+        raise ValueError(f"resize_volume: mode must be 'trilinear' or 'nearest', got {mode!r}")
+    volume = np.asarray(volume)
+    if volume.ndim != 3:
+        raise ValueError(f"resize_volume: expected a 3-D array, got shape {volume.shape}")
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"resize_volume: target shape must be 3 positive ints, got {shape}")
+    out_dtype = np.float32 if mode == "trilinear" else volume.dtype
+    if volume.shape == shape:
+        return volume.astype(out_dtype, copy=True)
+    # interpolate wants (N, C, X, Y, Z); float32 holds any uint8/int16 label exactly.
+    t = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None]
+    if mode == "trilinear":
+        out = F.interpolate(t, size=shape, mode="trilinear", align_corners=False)
+    else:
+        out = F.interpolate(t, size=shape, mode="nearest-exact")
+    return out[0, 0].numpy().astype(out_dtype, copy=False)
+
+
+def zscore_nonzero(volume: np.ndarray) -> np.ndarray:
+    """Z-score with the mean/std of the nonzero voxels (head/brain); background stays 0.
+
+    Falls back to the whole-volume mean/std when fewer than 2 voxels are nonzero or their
+    std is 0; a constant volume gives all zeros (never divides by 0).
+
+    Args:
+        volume: array of any shape (normally (X, Y, Z)).
+
+    Returns:
+        float32 array of the same shape.
+    """
+    v = np.asarray(volume, dtype=np.float64)  # float64 statistics: sums over ~10^7 voxels
+    fg = v != 0
+    if fg.sum() >= 2:
+        vals = v[fg]
+        std = vals.std()
+        if std > 0:
+            out = np.zeros(v.shape, dtype=np.float32)
+            out[fg] = (vals - vals.mean()) / std
+            return out
+    std = v.std()
+    if not std > 0:  # constant (or empty) volume
+        return np.zeros(v.shape, dtype=np.float32)
+    return ((v - v.mean()) / std).astype(np.float32)
+
+
+def save_nifti(
+    array: np.ndarray,
+    affine: np.ndarray,
+    path: str | os.PathLike,
+    dtype: np.dtype | type | str | None = None,
+) -> Path:
+    """Write an array as NIfTI-1 atomically (temp file in the same folder, then os.replace).
+
+    qform and sform are both set to ``affine`` with code 1 (scanner).  Parent folders are
+    created.  The temp file keeps the .nii/.nii.gz suffix (``name.tmp-<pid>.nii.gz``) so
+    nibabel compresses it the same way.
+
+    Args:
+        array: the data (normally (X, Y, Z)).
+        affine: 4x4 voxel->world (mm) matrix.
+        path: destination, .nii or .nii.gz.
+        dtype: on-disk dtype; default the array's dtype (bool -> uint8, int64 -> int32,
+            since NIfTI-1 via nibabel refuses 64-bit ints without an explicit choice).
+
+    Returns:
+        The destination path.
+    """
+    path = Path(path)
+    arr = np.asarray(array)
+    if dtype is not None:
+        arr = arr.astype(dtype, copy=False)
+    elif arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8)
+    elif arr.dtype in (np.int64, np.uint64):
+        arr = arr.astype(np.int32)
+    affine = np.asarray(affine, dtype=np.float64)
+    img = nib.Nifti1Image(arr, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.set_data_dtype(arr.dtype)
+
+    name = path.name
+    suffix = ".nii.gz" if name.endswith(".nii.gz") else path.suffix
+    stem = name[: len(name) - len(suffix)] if suffix else name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{stem}.tmp-{os.getpid()}{suffix}")
+    try:
+        nib.save(img, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():  # failed mid-write: leave nothing half-written behind
+            tmp.unlink()
+    return path

@@ -1,0 +1,304 @@
+"""Built-in brain-like phantoms: the default data source, so brain3d runs with no data.
+
+Each subject is a T1-ish head in a RAS grid (axis 0: left->right, axis 1: posterior->
+anterior, axis 2: inferior->superior): scalp, dark skull, CSF, a grey-matter ribbon with
+sulci, white matter, two lateral ventricles and optional bright white-matter lesions,
+deformed smoothly per subject, with a bias field and Gaussian noise.  The labels drive
+the anatomy, so all three tasks are learnable:
+
+* sex (0 = F, 1 = M): males have ~9 % larger head/brain radii (individual sd ~4 %, so the
+  classes overlap a little) and a slightly longer, narrower head.
+* age (years, 20-80): ventricles grow (x1.0 at 20 -> x1.8 at 80), the cortical ribbon
+  thins, sulci widen and the brain shrinks a little inside a fixed skull.
+* lesions: 0-6 bright blobs inside white matter only -> the binary segmentation target.
+
+Runtime dependencies: numpy (+ nibabel via :mod:`brain3d.data.nifti` for writing).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from brain3d.data.nifti import save_nifti
+
+__all__ = [
+    "GENERATOR_VERSION",
+    "make_phantom",
+    "make_synthetic_dataset",
+    "synthetic_cache_dir",
+]
+
+# Bump when the phantom changes: it is part of the cache folder name.
+GENERATOR_VERSION = 1
+FOV_MM = 192.0  # default field of view per axis (mm): voxel size = FOV / shape
+
+# Tissue labels of the internal label map, and their mean T1-ish intensities.
+BG, SCALP, SKULL, CSF, GM, WM, LESION = range(7)
+_INTENSITY = np.array([0.0, 0.30, 0.05, 0.15, 0.55, 0.80, 1.20], dtype=np.float32)
+
+_HEAD_RADII_MM = np.array([62.0, 74.0, 66.0])  # female head ellipsoid radii (x, y, z)
+_VENTRICLE_RADII_MM = np.array([5.0, 17.0, 8.0])  # one lateral ventricle at 20 y (thin L-R, long P-A)
+
+
+def _voxel_size(shape: tuple[int, int, int], voxel_size_mm) -> tuple[float, float, float]:
+    """Per-axis voxel size (mm); default: a ~192 mm field of view on every axis."""
+    if voxel_size_mm is None:
+        return tuple(FOV_MM / n for n in shape)  # type: ignore[return-value]
+    vox = np.broadcast_to(np.asarray(voxel_size_mm, dtype=np.float64), (3,))
+    if (vox <= 0).any():
+        raise ValueError(f"voxel_size_mm must be positive, got {voxel_size_mm}")
+    return tuple(float(v) for v in vox)  # type: ignore[return-value]
+
+
+def _check_shape(shape: Sequence[int]) -> tuple[int, int, int]:
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or min(shape) < 8:
+        raise ValueError(f"shape must be 3 ints >= 8, got {shape}")
+    return shape  # type: ignore[return-value]
+
+
+def _affine(shape: tuple[int, int, int], vox: tuple[float, float, float]) -> np.ndarray:
+    """RAS affine: diagonal voxel sizes, world origin (0, 0, 0) at the volume centre."""
+    aff = np.diag([*vox, 1.0])
+    aff[:3, 3] = [-(n - 1) / 2.0 * v for n, v in zip(shape, vox)]
+    return aff
+
+
+def _smooth_field(rng: np.random.Generator, X, Y, Z, amp: float, n_waves: int = 2) -> np.ndarray:
+    """Sum of ``n_waves`` random low-frequency plane waves (wavelength 120-240 mm), sd ~amp."""
+    out = np.zeros(X.shape, dtype=np.float32)
+    for _ in range(n_waves):
+        k = 2 * np.pi / rng.uniform(120.0, 240.0, 3) * rng.choice([-1.0, 1.0], 3)
+        a = rng.normal(0.0, amp)
+        out += np.float32(a) * np.sin(np.float32(k[0]) * X + np.float32(k[1]) * Y + np.float32(k[2]) * Z + np.float32(rng.uniform(0, 2 * np.pi)))
+    return out
+
+
+def make_phantom(
+    shape: Sequence[int],
+    sex: int,
+    age: float,
+    rng: np.random.Generator,
+    voxel_size_mm: float | Sequence[float] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Generate one brain-like T1-ish phantom and its lesion mask.
+
+    Args:
+        shape: grid (D, H, W) = RAS axes (x: L->R, y: P->A, z: I->S); each >= 8.
+        sex: 0 (female) or 1 (male).
+        age: years; the generator is calibrated for 20-80 (clipped to 20-110).
+        rng: the subject's random generator (all randomness comes from it).
+        voxel_size_mm: scalar or per-axis voxel size; default 192 mm / shape per axis.
+            The anatomy is defined in mm, so with the default the head fills the same
+            fraction of any grid.
+
+    Returns:
+        (image, mask): image float32 (D, H, W), background exactly 0, tissues ~ scalp 0.3,
+        skull 0.05, CSF 0.15, GM 0.55, WM 0.8, lesion 1.2 (times a bias field, plus noise;
+        head voxels kept >= 0.01 so "nonzero" == head); mask uint8 (D, H, W), 1 = lesion.
+
+    Raises:
+        ValueError: bad shape, sex or voxel size.
+    """
+    shape = _check_shape(shape)
+    if sex not in (0, 1):
+        raise ValueError(f"sex must be 0 or 1, got {sex!r}")
+    vox = _voxel_size(shape, voxel_size_mm)
+    af = float(np.clip((age - 20.0) / 60.0, 0.0, 1.5))  # "age fraction": 0 at 20 y, 1 at 80 y
+
+    # World coordinates (mm) of every voxel centre, origin at the volume centre: 3 x (D, H, W).
+    axes = [(np.arange(n, dtype=np.float32) - np.float32((n - 1) / 2)) * np.float32(v) for n, v in zip(shape, vox)]
+    X, Y, Z = np.meshgrid(*axes, indexing="ij")
+
+    # --- per-subject pose and smooth deformation: head coordinates (Xh, Yh, Zh) in mm ---
+    shift = rng.normal(0.0, 3.0, 3)  # head not exactly centred
+    yaw, pitch = rng.normal(0.0, np.deg2rad(4.0), 2)  # small rotations about z and x
+    X0, Y0, Z0 = X - np.float32(shift[0]), Y - np.float32(shift[1]), Z - np.float32(shift[2])
+    cy, sy, cp, sp = (np.float32(f) for f in (np.cos(yaw), np.sin(yaw), np.cos(pitch), np.sin(pitch)))
+    Xr = cy * X0 + sy * Y0
+    Yr = -sy * X0 + cy * Y0
+    Yh = cp * Yr + sp * Z0
+    Zh = -sp * Yr + cp * Z0
+    # Low-frequency displacement (~3 mm) so no two subjects share a shape.
+    Xh = Xr + _smooth_field(rng, Xr, Yh, Zh, 3.0)
+    Yh = Yh + _smooth_field(rng, Xr, Yh, Zh, 3.0)
+    Zh = Zh + _smooth_field(rng, Xr, Yh, Zh, 3.0)
+    del X0, Y0, Z0, Yr
+
+    # --- head size and shape: sex effect + individual variation ---
+    size = (1.09 if sex == 1 else 1.0) * rng.normal(1.0, 0.04)  # global scale of all radii
+    aspect = rng.normal(1.0, 0.02, 3) * (np.array([0.98, 1.02, 1.0]) if sex == 1 else 1.0)
+    head_r = _HEAD_RADII_MM * size * aspect
+
+    labels = np.zeros(shape, dtype=np.uint8)  # (D, H, W) tissue label map
+    rho_head = np.sqrt((Xh / np.float32(head_r[0])) ** 2 + (Yh / np.float32(head_r[1])) ** 2 + (Zh / np.float32(head_r[2])) ** 2)
+    labels[rho_head < 1.0] = SCALP
+    labels[rho_head < 0.93] = SKULL
+    labels[rho_head < 0.86] = CSF  # intracranial space; the brain is painted over it
+    del rho_head
+
+    # --- brain: shrinks with age inside the fixed skull (the gap fills with CSF) ---
+    brain_r = head_r * 0.84 * (1.0 - 0.05 * af)
+    rho = np.sqrt((Xh / np.float32(brain_r[0])) ** 2 + (Yh / np.float32(brain_r[1])) ** 2 + (Zh / np.float32(brain_r[2])) ** 2)
+    gm_mm = 7.0 * (1.0 - 0.3 * af) * size  # cortical ribbon thickness, thins with age
+    wm_edge = 1.0 - gm_mm / brain_r.mean()  # GM/WM border in normalised radius
+    # Gyral pattern: zero set of a sum of cosines (wavelength ~30 mm) = sulcal sheets.
+    k = np.float32(2 * np.pi / rng.uniform(26.0, 34.0))
+    ph = rng.uniform(0, 2 * np.pi, 3).astype(np.float32)
+    fold = np.cos(k * Xh + ph[0]) + np.cos(k * Yh + ph[1]) + np.cos(k * Zh + ph[2])  # in [-3, 3]
+    brain = rho < 1.0
+    labels[brain] = GM
+    # WM reaches into gyri (|fold| large) and recedes under sulci (fold ~ 0).
+    labels[rho < wm_edge + 0.04 * (np.abs(fold) / 3.0 - 0.3)] = WM
+    # Sulci (CSF) cut through the ribbon; they widen with age.
+    sulcus_w = 0.25 + 0.35 * af
+    labels[brain & (rho > wm_edge) & (np.abs(fold) < sulcus_w)] = CSF
+    # Interhemispheric fissure in the upper outer brain, widening with age.
+    labels[brain & (np.abs(Xh) < 1.8 + 1.2 * af) & (rho > 0.6) & (Zh > -0.2 * brain_r[2])] = CSF
+    del fold
+
+    # --- lateral ventricles: two (slightly curved) ellipsoids that grow with age ---
+    vent_r = _VENTRICLE_RADII_MM * size * (1.0 + 0.8 * af) * rng.normal(1.0, 0.08)
+    zc = 8.0 * size - 0.006 * Yh**2  # centre line bends down towards the horns
+    for side in (-1.0, 1.0):
+        xc = side * (vent_r[0] + 1.5)  # beside the midline (septum between them)
+        inside = ((Xh - xc) / vent_r[0]) ** 2 + ((Yh - 2.0 * size) / vent_r[1]) ** 2 + ((Zh - zc) / vent_r[2]) ** 2 < 1.0
+        labels[inside] = CSF
+    del zc, Xh, Yh, Zh, Xr
+
+    # --- lesions: 1-6 bright ellipsoids, placed in and clipped to white matter ---
+    wm = labels == WM
+    n_lesions = 0 if rng.random() < 0.1 else int(rng.integers(1, 7))
+    centres = np.flatnonzero(wm & (rho < wm_edge - 0.08))  # deep WM, away from the cortex
+    del rho
+    scale = min(shape) / 64.0  # radius 2-5 voxels at 64^3, proportionally larger on finer grids
+    for _ in range(n_lesions if centres.size else 0):
+        c = np.unravel_index(rng.choice(centres), shape)
+        r_vox = rng.uniform(2.0, 5.0) * scale * rng.uniform(0.7, 1.3, 3)  # per-axis radii (voxels)
+        lo = [max(int(ci - np.ceil(r)), 0) for ci, r in zip(c, r_vox)]
+        hi = [min(int(ci + np.ceil(r)) + 1, n) for ci, r, n in zip(c, r_vox, shape)]
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        # Ellipsoid in voxel units on the bounding box only (cheap).
+        gi, gj, gk = np.ogrid[box]
+        blob = ((gi - c[0]) / r_vox[0]) ** 2 + ((gj - c[1]) / r_vox[1]) ** 2 + ((gk - c[2]) / r_vox[2]) ** 2 <= 1.0
+        labels[box][blob & wm[box]] = LESION  # WM only: never in CSF, GM or ventricles
+    mask = (labels == LESION).astype(np.uint8)
+
+    # --- intensities: tissue means (+-3 % per subject) x bias field + noise, head only ---
+    lut = _INTENSITY * rng.normal(1.0, 0.03, _INTENSITY.size).astype(np.float32)
+    image = lut[labels]  # (D, H, W) float32
+    bias = np.exp(_smooth_field(rng, X, Y, Z, 0.06, n_waves=3))  # smooth multiplicative, ~+-10 %
+    head = labels > BG
+    noise_sd = np.float32(rng.uniform(0.03, 0.05))
+    noise = rng.standard_normal(shape, dtype=np.float32) * noise_sd
+    image = np.where(head, np.maximum(image * bias + noise, np.float32(0.01)), np.float32(0.0))
+    return image.astype(np.float32, copy=False), mask
+
+
+def synthetic_cache_dir(root: str | os.PathLike, num_subjects: int, shape: Sequence[int], seed: int) -> Path:
+    """Cache folder of one synthetic dataset: ``root/n{num}_s{D}x{H}x{W}_seed{seed}_v{VERSION}``.
+
+    Args:
+        root: parent folder of all synthetic caches.
+        num_subjects, shape, seed: the generator parameters.
+
+    Returns:
+        The folder path (not created).
+    """
+    d, h, w = (int(s) for s in shape)
+    return Path(root) / f"n{int(num_subjects)}_s{d}x{h}x{w}_seed{int(seed)}_v{GENERATOR_VERSION}"
+
+
+def make_synthetic_dataset(
+    out_dir: str | os.PathLike,
+    num_subjects: int = 64,
+    shape: Sequence[int] = (64, 64, 64),
+    seed: int = 0,
+    voxel_size_mm: float | Sequence[float] | None = None,
+) -> Path:
+    """Write a synthetic phantom dataset (a cache: reused if ``out_dir/manifest.csv`` exists).
+
+    Layout: ``images/sub-XXXX_T1w.nii.gz`` (float32), ``masks/sub-XXXX_lesion.nii.gz``
+    (uint8), ``manifest.csv`` (``subject_id,image,mask,sex,age``; paths relative to the
+    manifest's folder; sex 0/1; age rounded to 0.1 y) and ``dataset.json`` (parameters).
+    It is built in a temporary sibling folder and renamed into place, so a half-written
+    dataset is never visible.  Deterministic: subject i uses
+    ``np.random.default_rng([seed, i])`` (so subject i does not depend on num_subjects);
+    sex is balanced within each pair of subjects (order shuffled per pair), age ~ U(20, 80).
+
+    Args:
+        out_dir: the dataset folder (must be absent, empty or an existing dataset).
+        num_subjects: number of subjects (>= 1).
+        shape: grid (D, H, W).
+        seed: dataset seed.
+        voxel_size_mm: scalar or per-axis; default 192 mm / shape (a ~192 mm field of view).
+
+    Returns:
+        Path of ``out_dir/manifest.csv``.
+
+    Raises:
+        ValueError: bad parameters.
+        FileExistsError: ``out_dir`` exists, is not empty and holds no manifest.csv.
+    """
+    out_dir = Path(out_dir)
+    manifest = out_dir / "manifest.csv"
+    if manifest.is_file():
+        return manifest  # cached
+    if num_subjects < 1:
+        raise ValueError(f"num_subjects must be >= 1, got {num_subjects}")
+    shape = _check_shape(shape)
+    vox = _voxel_size(shape, voxel_size_mm)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} exists, is not empty and has no manifest.csv; refusing to overwrite")
+
+    affine = _affine(shape, vox)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        rows = []
+        for i in range(num_subjects):
+            rng = np.random.default_rng([seed, i])
+            # Balanced sex: one F and one M per pair, the order drawn from the pair's own rng.
+            flip = int(np.random.default_rng([seed, i // 2, 1]).integers(2))
+            sex = (i % 2) ^ flip
+            age = round(float(rng.uniform(20.0, 80.0)), 1)  # the label is exactly the truth used
+            image, mask = make_phantom(shape, sex, age, rng, vox)
+            sid = f"sub-{i:04d}"
+            img_rel = f"images/{sid}_T1w.nii.gz"
+            mask_rel = f"masks/{sid}_lesion.nii.gz"
+            save_nifti(image, affine, tmp / img_rel, dtype=np.float32)
+            save_nifti(mask, affine, tmp / mask_rel, dtype=np.uint8)
+            rows.append((sid, img_rel, mask_rel, sex, f"{age:.1f}"))
+        with open(tmp / "dataset.json", "w") as f:
+            json.dump(
+                {
+                    "num_subjects": int(num_subjects),
+                    "shape": list(shape),
+                    "seed": int(seed),
+                    "voxel_size_mm": list(vox),
+                    "GENERATOR_VERSION": GENERATOR_VERSION,
+                },
+                f,
+                indent=2,
+            )
+        with open(tmp / "manifest.csv", "w", newline="") as f:  # written last: marks completion
+            writer = csv.writer(f)
+            writer.writerow(["subject_id", "image", "mask", "sex", "age"])
+            writer.writerows(rows)
+        try:
+            os.replace(tmp, out_dir)  # atomic; works onto an absent or empty folder
+        except OSError:
+            if not manifest.is_file():  # not a concurrent builder finishing first
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return manifest

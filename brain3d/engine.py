@@ -1,0 +1,167 @@
+"""The loop: ``train_one_epoch`` and ``evaluate``, with mixed precision, accumulation and clipping.
+
+Both return a dict of plain floats; ``brain3d.train`` logs them. Losses and metrics are computed in
+float32 even under autocast (the loss modules cast their inputs), and heads return logits: sigmoid is
+applied here only where probabilities are needed (metrics, previews).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from brain3d import metrics as M
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or Inf; the message names the epoch, step and the batch's subjects."""
+
+
+@dataclass
+class TaskSpec:
+    """What the loop needs to know about the task: the head to read and how targets are scaled.
+
+    Regression targets are standardised with the training set's mean and std (``target_mean``,
+    ``target_std``) so a unit-scale head learns quickly; predictions are mapped back before metrics.
+    """
+
+    name: str  # "classification" | "regression" | "segmentation"; also the head's name
+    target_mean: float = 0.0
+    target_std: float = 1.0
+
+    def encode(self, target: torch.Tensor) -> torch.Tensor:
+        return (target - self.target_mean) / self.target_std if self.name == "regression" else target
+
+    def decode(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits * self.target_std + self.target_mean if self.name == "regression" else logits
+
+
+def autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    """Autocast context for ``amp_dtype`` (bf16/fp16), or a no-op for fp32 (None)."""
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    loader,
+    loss_fn: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    scaler: torch.amp.GradScaler,
+    task: TaskSpec,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    epoch: int,
+    accumulate_grad_batches: int = 1,
+    gradient_clip_norm: float | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """One pass over ``loader``; returns ``{"loss", "lr", "volumes_per_second", "data_seconds"}``.
+
+    Gradients of ``accumulate_grad_batches`` micro-batches are summed before each optimizer step (the loss
+    is divided so the sum is a mean); the scheduler steps once per optimizer step.
+
+    Raises:
+        NonFiniteLossError: a NaN/Inf loss, naming the epoch, step and subject ids of the batch.
+    """
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    total_loss, total_volumes = 0.0, 0
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, disable=not progress, dynamic_ncols=True)
+    num_batches = len(loader)
+    for step, batch in enumerate(bar):
+        image = batch["image"].to(device, non_blocking=True)  # (B, 1, D, H, W)
+        target = task.encode(batch["target"].to(device, non_blocking=True))  # (B, 1) or (B, 1, D, H, W)
+        with autocast(device, amp_dtype):
+            logits = model(image)[task.name]
+        loss = loss_fn(logits, target)  # float32: the loss casts its inputs
+        loss_value = loss.item()  # a sync point, once per step: negligible next to a 3D forward/backward
+        if not np.isfinite(loss_value):
+            raise NonFiniteLossError(
+                f"non-finite loss ({loss_value}) at epoch {epoch}, step {step + 1}/{num_batches}; "
+                f"subjects in the batch: {list(batch['subject_id'])}. Check these images, or lower the "
+                f"learning rate / use trainer.precision=fp32."
+            )
+        scaler.scale(loss / accumulate_grad_batches).backward()
+        if (step + 1) % accumulate_grad_batches == 0 or step + 1 == num_batches:
+            if gradient_clip_norm:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+                torch.nn.utils.clip_grad_norm_(model.parameters(), gradient_clip_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+        total_loss += loss_value * image.shape[0]
+        total_volumes += image.shape[0]
+        elapsed = time.perf_counter() - start
+        bar.set_postfix(loss=f"{loss_value:.4f}", vol_s=f"{total_volumes / max(elapsed, 1e-9):.2f}")
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    return {
+        "loss": total_loss / max(total_volumes, 1),
+        "lr": optimizer.param_groups[0]["lr"],
+        "volumes_per_second": total_volumes / max(elapsed, 1e-9),
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    loader,
+    loss_fn: torch.nn.Module,
+    task: TaskSpec,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    epoch: int = 0,
+    progress: bool = True,
+) -> tuple[dict[str, float], dict | None]:
+    """Validation loss and task metrics over ``loader``.
+
+    Returns:
+        (metrics, preview): metrics holds "loss" and the task's metrics (classification: auc, accuracy,
+        balanced_accuracy; regression: mae, rmse, pearson_r in target units; segmentation: mean per-subject
+        dice and iou at threshold 0.5). preview (segmentation only) holds the first subject's "image",
+        "target" and "probability" as (D, H, W) float arrays for the TensorBoard overlay.
+    """
+    model.eval()
+    total_loss, total_volumes = 0.0, 0
+    outputs, targets, dice, iou = [], [], [], []
+    preview = None
+    for batch in tqdm(loader, desc=f"epoch {epoch} val", leave=False, disable=not progress, dynamic_ncols=True):
+        image = batch["image"].to(device, non_blocking=True)
+        raw_target = batch["target"].to(device, non_blocking=True)
+        with autocast(device, amp_dtype):
+            logits = model(image)[task.name]
+        total_loss += loss_fn(logits, task.encode(raw_target)).item() * image.shape[0]
+        total_volumes += image.shape[0]
+        if task.name == "segmentation":
+            probability = torch.sigmoid(logits.float())  # (B, 1, D, H, W)
+            predicted = probability > 0.5
+            dice.append(M.dice_per_sample(predicted, raw_target > 0.5))
+            iou.append(M.iou_per_sample(predicted, raw_target > 0.5))
+            if preview is None:
+                preview = {
+                    "image": image[0, 0].float().cpu().numpy(),
+                    "target": raw_target[0, 0].cpu().numpy(),
+                    "probability": probability[0, 0].cpu().numpy(),
+                }
+        else:
+            outputs.append(task.decode(logits.float()).cpu())
+            targets.append(raw_target.float().cpu())
+    results = {"loss": total_loss / max(total_volumes, 1)}
+    if task.name == "classification":
+        results.update(M.classification_metrics(torch.cat(outputs), torch.cat(targets)))
+    elif task.name == "regression":
+        results.update(M.regression_metrics(torch.cat(outputs), torch.cat(targets)))
+    else:
+        results.update(M.segmentation_metrics(np.concatenate([np.asarray(d) for d in dice]), np.concatenate([np.asarray(v) for v in iou])))
+    return results, preview

@@ -1,0 +1,134 @@
+"""End to end: the real ``brain3d-train`` command on tiny synthetic data, checking every output."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import pytest
+import torch
+from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from brain3d.checkpoint import load_checkpoint
+from brain3d.models.model import build_model
+
+from tests.conftest import read_summary, run_train, tiny_overrides
+
+TASK_METRICS = {
+    "classification": ["auc", "accuracy", "balanced_accuracy"],
+    "regression": ["mae", "rmse", "pearson_r"],
+    "segmentation": ["dice", "iou"],
+}
+
+
+def load_events(run_dir):
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+@pytest.mark.parametrize("task", ["classification", "regression", "segmentation"])
+def test_tiny_run_writes_every_output(task, tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    run_train([f"task={task}", *tiny_overrides(cache_dir), f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+
+    # Hydra's resolved config and the log
+    assert OmegaConf.load(run_dir / ".hydra" / "config.yaml").task.name == task
+    log_text = (run_dir / "train.log").read_text()
+    assert "epoch 2/2" in log_text
+
+    # summary.json
+    summary = read_summary(run_dir)
+    assert summary["task"] == task
+    assert summary["epochs_completed"] == 2
+    assert summary["num_parameters"] > 0
+    assert set(summary["best_metric"]) >= {"name", "value", "epoch"}
+    assert summary["best_metric"]["name"] == f"val_{TASK_METRICS[task][0]}"
+    assert summary["final_train"]["loss"] > 0
+    for metric in ["loss", *TASK_METRICS[task]]:
+        assert metric in summary["final_val"], metric
+    assert summary["train_volumes_per_second"] > 0
+    assert summary["peak_memory_mb"] > 0
+    assert len(summary["history"]) == 2
+    if task == "regression":
+        assert summary["baseline_val_mae"] > 0
+    if task == "classification":
+        assert summary["class_names"] == ["0", "1"] and summary["positive_class"] == "1"
+
+    # checkpoints: plain values only, loadable with weights_only=True, model rebuilt from the file alone
+    for name in ("last", "best"):
+        path = run_dir / "checkpoints" / f"{name}.pt"
+        assert summary["checkpoints"][name] == str(path.resolve())
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        assert {"model", "optimizer", "scheduler", "scaler", "epoch", "rng", "config", "history"} <= set(state)
+        assert isinstance(state["config"], dict)
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert state["epoch"] == 2
+    config = state["config"]
+    model = build_model(config["backbone"], config["task"]["head"], head_name=task)
+    model.load_state_dict(state["model"])
+    model.eval()
+    out = model(torch.zeros(1, 1, 32, 32, 32))[task]
+    assert out.shape == ((1, 1, 32, 32, 32) if task == "segmentation" else (1, 1))
+
+    # TensorBoard, read back with tensorboard's own reader
+    events = load_events(run_dir)
+    scalars = set(events.Tags()["scalars"])
+    expected = {"train/loss", "val/loss", "optim/lr", "train/volumes_per_second"} | {f"val/{m}" for m in TASK_METRICS[task]}
+    assert expected <= scalars, expected - scalars
+    assert [e.step for e in events.Scalars("val/loss")] == [1, 2]
+    history_losses = [h["val_loss"] for h in summary["history"]]
+    assert [e.value for e in events.Scalars("val/loss")] == pytest.approx(history_losses, rel=1e-5)
+    assert "config/text_summary" in events.Tags()["tensors"]
+    if task == "segmentation":
+        images = events.Images("val/mid_slices")
+        assert len(images) == 2 and images[0].width == 3 * 32 and images[0].height == 32
+
+
+def test_hparams_written_into_the_run_itself(tmp_path, cache_dir):
+    """hparams land in the same run (one row per job in TensorBoard's HPARAMS tab)."""
+    run_dir = tmp_path / "run"
+    run_train(["task=segmentation", *tiny_overrides(cache_dir), "trainer.max_epochs=1", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    events = load_events(run_dir)
+    tags = set(events.Tags()["scalars"])
+    assert "hparams/best_val_dice" in tags and "hparams/val_loss" in tags
+    assert not [p for p in (run_dir / "tensorboard").iterdir() if p.is_dir()], "add_hparams must not create a sub-run"
+
+
+def test_resume_continues_identical_history(tmp_path, cache_dir):
+    common = ["task=classification", *tiny_overrides(cache_dir), "data.num_subjects=12"]
+    straight, parted = tmp_path / "straight", tmp_path / "parted"
+    run_train([*common, "trainer.max_epochs=3", f"hydra.run.dir={straight}"], cwd=tmp_path)
+    run_train([*common, "trainer.max_epochs=3", "trainer.epochs_per_run=2", f"hydra.run.dir={parted}"], cwd=tmp_path)
+    assert read_summary(parted)["epochs_completed"] == 2
+    proc = run_train([*common, "trainer.max_epochs=3", "trainer.resume=auto", f"hydra.run.dir={parted}"], cwd=tmp_path)
+    assert "resumed from" in proc.stdout + (parted / "train.log").read_text()
+
+    drop = {"train_volumes_per_second"}
+    h1 = [{k: v for k, v in h.items() if k not in drop} for h in read_summary(straight)["history"]]
+    h2 = [{k: v for k, v in h.items() if k not in drop} for h in read_summary(parted)["history"]]
+    assert len(h1) == len(h2) == 3
+    for a, b in zip(h1, h2):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (key, a, b)
+    w1 = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)["model"]
+    w2 = torch.load(parted / "checkpoints" / "last.pt", weights_only=True)["model"]
+    for name in w1:
+        torch.testing.assert_close(w1[name], w2[name], rtol=1e-5, atol=1e-6)
+
+
+def test_multirun_gives_each_job_its_own_folder(tmp_path, cache_dir):
+    sweep = tmp_path / "sweep"
+    run_train(["-m", "task=segmentation", "loss=dice,dice_bce", *tiny_overrides(cache_dir), "trainer.max_epochs=1",
+               f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "summary.json").exists())
+    assert len(jobs) == 2
+    losses = set()
+    for job in jobs:
+        config = OmegaConf.load(job / ".hydra" / "config.yaml")
+        losses.add(config.loss.name)
+        assert (job / "tensorboard").is_dir() and (job / "checkpoints" / "last.pt").is_file()
+        assert read_summary(job)["epochs_completed"] == 1
+    assert losses == {"dice", "dice_bce"}
