@@ -32,6 +32,7 @@ from brain3d.checkpoint import load_checkpoint, resolve_resume_path, save_checkp
 from brain3d.data.manifest import ManifestError, load_manifest, split_subjects
 from brain3d.data.dataset import VolumeDataset
 from brain3d.data.synthetic import make_synthetic_dataset, synthetic_cache_dir
+from brain3d.models.heads import check_segmentation_shape
 from brain3d.models.model import build_model, count_parameters
 from brain3d.tensorboard_log import log_config, log_epoch, log_hparams, overlay_mid_slices
 
@@ -144,6 +145,11 @@ def train(cfg: DictConfig) -> float:
     monitor, monitor_mode = cfg.task.monitor, cfg.task.monitor_mode
     if monitor_mode not in ("min", "max"):
         raise ConfigError(f"task.monitor_mode={monitor_mode!r} is not one of min, max")
+    if cfg.task.name == "segmentation":
+        try:
+            check_segmentation_shape(tuple(data_cfg.shape))
+        except ValueError as err:
+            raise ConfigError(f"data.shape: {err}") from err
     resume_path = resolve_resume_path(trainer_cfg.resume, run_dir)
     log.info("run folder %s | device %s | precision %s", run_dir, device, precision)
 
