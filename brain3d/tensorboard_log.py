@@ -21,7 +21,8 @@ def log_epoch(writer: SummaryWriter, record: dict[str, float], epoch: int) -> No
 
 def overlay_mid_slices(image: np.ndarray, target: np.ndarray, probability: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     """RGB panel (H, W, 3) uint8 of the three orthogonal mid-slices of a (D, H, W) volume, side by side:
-    grey image, ground truth in green, prediction (probability > threshold) in red, overlap in yellow."""
+    grey image, ground truth in green, prediction (probability > threshold) in red, overlap in yellow.
+    Each slice sits on a square of side max(D, H, W), enlarged by a whole factor to at least ~192 pixels."""
     lo, hi = np.percentile(image, [1, 99])
     grey = np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1)
     d, h, w = image.shape
@@ -39,7 +40,10 @@ def overlay_mid_slices(image: np.ndarray, target: np.ndarray, probability: np.nd
         canvas = np.zeros((size, size, 3))
         canvas[: rgb.shape[0], : rgb.shape[1]] = rgb
         panels.append(canvas)
-    return (np.concatenate(panels, axis=1) * 255).astype(np.uint8)
+    panel = np.concatenate(panels, axis=1)
+    zoom = max(1, 192 // size)  # small volumes are hard to see: enlarge by whole pixels (nearest)
+    panel = panel.repeat(zoom, axis=0).repeat(zoom, axis=1)
+    return (panel * 255).astype(np.uint8)
 
 
 def log_config(writer: SummaryWriter, config: dict) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.errors import InstantiationException
 import numpy as np
 import torch
 from hydra.utils import instantiate
@@ -301,7 +302,9 @@ def _config_dir() -> str:
     raise RuntimeError(f"brain3d configs not found next to {here}")
 
 
-USER_ERRORS = (ConfigError, ManifestError, FileNotFoundError, engine.NonFiniteLossError)
+# InstantiationException: a config value refused by the class it builds (e.g. backbone.norm=batc); Hydra's
+# message names the _target_, the key and the class's own ValueError.
+USER_ERRORS = (ConfigError, ManifestError, FileNotFoundError, engine.NonFiniteLossError, InstantiationException)
 
 
 @hydra.main(version_base="1.3", config_path=_config_dir(), config_name="train")

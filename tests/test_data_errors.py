@@ -132,3 +132,11 @@ def test_segmentation_shape_not_divisible_by_16_is_refused(tmp_path, cache_dir):
                       f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, check=False)
     assert proc.returncode != 0
     assert "(40, 40, 40)" in proc.stderr and "(32, 32, 32)" in proc.stderr and "(48, 48, 48)" in proc.stderr
+
+
+def test_value_refused_by_a_built_class_is_named(tmp_path, cache_dir):
+    proc = run_train(["backbone.norm=batc", f"data.cache_dir={cache_dir}", "debug=fast",
+                      f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert "PlainBackbone" in proc.stderr and "batc" in proc.stderr and "instance" in proc.stderr
+    assert "Traceback" not in proc.stderr
