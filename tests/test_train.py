@@ -132,3 +132,15 @@ def test_multirun_gives_each_job_its_own_folder(tmp_path, cache_dir):
         assert (job / "tensorboard").is_dir() and (job / "checkpoints" / "last.pt").is_file()
         assert read_summary(job)["epochs_completed"] == 1
     assert losses == {"dice", "dice_bce"}
+
+
+def test_fixed_seed_repeats_history_and_resnet_serves_segmentation(tmp_path, cache_dir):
+    args = ["task=segmentation", "backbone=resnet", "backbone.depth=10", *tiny_overrides(cache_dir)]
+    run_train([*args, f"hydra.run.dir={tmp_path / 'a'}"], cwd=tmp_path)
+    run_train([*args, f"hydra.run.dir={tmp_path / 'b'}"], cwd=tmp_path)
+    drop = "train_volumes_per_second"
+    a = [{k: v for k, v in h.items() if k != drop} for h in read_summary(tmp_path / "a")["history"]]
+    b = [{k: v for k, v in h.items() if k != drop} for h in read_summary(tmp_path / "b")["history"]]
+    assert a == b
+    state = torch.load(tmp_path / "a" / "checkpoints" / "last.pt", weights_only=True)
+    assert state["config"]["backbone"]["_target_"].endswith("ResNetBackbone")
