@@ -162,12 +162,12 @@ def train(cfg: DictConfig) -> float:
         positive_label=data_cfg.positive_label, check_data=data_cfg.check_data,
     )
     train_subjects, val_subjects = split_subjects(
-        manifest.subjects, data_cfg.val_fraction, data_cfg.split_seed, stratify=cfg.task.name == "classification"
+        manifest.subjects, data_cfg.val_fraction, data_cfg.split_seed, stratify=cfg.task.name == "classification",
+        num_folds=data_cfg.num_folds, fold=data_cfg.fold,
     )
     with open(run_dir / "split.csv", "w") as f:
         f.write("subject_id,split\n")
-        f.writelines(f"{s.subject_id},train\n" for s in train_subjects)
-        f.writelines(f"{s.subject_id},val\n" for s in val_subjects)
+        f.writelines(f"{s.subject_id},{split}\n" for split, group in (("train", train_subjects), ("val", val_subjects)) for s in group)
     log.info("%s: %d subjects -> %d train, %d val", manifest_path, len(manifest.subjects), len(train_subjects), len(val_subjects))
 
     task = engine.TaskSpec(cfg.task.name)
@@ -272,7 +272,8 @@ def train(cfg: DictConfig) -> float:
         "device": str(device),
         "precision": precision,
         "checkpoints": {"last": str(last_path.resolve()), "best": str(best_path.resolve()) if best_path.exists() else None},
-        "data": {"manifest": str(manifest_path), "num_train": len(train_subjects), "num_val": len(val_subjects)},
+        "data": {"manifest": str(manifest_path), "num_train": len(train_subjects), "num_val": len(val_subjects),
+                 "num_folds": data_cfg.num_folds, "fold": data_cfg.fold if data_cfg.num_folds else None},
         "history": history,
     }
     if manifest.class_names is not None:

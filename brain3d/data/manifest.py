@@ -259,19 +259,25 @@ def _header_shape(path: Path | None, where: str, col: str, problems: list[str]) 
 
 
 def split_subjects(
-    subjects: list[Subject], val_fraction: float, seed: int, stratify: bool
+    subjects: list[Subject], val_fraction: float, seed: int, stratify: bool,
+    num_folds: int | None = None, fold: int = 0,
 ) -> tuple[list[Subject], list[Subject]]:
     """Split by subject into (train, val).
 
-    Rows with a split column value keep it. Otherwise a seeded shuffle sends ``round(n * val_fraction)``
-    subjects (at least one, never all) to validation; with ``stratify`` (classification) this is done per
-    class, so both sets keep the class balance.
+    Rows with a split column value keep it. The others are shuffled with ``seed`` (per class when
+    ``stratify``, as for classification, so both sets keep the class balance), then either:
+
+    - ``num_folds`` None: ``round(n * val_fraction)`` of them (at least one, never all) go to validation;
+    - ``num_folds`` K: they are dealt round-robin into K folds and fold ``fold`` is the validation set, so
+      the K runs ``fold=0..K-1`` validate every subject exactly once.
 
     Raises:
-        ValueError: val_fraction outside (0, 1), or a split that leaves train or val empty.
+        ValueError: val_fraction outside (0, 1), a bad fold, or a split that leaves train or val empty.
     """
-    if not 0.0 < val_fraction < 1.0:
+    if num_folds is None and not 0.0 < val_fraction < 1.0:
         raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+    if num_folds is not None and (num_folds < 2 or not 0 <= fold < num_folds):
+        raise ValueError(f"data.num_folds must be >= 2 and data.fold in 0..num_folds-1, got num_folds={num_folds}, fold={fold}")
     fixed = [s for s in subjects if s.split is not None]
     free = [s for s in subjects if s.split is None]
     train = [s for s in fixed if s.split == "train"]
@@ -280,18 +286,23 @@ def split_subjects(
     groups: dict[object, list[Subject]] = {}
     for s in free:
         groups.setdefault(s.target if stratify else None, []).append(s)
+    dealt = 0  # continue the round-robin across classes so fold sizes stay within one of each other
     for key in sorted(groups, key=str):
-        members = groups[key]
-        order = rng.permutation(len(members))
+        members = [groups[key][j] for j in rng.permutation(len(groups[key]))]
+        if num_folds is not None:
+            for j, s in enumerate(members):
+                (val if (dealt + j) % num_folds == fold else train).append(s)
+            dealt += len(members)
+            continue
         n_val = int(round(len(members) * val_fraction))
         if len(members) >= 2:
             n_val = min(max(n_val, 1), len(members) - 1)
-        val += [members[j] for j in order[:n_val]]
-        train += [members[j] for j in order[n_val:]]
+        val += members[:n_val]
+        train += members[n_val:]
     if not train or not val:
         raise ValueError(
             f"the split leaves {len(train)} training and {len(val)} validation subjects; both need at least one "
-            f"(subjects: {len(subjects)}, data.val_fraction={val_fraction})"
+            f"(subjects: {len(subjects)}, data.val_fraction={val_fraction}, data.num_folds={num_folds})"
         )
     train.sort(key=lambda s: s.row)
     val.sort(key=lambda s: s.row)
