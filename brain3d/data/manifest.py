@@ -54,6 +54,7 @@ class Manifest:
     target_col: str | None
     class_names: list[str] | None = None  # classification: class index -> original label; [1] is positive
     columns: list[str] = field(default_factory=list)
+    has_targets: bool = True  # False when prediction reads a manifest without target / mask column
 
 
 def read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -112,6 +113,8 @@ def load_manifest(
     positive_label: str | None = None,
     check_data: bool = True,
     num_threads: int = 8,
+    require_targets: bool = True,
+    class_names: list[str] | None = None,
 ) -> Manifest:
     """Read and check a manifest for ``task``; raise one :class:`ManifestError` listing every problem.
 
@@ -126,6 +129,9 @@ def load_manifest(
         positive_label: for two string labels, which one is the positive class (default: the second sorted).
         check_data: decode every image and mask once (catches truncated .gz); headers are always read.
         num_threads: threads for the decode check (zlib releases the GIL).
+        require_targets: False for prediction: a missing target (or mask) column is allowed and then
+            ``Subject.target`` / ``Subject.mask`` stay None; a column that is present is still checked.
+        class_names: a known label mapping (a checkpoint's) to use instead of deriving one from the rows.
 
     Raises:
         ManifestError: every problem found, each naming the row and column.
@@ -147,15 +153,17 @@ def load_manifest(
     if task == "segmentation":
         needed["data.mask_col"] = mask_col
     for key, col in needed.items():
-        if col not in columns:
+        if col not in columns and (require_targets or key in ("data.id_col", "data.image_col")):
             problems.append(f"column {col!r} ({key}) not found; the manifest has columns {columns}")
+    has_targets = (target_col in columns) if task in TASK_TARGET_COLS else (mask_col in columns)
     if problems:
         raise ManifestError(path, problems)
     if not rows:
         raise ManifestError(path, ["the manifest has a header but no rows"])
 
-    class_names = None
-    if task == "classification":
+    if task == "classification" and class_names is not None:
+        class_names = [str(c) for c in class_names]
+    elif task == "classification" and has_targets:
         present = [r[target_col] for r in rows if not _is_missing(r.get(target_col))]
         if present:
             class_names, err = _class_mapping(present, positive_label)
@@ -185,7 +193,7 @@ def load_manifest(
                 image = None
 
         target = None
-        if task in TASK_TARGET_COLS:
+        if task in TASK_TARGET_COLS and has_targets:
             raw = r.get(target_col)
             if _is_missing(raw):
                 problems.append(f"{where}, column {target_col!r}: empty target")
@@ -206,7 +214,7 @@ def load_manifest(
                     target = None
 
         mask = None
-        if task == "segmentation":
+        if task == "segmentation" and has_targets:
             if _is_missing(r.get(mask_col)):
                 problems.append(f"{where}, column {mask_col!r}: empty mask path")
             else:
@@ -245,7 +253,8 @@ def load_manifest(
 
     if problems:
         raise ManifestError(path, problems)
-    return Manifest(path, subjects, id_col, target_col if task in TASK_TARGET_COLS else None, class_names, columns)
+    return Manifest(path, subjects, id_col, target_col if task in TASK_TARGET_COLS and has_targets else None, class_names,
+                    columns, has_targets)
 
 
 def _header_shape(path: Path | None, where: str, col: str, problems: list[str]) -> tuple[int, ...] | None:
