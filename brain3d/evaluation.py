@@ -1,0 +1,637 @@
+"""Metrics for prediction / evaluation reports (after training, on a held-out set).
+
+Plain functions: numpy arrays (or tensors / sequences) in, Python floats or dicts of
+floats out. The point metrics are those of :mod:`brain3d.metrics` (imported, not
+rewritten); this module adds
+
+- percentile-bootstrap confidence intervals over subjects (:func:`bootstrap_ci`),
+- sensitivity / specificity and a classification report,
+- R^2, mean bias, the linear brain-age bias correction and a regression report,
+- per-subject segmentation metrics on whole volumes in physical units: Dice, IoU,
+  95th-percentile Hausdorff distance in mm (same values as MONAI's
+  ``HausdorffDistanceMetric(percentile=95)`` called with ``spacing=``), volumes in ml
+  and lesion-wise detection counts (ATLAS-style connected components), and a
+  segmentation report over subjects.
+
+Runtime dependency: scipy (``scipy.ndimage`` for connected components, binary
+erosion and Euclidean distance transforms). MONAI is used only by the tests, as a
+reference implementation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from brain3d.metrics import (
+    _binary_labels,
+    _check_threshold,
+    _flat_float,
+    _flat_pair,
+    _to_numpy,
+    accuracy,
+    balanced_accuracy,
+    dice_per_sample,
+    iou_per_sample,
+    mae,
+    pearson_r,
+    rmse,
+    roc_auc,
+)
+
+__all__ = [
+    "bootstrap_ci",
+    "sensitivity",
+    "specificity",
+    "classification_report",
+    "r2_score",
+    "mean_bias",
+    "regression_report",
+    "fit_bias_correction",
+    "apply_bias_correction",
+    "brain_age_gap",
+    "segmentation_case_metrics",
+    "segmentation_report",
+]
+
+# |slope| below this makes the bias correction (pred - intercept) / slope meaningless.
+_MIN_ABS_SLOPE = 1e-6
+
+
+# ----------------------------------------------------------------------------- bootstrap
+
+
+def _check_num_samples(num_samples: int) -> int:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")
+    return int(num_samples)
+
+
+def bootstrap_ci(
+    metric_fn: Callable[..., float],
+    *arrays: Any,
+    num_samples: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile-bootstrap confidence interval of ``metric_fn(*arrays)`` over subjects.
+
+    Each resample draws N subject indices with replacement and applies the *same*
+    indices to every array (so paired inputs such as predictions and targets stay
+    paired). Resamples on which the metric is NaN (e.g. AUC on a resample holding a
+    single class) are skipped. The interval is given by the ``(1 - confidence) / 2``
+    and ``(1 + confidence) / 2`` percentiles (linear interpolation) of the remaining
+    resampled values.
+
+    Args:
+        metric_fn: function of the arrays returning a scalar, e.g. ``brain3d.metrics.mae``.
+        arrays: one or more arrays (anything ``np.asarray`` accepts, or tensors), each
+            of shape (N, ...), indexed along the first axis; all must have the same N.
+        num_samples: number of bootstrap resamples. Defaults to 1000.
+        seed: seed of the ``numpy.random.default_rng`` generator; the same seed gives
+            the same interval. Defaults to 0.
+        confidence: coverage of the interval, in (0, 1). Defaults to 0.95.
+
+    Returns:
+        ``(low, high)`` as Python floats; ``(nan, nan)`` when there are fewer than 2
+        subjects or every resample gave NaN.
+
+    Raises:
+        ValueError: when no array is given, an array is 0-dimensional, the arrays differ
+            in their number of subjects, ``num_samples`` is not a positive integer or
+            ``confidence`` is not in (0, 1).
+    """
+    if not callable(metric_fn):
+        raise ValueError(f"metric_fn must be callable, got {metric_fn!r}.")
+    if not arrays:
+        raise ValueError("bootstrap_ci needs at least one array to resample, got none.")
+    num_samples = _check_num_samples(num_samples)
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not (0.0 < confidence < 1.0):
+        raise ValueError(f"confidence must be a float in (0, 1), got {confidence!r}.")
+    arrs = [_to_numpy(a) for a in arrays]
+    for i, a in enumerate(arrs):
+        if a.ndim == 0:
+            raise ValueError(f"arrays[{i}] must have a subject axis (shape (N, ...)), got a scalar.")
+    sizes = [a.shape[0] for a in arrs]
+    if len(set(sizes)) != 1:
+        raise ValueError(f"all arrays must have the same number of subjects (first axis), got {sizes}.")
+    n = sizes[0]
+    if n < 2:
+        return float("nan"), float("nan")
+
+    rng = np.random.default_rng(seed)
+    indices = rng.integers(0, n, size=(num_samples, n))  # (num_samples, N) subject indices
+    values = []
+    for idx in indices:
+        value = float(metric_fn(*(a[idx] for a in arrs)))
+        if not math.isnan(value):
+            values.append(value)
+    if not values:
+        return float("nan"), float("nan")
+    alpha = 1.0 - float(confidence)
+    low, high = np.percentile(np.asarray(values, dtype=np.float64), [100.0 * alpha / 2, 100.0 * (1 - alpha / 2)])
+    return float(low), float(high)
+
+
+def _with_ci(metric_fn: Callable[..., float], *arrays: Any, num_samples: int, seed: int) -> dict[str, float]:
+    """``{"value", "ci_low", "ci_high"}``: the metric on all subjects and its bootstrap 95% CI."""
+    low, high = bootstrap_ci(metric_fn, *arrays, num_samples=num_samples, seed=seed)
+    return {"value": float(metric_fn(*arrays)), "ci_low": low, "ci_high": high}
+
+
+# ----------------------------------------------------------------------------- classification
+
+
+def _probs_labels(probs: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(N,) float64 probabilities checked to lie in [0, 1] and (N,) bool labels."""
+    p, l = _flat_pair(probs, labels, "probs", "labels")
+    if p.min() < 0.0 or p.max() > 1.0:
+        raise ValueError(
+            f"probs must be probabilities in [0, 1] (apply a sigmoid to logits first), "
+            f"got values in [{p.min():.4g}, {p.max():.4g}]."
+        )
+    return p, _binary_labels(l)
+
+
+def sensitivity(probs: Any, labels: Any, threshold: float = 0.5) -> float:
+    """Sensitivity (recall of class 1, true-positive rate) ``TP / (TP + FN)``.
+
+    Predicts positive where ``probs > threshold`` (strictly greater, as
+    :func:`brain3d.metrics.accuracy`).
+
+    Args:
+        probs: (N,) or (N, 1) probabilities in [0, 1].
+        labels: same number of elements, binary (0/1 or bool).
+        threshold: decision threshold in [0, 1]. Defaults to 0.5.
+
+    Returns:
+        Sensitivity in [0, 1], or ``nan`` when ``labels`` holds no positive.
+
+    Raises:
+        ValueError: when the inputs are empty, differ in size, contain NaN/inf, ``probs``
+            is outside [0, 1], ``labels`` is not binary, or ``threshold`` is outside [0, 1].
+    """
+    threshold = _check_threshold(threshold)
+    p, truth = _probs_labels(probs, labels)
+    if not truth.any():
+        return float("nan")
+    return float(np.mean(p[truth] > threshold))
+
+
+def specificity(probs: Any, labels: Any, threshold: float = 0.5) -> float:
+    """Specificity (recall of class 0, true-negative rate) ``TN / (TN + FP)``.
+
+    Predicts positive where ``probs > threshold`` (strictly greater, as
+    :func:`brain3d.metrics.accuracy`).
+
+    Args:
+        probs: (N,) or (N, 1) probabilities in [0, 1].
+        labels: same number of elements, binary (0/1 or bool).
+        threshold: decision threshold in [0, 1]. Defaults to 0.5.
+
+    Returns:
+        Specificity in [0, 1], or ``nan`` when ``labels`` holds no negative.
+
+    Raises:
+        ValueError: as :func:`sensitivity`.
+    """
+    threshold = _check_threshold(threshold)
+    p, truth = _probs_labels(probs, labels)
+    if truth.all():
+        return float("nan")
+    return float(np.mean(~(p[~truth] > threshold)))
+
+
+def classification_report(
+    probs: Any, labels: Any, threshold: float = 0.5, num_samples: int = 1000, seed: int = 0
+) -> dict[str, Any]:
+    """Binary classification metrics with percentile-bootstrap 95% confidence intervals.
+
+    AUC is computed on ``probs`` (any monotone score gives the same AUC); the other
+    metrics predict positive where ``probs > threshold``. Every metric is bootstrapped
+    with the same subject resamples (same ``seed``).
+
+    Args:
+        probs: (N,) or (N, 1) probabilities in [0, 1], e.g. ``sigmoid(logits)``.
+        labels: same number of elements, binary (0/1 or bool).
+        threshold: decision threshold in [0, 1]. Defaults to 0.5.
+        num_samples: number of bootstrap resamples. Defaults to 1000.
+        seed: bootstrap seed. Defaults to 0.
+
+    Returns:
+        ``{"n": N, "auc": {"value", "ci_low", "ci_high"}, "accuracy": {...},
+        "balanced_accuracy": {...}, "sensitivity": {...}, "specificity": {...}}``.
+        Values are NaN where undefined (e.g. AUC with a single class); CIs are NaN
+        when N < 2.
+
+    Raises:
+        ValueError: as :func:`sensitivity`, or when ``num_samples`` is not a positive integer.
+    """
+    threshold = _check_threshold(threshold)
+    num_samples = _check_num_samples(num_samples)
+    p, truth = _probs_labels(probs, labels)
+    y = truth.astype(np.float64)  # (N,)
+    fns: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+        "auc": roc_auc,
+        "accuracy": lambda a, b: accuracy(a, b, threshold),
+        "balanced_accuracy": lambda a, b: balanced_accuracy(a, b, threshold),
+        "sensitivity": lambda a, b: sensitivity(a, b, threshold),
+        "specificity": lambda a, b: specificity(a, b, threshold),
+    }
+    report: dict[str, Any] = {"n": int(p.size)}
+    for name, fn in fns.items():
+        report[name] = _with_ci(fn, p, y, num_samples=num_samples, seed=seed)
+    return report
+
+
+# ----------------------------------------------------------------------------- regression
+
+
+def r2_score(pred: Any, target: Any) -> float:
+    """Coefficient of determination ``1 - SS_res / SS_tot``.
+
+    ``SS_res = sum((target - pred)**2)``, ``SS_tot = sum((target - mean(target))**2)``.
+    Can be negative when the predictions are worse than predicting the mean.
+
+    Args:
+        pred: (N,) or (N, 1) predictions.
+        target: same number of elements.
+
+    Returns:
+        R^2, or ``nan`` when ``target`` has zero variance (includes N = 1).
+
+    Raises:
+        ValueError: when the inputs are empty, differ in size, or contain NaN/inf.
+    """
+    p, t = _flat_pair(pred, target, "pred", "target")
+    if np.ptp(t) == 0:
+        return float("nan")
+    ss_res = float(np.sum((t - p) ** 2))
+    ss_tot = float(np.sum((t - t.mean()) ** 2))
+    return float(1.0 - ss_res / ss_tot)
+
+
+def mean_bias(pred: Any, target: Any) -> float:
+    """Mean signed error ``mean(pred - target)`` (positive: over-estimation).
+
+    Args:
+        pred: (N,) or (N, 1) predictions.
+        target: same number of elements.
+
+    Raises:
+        ValueError: when the inputs are empty, differ in size, or contain NaN/inf.
+    """
+    p, t = _flat_pair(pred, target, "pred", "target")
+    return float(np.mean(p - t))
+
+
+def regression_report(pred: Any, target: Any, num_samples: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Regression metrics with percentile-bootstrap 95% confidence intervals.
+
+    Args:
+        pred: (N,) or (N, 1) predictions.
+        target: same number of elements.
+        num_samples: number of bootstrap resamples. Defaults to 1000.
+        seed: bootstrap seed. Defaults to 0.
+
+    Returns:
+        ``{"n": N, "mae": {"value", "ci_low", "ci_high"}, "rmse": {...},
+        "pearson_r": {...}, "r2": {...}, "mean_bias": {...}}``. ``pearson_r`` and ``r2``
+        are NaN when undefined (zero variance); CIs are NaN when N < 2.
+
+    Raises:
+        ValueError: when the inputs are empty, differ in size, contain NaN/inf, or
+            ``num_samples`` is not a positive integer.
+    """
+    num_samples = _check_num_samples(num_samples)
+    p, t = _flat_pair(pred, target, "pred", "target")
+    fns: dict[str, Callable[[Any, Any], float]] = {
+        "mae": mae,
+        "rmse": rmse,
+        "pearson_r": pearson_r,
+        "r2": r2_score,
+        "mean_bias": mean_bias,
+    }
+    report: dict[str, Any] = {"n": int(p.size)}
+    for name, fn in fns.items():
+        report[name] = _with_ci(fn, p, t, num_samples=num_samples, seed=seed)
+    return report
+
+
+def fit_bias_correction(pred: Any, target: Any) -> dict[str, float]:
+    """Fit the linear brain-age bias correction on a validation set.
+
+    Brain-age predictions regress towards the mean age (young subjects over-estimated,
+    old ones under-estimated). Following Cole et al. / de Lange & Cole (2020), Smith
+    et al. (2019) and Peng et al. (2021, SFCN), fit by least squares
+    ``pred = slope * target + intercept`` on a validation set (never on the test set),
+    then correct test predictions with :func:`apply_bias_correction`,
+    ``(pred - intercept) / slope``.
+
+    Args:
+        pred: (N,) or (N, 1) predicted ages of the validation subjects.
+        target: same number of elements, their chronological ages.
+
+    Returns:
+        ``{"slope": float, "intercept": float}``.
+
+    Raises:
+        ValueError: when the inputs are empty, differ in size or contain NaN/inf, when
+            there are fewer than 2 subjects, ``target`` has zero variance, or the fitted
+            ``|slope| < 1e-6`` (the correction would divide by ~0).
+    """
+    p, t = _flat_pair(pred, target, "pred", "target")
+    if p.size < 2:
+        raise ValueError(f"fit_bias_correction needs at least 2 subjects, got {p.size}.")
+    if np.ptp(t) == 0:
+        raise ValueError(f"fit_bias_correction needs targets with non-zero variance, got all equal to {t[0]!r}.")
+    tc = t - t.mean()  # (N,)
+    slope = float(np.sum(tc * (p - p.mean())) / np.sum(tc * tc))
+    intercept = float(p.mean() - slope * t.mean())
+    if abs(slope) < _MIN_ABS_SLOPE:
+        raise ValueError(
+            f"fitted slope {slope!r} is ~0 (|slope| < {_MIN_ABS_SLOPE}): the predictions do not "
+            "depend on the target, so (pred - intercept) / slope is not a usable correction."
+        )
+    return {"slope": slope, "intercept": intercept}
+
+
+def apply_bias_correction(pred: Any, correction: Mapping[str, float]) -> np.ndarray:
+    """Apply a fitted brain-age bias correction: ``(pred - intercept) / slope``.
+
+    Args:
+        pred: (N,) or (N, 1) predicted ages (e.g. of the test set).
+        correction: ``{"slope", "intercept"}`` from :func:`fit_bias_correction`.
+
+    Returns:
+        (N,) float64 corrected predictions.
+
+    Raises:
+        ValueError: when ``pred`` is empty or contains NaN/inf, or ``correction`` lacks
+            ``"slope"`` / ``"intercept"``, holds non-finite values or ``|slope| < 1e-6``.
+    """
+    if not isinstance(correction, Mapping) or not {"slope", "intercept"} <= set(correction):
+        raise ValueError(f"correction must be a dict with 'slope' and 'intercept', got {correction!r}.")
+    try:
+        slope = float(correction["slope"])
+        intercept = float(correction["intercept"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"correction values must be numbers, got {correction!r}.") from err
+    if not (math.isfinite(slope) and math.isfinite(intercept)) or abs(slope) < _MIN_ABS_SLOPE:
+        raise ValueError(
+            f"correction must have finite values and |slope| >= {_MIN_ABS_SLOPE}, got {correction!r}."
+        )
+    p = _flat_float(pred, "pred")  # (N,)
+    return (p - intercept) / slope
+
+
+def brain_age_gap(pred: Any, target: Any) -> np.ndarray:
+    """Brain-age gap (brain-PAD / delta) ``pred - target`` per subject.
+
+    Args:
+        pred: (N,) or (N, 1) predicted (optionally bias-corrected) ages.
+        target: same number of elements, chronological ages.
+
+    Returns:
+        (N,) float64 gaps (positive: the brain looks older than its age).
+
+    Raises:
+        ValueError: when the inputs are empty, differ in size, or contain NaN/inf.
+    """
+    p, t = _flat_pair(pred, target, "pred", "target")
+    return p - t
+
+
+# ----------------------------------------------------------------------------- segmentation
+
+
+def _binary_volume(mask: Any, name: str) -> np.ndarray:
+    """A (X, Y, Z) bool array from a bool or 0/1 3-D array / tensor."""
+    arr = _to_numpy(mask)
+    if arr.ndim != 3:
+        raise ValueError(
+            f"{name} must be a 3-D (X, Y, Z) volume of one subject, got shape {tuple(arr.shape)} "
+            "(squeeze batch/channel axes first)."
+        )
+    if arr.dtype == bool:
+        return arr
+    if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
+        raise ValueError(f"{name} must be binary (bool or 0/1), got dtype {arr.dtype}.")
+    bad = ~np.isin(arr, (0, 1))
+    if np.any(bad):
+        raise ValueError(
+            f"{name} must be binary (bool or 0/1; threshold probabilities first), "
+            f"got values such as {np.unique(arr[bad])[:5].tolist()}."
+        )
+    return arr != 0
+
+
+def _check_spacing(spacing_mm: Any) -> np.ndarray:
+    """(3,) float64 voxel spacing in mm, all finite and > 0."""
+    try:
+        sp = np.asarray(_to_numpy(spacing_mm), dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"spacing_mm must be 3 numbers (sx, sy, sz) in mm, got {spacing_mm!r}.") from err
+    if sp.size != 3:
+        raise ValueError(f"spacing_mm must be 3 numbers (sx, sy, sz) in mm, got {spacing_mm!r}.")
+    if not np.all(np.isfinite(sp)) or np.any(sp <= 0):
+        raise ValueError(f"spacing_mm must be finite and > 0, got {spacing_mm!r}.")
+    return sp
+
+
+def _connectivity_structure(connectivity: int) -> np.ndarray:
+    """3x3x3 structuring element: 6 -> faces, 18 -> faces+edges, 26 -> full cube."""
+    rank = {6: 1, 18: 2, 26: 3}.get(connectivity) if not isinstance(connectivity, bool) else None
+    if rank is None:
+        raise ValueError(f"connectivity must be 6, 18 or 26, got {connectivity!r}.")
+    return ndimage.generate_binary_structure(3, rank)
+
+
+def _edges(mask: np.ndarray) -> np.ndarray:
+    """Surface voxels: ``mask XOR binary_erosion(mask)``.
+
+    As MONAI's ``get_mask_edges``: scipy's default structuring element (6-connected
+    cross) and voxels outside the array counted as background (``border_value=0``),
+    so a mask touching the array border has its border voxels as edges.
+    """
+    return mask ^ ndimage.binary_erosion(mask)
+
+
+def _hd95_mm(pred: np.ndarray, true: np.ndarray, spacing: np.ndarray) -> float:
+    """Symmetric 95th-percentile Hausdorff distance in mm between two (X, Y, Z) bool masks.
+
+    Replicates ``monai.metrics.HausdorffDistanceMetric(percentile=95, directed=False,
+    distance_metric="euclidean")`` with ``spacing=``: edges by XOR with the erosion,
+    Euclidean distances (scaled by the spacing) from every edge voxel of one mask to the
+    nearest edge voxel of the other, the 95th percentile (linear interpolation, as
+    ``torch.quantile``) of each direction, and the larger of the two.
+
+    Both empty -> 0.0; exactly one empty -> nan (MONAI gives nan / inf there).
+    """
+    pred_any, true_any = bool(pred.any()), bool(true.any())
+    if not pred_any and not true_any:
+        return 0.0
+    if pred_any != true_any:
+        return float("nan")
+    # Crop to the bounding box of the union plus a 1-voxel margin (clipped to the array).
+    # Every edge voxel lies in the box, so the nearest-edge distances are unchanged, and
+    # the margin (or the array border, where border_value=0 applies) keeps the erosion exact.
+    nz = np.nonzero(pred | true)
+    box = tuple(slice(max(int(ix.min()) - 1, 0), min(int(ix.max()) + 2, n)) for ix, n in zip(nz, pred.shape))
+    edges_pred = _edges(pred[box])  # (x, y, z) bool, cropped
+    edges_true = _edges(true[box])
+    # distance_transform_edt(~E) gives, at every voxel, the distance in mm to the nearest voxel of E
+    d_pred_to_true = ndimage.distance_transform_edt(~edges_true, sampling=spacing)[edges_pred]  # (n_pred_edge,)
+    d_true_to_pred = ndimage.distance_transform_edt(~edges_pred, sampling=spacing)[edges_true]  # (n_true_edge,)
+    return float(max(np.percentile(d_pred_to_true, 95), np.percentile(d_true_to_pred, 95)))
+
+
+def segmentation_case_metrics(
+    pred_mask: Any, true_mask: Any, spacing_mm: Sequence[float], connectivity: int = 26
+) -> dict[str, Any]:
+    """Voxel-wise, surface, volume and lesion-wise metrics of one subject's binary segmentation.
+
+    Lesion-wise detection follows the ATLAS challenge: lesions are the connected
+    components of each mask; a true lesion is detected (TP) when at least one of its
+    voxels is predicted, missed (FN) otherwise; a predicted component touching no true
+    voxel is a false positive (FP). ``lesion_f1 = 2 TP / (2 TP + FP + FN)``.
+
+    Conventions for empty masks:
+
+    - both empty: ``dice = iou = 1``, ``hd95_mm = 0``, ``lesion_f1 = 1``;
+    - exactly one empty: ``dice = iou = 0``, ``hd95_mm = nan`` (no surface to measure
+      a distance to; MONAI returns inf / nan), ``lesion_f1 = 0``.
+
+    Args:
+        pred_mask: (X, Y, Z) binary prediction (bool or 0/1).
+        true_mask: (X, Y, Z) binary ground truth, same shape.
+        spacing_mm: voxel spacing ``(sx, sy, sz)`` in mm, one per array axis in the
+            same order (e.g. the first three NIfTI ``pixdim`` / ``header.get_zooms()``).
+        connectivity: neighbourhood of the connected components: 26 (full 3x3x3 cube,
+            default), 18, or 6 (faces only, scipy's default cross). Defaults to 26.
+
+    Returns:
+        ``{"dice", "iou", "hd95_mm", "pred_volume_ml", "true_volume_ml",
+        "abs_volume_diff_ml"}`` as floats and ``{"lesion_tp", "lesion_fp", "lesion_fn",
+        "num_true_lesions", "num_pred_lesions"}`` as ints, plus float ``"lesion_f1"``.
+        Volumes use ``prod(spacing_mm)`` mm^3 per voxel, 1 ml = 1000 mm^3.
+
+    Raises:
+        ValueError: when a mask is not 3-D or not binary, the shapes differ,
+            ``spacing_mm`` is not 3 finite positive numbers, or ``connectivity`` is not
+            6, 18 or 26.
+    """
+    pred = _binary_volume(pred_mask, "pred_mask")  # (X, Y, Z) bool
+    true = _binary_volume(true_mask, "true_mask")  # (X, Y, Z) bool
+    if pred.shape != true.shape:
+        raise ValueError(
+            f"pred_mask and true_mask must have the same shape, got {pred.shape} and {true.shape}."
+        )
+    spacing = _check_spacing(spacing_mm)  # (3,)
+    structure = _connectivity_structure(connectivity)  # (3, 3, 3) bool
+
+    # voxel overlap; dice/iou give 1.0 when both masks are empty
+    dice = float(dice_per_sample(pred[None, None], true[None, None], empty_value=1.0)[0])
+    iou = float(iou_per_sample(pred[None, None], true[None, None], empty_value=1.0)[0])
+
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    pred_ml = float(pred.sum()) * voxel_ml
+    true_ml = float(true.sum()) * voxel_ml
+
+    # lesion-wise detection on connected components
+    true_lab, n_true = ndimage.label(true, structure=structure)  # (X, Y, Z) int, 0 = background
+    pred_lab, n_pred = ndimage.label(pred, structure=structure)
+    true_hit = np.unique(true_lab[pred])  # true components touched by the prediction
+    pred_hit = np.unique(pred_lab[true])  # predicted components touching the truth
+    tp = int(np.count_nonzero(true_hit))
+    fn = int(n_true) - tp
+    fp = int(n_pred) - int(np.count_nonzero(pred_hit))
+    denom = 2 * tp + fp + fn
+    lesion_f1 = 1.0 if denom == 0 else 2.0 * tp / denom
+
+    return {
+        "dice": dice,
+        "iou": iou,
+        "hd95_mm": _hd95_mm(pred, true, spacing),
+        "pred_volume_ml": pred_ml,
+        "true_volume_ml": true_ml,
+        "abs_volume_diff_ml": abs(pred_ml - true_ml),
+        "lesion_tp": tp,
+        "lesion_fp": fp,
+        "lesion_fn": fn,
+        "lesion_f1": float(lesion_f1),
+        "num_true_lesions": int(n_true),
+        "num_pred_lesions": int(n_pred),
+    }
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating, np.bool_))
+
+
+def _nan_mean(x: np.ndarray) -> float:
+    """Mean of the non-NaN entries of a 1-D array; NaN when all are NaN (no warning)."""
+    kept = x[~np.isnan(x)]
+    return float(kept.mean()) if kept.size else float("nan")
+
+
+def segmentation_report(
+    case_rows: Sequence[Mapping[str, Any]], num_samples: int = 1000, seed: int = 0
+) -> dict[str, Any]:
+    """Summarise per-subject segmentation metrics with bootstrap 95% confidence intervals.
+
+    Args:
+        case_rows: one dict per subject, e.g. from :func:`segmentation_case_metrics`
+            (extra non-numeric entries such as a subject id are ignored). Every row must
+            have the same numeric keys, including ``"lesion_tp"``, ``"lesion_fp"`` and
+            ``"lesion_fn"``.
+        num_samples: number of bootstrap resamples. Defaults to 1000.
+        seed: bootstrap seed. Defaults to 0.
+
+    Returns:
+        ``{"n": N}``, then for every numeric key of the rows the mean over subjects
+        ignoring NaN (e.g. ``hd95_mm`` of subjects with one empty mask) as
+        ``{"value", "ci_low", "ci_high"}`` (bootstrap of the NaN-mean), then
+        ``"lesion_tp_total"``, ``"lesion_fp_total"``, ``"lesion_fn_total"`` (ints) and
+        ``"lesion_f1_pooled" = 2 TP / (2 TP + FP + FN)`` from the totals (1.0 when all
+        totals are 0).
+
+    Raises:
+        ValueError: when ``case_rows`` is empty or not a list of dicts, the rows differ in
+            their numeric keys, a lesion count key is missing, or ``num_samples`` is not a
+            positive integer.
+    """
+    num_samples = _check_num_samples(num_samples)
+    if isinstance(case_rows, Mapping) or not isinstance(case_rows, Sequence) or len(case_rows) == 0:
+        raise ValueError(f"case_rows must be a non-empty list of dicts (one per subject), got {type(case_rows).__name__}.")
+    keys: list[str] | None = None
+    for i, row in enumerate(case_rows):
+        if not isinstance(row, Mapping):
+            raise ValueError(f"case_rows[{i}] must be a dict, got {type(row).__name__}.")
+        row_keys = [k for k, v in row.items() if _is_number(v)]
+        if keys is None:
+            keys = row_keys
+        elif set(row_keys) != set(keys):
+            raise ValueError(
+                f"case_rows[{i}] has numeric keys {sorted(row_keys)}, but case_rows[0] has {sorted(keys)}."
+            )
+    assert keys is not None
+    missing = [k for k in ("lesion_tp", "lesion_fp", "lesion_fn") if k not in keys]
+    if missing:
+        raise ValueError(f"case_rows lack the lesion count keys {missing} (rows of segmentation_case_metrics have them).")
+
+    report: dict[str, Any] = {"n": len(case_rows)}
+    for key in keys:
+        column = np.array([float(row[key]) for row in case_rows], dtype=np.float64)  # (N,)
+        report[key] = _with_ci(_nan_mean, column, num_samples=num_samples, seed=seed)
+    totals = {k: int(round(sum(float(row[k]) for row in case_rows))) for k in ("lesion_tp", "lesion_fp", "lesion_fn")}
+    report["lesion_tp_total"] = totals["lesion_tp"]
+    report["lesion_fp_total"] = totals["lesion_fp"]
+    report["lesion_fn_total"] = totals["lesion_fn"]
+    denom = 2 * totals["lesion_tp"] + totals["lesion_fp"] + totals["lesion_fn"]
+    report["lesion_f1_pooled"] = 1.0 if denom == 0 else 2.0 * totals["lesion_tp"] / denom
+    return report
