@@ -123,14 +123,15 @@ def evaluate(
     amp_dtype: torch.dtype | None,
     epoch: int = 0,
     progress: bool = True,
-) -> tuple[dict[str, float], dict | None]:
+) -> tuple[dict[str, float], dict]:
     """Validation loss and task metrics over ``loader``.
 
     Returns:
-        (metrics, preview): metrics holds "loss" and the task's metrics (classification: auc, accuracy,
+        (metrics, outputs): metrics holds "loss" and the task's metrics (classification: auc, accuracy,
         balanced_accuracy; regression: mae, rmse, pearson_r in target units; segmentation: mean per-subject
-        dice and iou at threshold 0.5). preview (segmentation only) holds the first subject's "image",
-        "target" and "probability" as (D, H, W) float arrays for the TensorBoard overlay.
+        dice and iou at threshold 0.5). outputs holds, for segmentation, "preview": the first subject's
+        "image", "target" and "probability" as (D, H, W) arrays for the TensorBoard overlay; otherwise
+        "predictions" (logits for classification, values for regression) and "targets", (N,) arrays.
     """
     model.eval()
     total_loss, total_volumes = 0.0, 0
@@ -158,10 +159,10 @@ def evaluate(
             outputs.append(task.decode(logits.float()).cpu())
             targets.append(raw_target.float().cpu())
     results = {"loss": total_loss / max(total_volumes, 1)}
-    if task.name == "classification":
-        results.update(M.classification_metrics(torch.cat(outputs), torch.cat(targets)))
-    elif task.name == "regression":
-        results.update(M.regression_metrics(torch.cat(outputs), torch.cat(targets)))
-    else:
+    if task.name == "segmentation":
         results.update(M.segmentation_metrics(np.concatenate([np.asarray(d) for d in dice]), np.concatenate([np.asarray(v) for v in iou])))
-    return results, preview
+        return results, {"preview": preview}
+    predictions, targets = torch.cat(outputs).reshape(-1).numpy(), torch.cat(targets).reshape(-1).numpy()
+    metric_fn = M.classification_metrics if task.name == "classification" else M.regression_metrics
+    results.update(metric_fn(predictions, targets))
+    return results, {"predictions": predictions, "targets": targets}

@@ -29,6 +29,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from brain3d import engine
+from brain3d.evaluation import fit_bias_correction
 from brain3d.checkpoint import load_checkpoint, resolve_resume_path, save_checkpoint
 from brain3d.data.manifest import ManifestError, load_manifest, split_subjects
 from brain3d.data.dataset import VolumeDataset
@@ -132,6 +133,15 @@ def is_better(value: float, best: float | None, mode: str) -> bool:
     return value > best if mode == "max" else value < best
 
 
+def fit_bias_correction_or_none(val_outputs: dict) -> dict | None:
+    """The linear brain-age bias correction (as for SFCN) fitted on this epoch's validation predictions;
+    stored in the checkpoint so brain3d-predict can report corrected ages. None when it cannot be fitted."""
+    try:
+        return fit_bias_correction(val_outputs["predictions"], val_outputs["targets"])
+    except ValueError:
+        return None
+
+
 def train(cfg: DictConfig) -> float:
     """Train one model as ``cfg`` says; return the best value of the monitored validation metric."""
     if cfg.task.name not in TASKS:
@@ -228,12 +238,13 @@ def train(cfg: DictConfig) -> float:
             accumulate_grad_batches=accumulate, gradient_clip_norm=trainer_cfg.gradient_clip_norm,
             progress=trainer_cfg.progress,
         )
-        val_stats, preview = engine.evaluate(model, val_loader, loss_fn, task, device, amp_dtype, epoch + 1, trainer_cfg.progress)
+        val_stats, val_outputs = engine.evaluate(model, val_loader, loss_fn, task, device, amp_dtype, epoch + 1, trainer_cfg.progress)
         record = {"epoch": epoch + 1, "train_loss": train_stats["loss"],
                   **{f"val_{k}": v for k, v in val_stats.items()},
                   "lr": train_stats["lr"], "train_volumes_per_second": train_stats["volumes_per_second"]}
         history.append(record)
         log_epoch(writer, record, epoch + 1)
+        preview = val_outputs.get("preview")
         if preview is not None and trainer_cfg.log_images:
             panel = overlay_mid_slices(preview["image"], preview["target"], preview["probability"])
             writer.add_image("val/mid_slices", panel, epoch + 1, dataformats="HWC")
@@ -249,6 +260,7 @@ def train(cfg: DictConfig) -> float:
             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
             "config": config_dict, "task": task.name, "head_name": task.name, "num_parameters": num_parameters,
             "class_names": manifest.class_names, "target_mean": task.target_mean, "target_std": task.target_std,
+            "bias_correction": fit_bias_correction_or_none(val_outputs) if task.name == "regression" else None,
         }
         save_checkpoint(state, last_path)
         if improved:

@@ -12,6 +12,22 @@ from brain3d.data.manifest import Subject
 from brain3d.data.nifti import load_mask, load_nifti, resize_volume, zscore_nonzero
 
 
+def preprocess_image(image_ras: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """The image preprocessing shared by training and prediction.
+
+    Resample the whole RAS volume to ``shape`` (trilinear, :func:`resize_volume`), then
+    z-score with the nonzero voxels' statistics (:func:`zscore_nonzero`).
+
+    Args:
+        image_ras: 3-D array as :func:`load_nifti` returns it (RAS order).
+        shape: target (D, H, W).
+
+    Returns:
+        float32 array of shape ``shape``.
+    """
+    return zscore_nonzero(resize_volume(image_ras, shape, "trilinear"))
+
+
 class VolumeDataset(Dataset):
     """Yields ``{"image": (1, D, H, W) float32, "target": (1,) float32 or mask (1, D, H, W) float32,
     "subject_id": str}``.
@@ -44,7 +60,7 @@ class VolumeDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         subject = self.subjects[index]
         image, _ = load_nifti(subject.image)  # (X, Y, Z) in RAS order
-        image = zscore_nonzero(resize_volume(image, self.shape, "trilinear"))
+        image = preprocess_image(image, self.shape)
         mask = None
         if self.task == "segmentation":
             mask, _ = load_mask(subject.mask)

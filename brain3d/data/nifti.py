@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -28,6 +29,10 @@ __all__ = [
     "resize_volume",
     "zscore_nonzero",
     "save_nifti",
+    "NativeGrid",
+    "load_nifti_with_grid",
+    "to_native_orientation",
+    "save_on_native_grid",
 ]
 
 # Errors nibabel / gzip / zlib raise for missing, non-NIfTI or damaged files.  A truncated
@@ -69,6 +74,20 @@ def _spatial_shape(path: Path, shape: Sequence[int]) -> tuple[int, int, int]:
     return shape[:3]  # type: ignore[return-value]
 
 
+def _load_ras(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, nib.spatialimages.SpatialImage]:
+    """The body of :func:`load_nifti`; also returns the image as opened (before reorientation)."""
+    path, original = _open(path)
+    _spatial_shape(path, original.shape)  # checked from the header before reading any data
+    try:
+        img = nib.as_closest_canonical(original)  # flips/permutes the first 3 axes only
+        data = np.asarray(img.get_fdata(dtype=np.float32))  # applies scl_slope / scl_inter
+    except _READ_ERRORS as exc:
+        raise _read_error(path, exc) from exc
+    # Canonical reordering permutes spatial axes, so take the spatial shape after it.
+    data = data.reshape(data.shape[:3])  # drop the singleton 4th dim: (X, Y, Z, 1) -> (X, Y, Z)
+    return data, np.asarray(img.affine, dtype=np.float64), original
+
+
 def load_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """Load a 3-D NIfTI volume reoriented to the closest canonical RAS orientation.
 
@@ -84,16 +103,8 @@ def load_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         NiftiReadError: the file is missing, not an image, or damaged (e.g. truncated .gz).
         ValueError: the image is not 3-D (a singleton 4th dimension is squeezed).
     """
-    path, img = _open(path)
-    _spatial_shape(path, img.shape)  # checked from the header before reading any data
-    try:
-        img = nib.as_closest_canonical(img)  # flips/permutes the first 3 axes only
-        data = np.asarray(img.get_fdata(dtype=np.float32))  # applies scl_slope / scl_inter
-    except _READ_ERRORS as exc:
-        raise _read_error(path, exc) from exc
-    # Canonical reordering permutes spatial axes, so take the spatial shape after it.
-    data = data.reshape(data.shape[:3])  # drop the singleton 4th dim: (X, Y, Z, 1) -> (X, Y, Z)
-    return data, np.asarray(img.affine, dtype=np.float64)
+    data, affine, _ = _load_ras(path)
+    return data, affine
 
 
 def load_mask(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
@@ -238,12 +249,22 @@ def save_nifti(
         arr = arr.astype(np.uint8)
     elif arr.dtype in (np.int64, np.uint64):
         arr = arr.astype(np.int32)
+    img = _nifti_image(arr, affine, qform_code=1, sform_code=1)
+    return _save_atomic(img, path)
+
+
+def _nifti_image(arr: np.ndarray, affine: np.ndarray, qform_code: int, sform_code: int) -> nib.Nifti1Image:
+    """A NIfTI-1 image of ``arr`` (stored as its own dtype) with qform = sform = ``affine``."""
     affine = np.asarray(affine, dtype=np.float64)
     img = nib.Nifti1Image(arr, affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
+    img.set_qform(affine, code=int(qform_code))
+    img.set_sform(affine, code=int(sform_code))
     img.set_data_dtype(arr.dtype)
+    return img
 
+
+def _save_atomic(img: nib.Nifti1Image, path: Path) -> Path:
+    """nib.save to a temp file next to ``path`` (same .nii/.nii.gz suffix), then os.replace."""
     name = path.name
     suffix = ".nii.gz" if name.endswith(".nii.gz") else path.suffix
     stem = name[: len(name) - len(suffix)] if suffix else name
@@ -256,3 +277,137 @@ def save_nifti(
         if tmp.exists():  # failed mid-write: leave nothing half-written behind
             tmp.unlink()
     return path
+
+
+# ---------------------------------------------------------------------------------------
+# Putting RAS-space results (probabilities, masks) back on the input file's own grid.
+# ---------------------------------------------------------------------------------------
+
+_RAS_ORNT = nib.orientations.axcodes2ornt(("R", "A", "S"))
+
+
+@dataclass
+class NativeGrid:
+    """What is needed to write a RAS-space array back on an input file's own voxel grid.
+
+    Attributes:
+        shape: the file's spatial shape (X, Y, Z) in on-disk axis order (a singleton 4th
+            dimension dropped).
+        affine: the file's 4x4 float64 voxel->world affine (as nibabel reads it).
+        ras_shape: the spatial shape after reorientation to RAS (what :func:`load_nifti`
+            returns, i.e. ``shape`` permuted).
+        header: the file's nibabel header (None when not available).
+        voxel_size_mm: voxel sizes in mm in RAS axis order (the column norms of the RAS
+            affine, i.e. the header zooms permuted like the axes).
+    """
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+    ras_shape: tuple[int, int, int]
+    header: object | None
+    voxel_size_mm: tuple[float, float, float]
+
+
+def load_nifti_with_grid(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, NativeGrid]:
+    """:func:`load_nifti` plus the :class:`NativeGrid` of the file.
+
+    Args:
+        path: a .nii or .nii.gz file.
+
+    Returns:
+        (data, affine, grid): data and affine exactly as :func:`load_nifti` returns them
+        (float32 RAS array, float64 RAS affine); grid describes the on-disk layout.
+
+    Raises:
+        NiftiReadError: unreadable file.
+        ValueError: not a 3-D volume.
+    """
+    data, affine, original = _load_ras(path)
+    zooms = np.sqrt(np.sum(affine[:3, :3] ** 2, axis=0))
+    grid = NativeGrid(
+        shape=tuple(int(s) for s in original.shape[:3]),  # type: ignore[arg-type]
+        affine=np.array(original.affine, dtype=np.float64),
+        ras_shape=tuple(int(s) for s in data.shape),  # type: ignore[arg-type]
+        header=getattr(original, "header", None),
+        voxel_size_mm=tuple(float(z) for z in zooms),  # type: ignore[arg-type]
+    )
+    return data, affine, grid
+
+
+def _ras_to_native_ornt(grid: NativeGrid) -> np.ndarray:
+    """The orientation transform from the RAS array back to the on-disk axis layout."""
+    ornt = nib.orientations.io_orientation(grid.affine)  # what as_closest_canonical applied
+    if np.isnan(ornt).any():
+        raise ValueError(f"cannot reorient: degenerate affine\n{grid.affine}")
+    return nib.orientations.ornt_transform(_RAS_ORNT, ornt)
+
+
+def to_native_orientation(ras_array: np.ndarray, grid: NativeGrid) -> np.ndarray:
+    """Undo the RAS reorientation of :func:`load_nifti`: flips/permutes axes 0-2 only.
+
+    Args:
+        ras_array: array whose first 3 axes are in RAS order with shape ``grid.ras_shape``
+            (extra trailing axes, if any, are carried along).
+        grid: from :func:`load_nifti_with_grid`.
+
+    Returns:
+        The array in the file's on-disk axis order (shape ``grid.shape`` + trailing axes);
+        same dtype; values are not resampled, only reordered.
+
+    Raises:
+        ValueError: the array's spatial shape is not ``grid.ras_shape``.
+    """
+    arr = np.asarray(ras_array)
+    if arr.ndim < 3 or tuple(arr.shape[:3]) != tuple(grid.ras_shape):
+        raise ValueError(
+            f"to_native_orientation: expected an array of RAS shape {tuple(grid.ras_shape)}, got {arr.shape}"
+        )
+    out = nib.orientations.apply_orientation(arr, _ras_to_native_ornt(grid))
+    return np.ascontiguousarray(out)
+
+
+def _header_codes(header: object | None) -> tuple[int, int]:
+    """(qform_code, sform_code) copied from a NIfTI header; (1, 1) when there is none.
+
+    Codes are copied as they are, 0 included: an input with both codes 0 (no orientation
+    information; nibabel then uses the pixdim-based fallback affine) gives an output that
+    every reader interprets exactly as it interpreted the input.
+    """
+    if isinstance(header, nib.Nifti1Header):  # Nifti2Header is a subclass
+        return int(header["qform_code"]), int(header["sform_code"])
+    return 1, 1
+
+
+def save_on_native_grid(
+    ras_array: np.ndarray,
+    grid: NativeGrid,
+    path: str | os.PathLike,
+    dtype: np.dtype | type | str,
+) -> Path:
+    """Write a RAS-space array on the input file's own grid (atomic, like :func:`save_nifti`).
+
+    The array is reoriented with :func:`to_native_orientation` and written with the
+    ORIGINAL affine as qform and sform (codes copied from the input NIfTI header, else
+    1), stored as ``dtype`` without scaling (scl_slope 1,
+    scl_inter 0): cast yourself beforehand if rounding matters (e.g. threshold a
+    probability map before asking for uint8).
+
+    Args:
+        ras_array: array of shape ``grid.ras_shape`` (e.g. probabilities or a 0/1 mask).
+        grid: from :func:`load_nifti_with_grid`.
+        path: destination .nii or .nii.gz (parents created).
+        dtype: on-disk dtype, e.g. np.float32 for probabilities, np.uint8 for masks.
+
+    Returns:
+        The destination path.
+
+    Raises:
+        ValueError: the array's shape is not ``grid.ras_shape``.
+    """
+    arr = to_native_orientation(ras_array, grid).astype(dtype, copy=False)
+    qform_code, sform_code = _header_codes(grid.header)
+    img = _nifti_image(arr, grid.affine, qform_code=qform_code, sform_code=sform_code)
+    if isinstance(grid.header, nib.Nifti1Header):
+        img.header.set_xyzt_units(*grid.header.get_xyzt_units())
+    img.header.set_slope_inter(1.0, 0.0)  # the array is stored as is
+    return _save_atomic(img, Path(path))

@@ -1,0 +1,97 @@
+"""Model outputs for inference: ensembles and flip test-time augmentation (TTA).
+
+Preprocessing (:func:`brain3d.data.dataset.preprocess_image`), resampling back
+(:func:`brain3d.data.nifti.resize_volume`) and writing on the input grid
+(:func:`brain3d.data.nifti.save_on_native_grid`) live in the data modules; this module
+only turns a preprocessed batch into averaged outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+
+__all__ = ["TASKS", "FLIP_AXES", "flip_combinations", "predict_outputs"]
+
+TASKS = ("classification", "regression", "segmentation")
+FLIP_AXES = (2, 3, 4)  # the spatial axes of a (B, C, D, H, W) batch
+
+
+def flip_combinations() -> list[tuple[int, ...]]:
+    """The 8 subsets of the 3 spatial axes, starting with ``()`` (no flip)."""
+    return [c for r in range(len(FLIP_AXES) + 1) for c in itertools.combinations(FLIP_AXES, r)]
+
+
+def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+@torch.no_grad()
+def predict_outputs(
+    models: Sequence[nn.Module],
+    image: torch.Tensor,
+    head_name: str,
+    task: str,
+    tta: bool = False,
+    amp_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Average one head's outputs over an ensemble and (optionally) the 8 axis flips.
+
+    For each model ``logits = model(x)[head_name]``. With ``tta=True`` the input is also
+    run flipped along every combination of the 3 spatial axes (8 passes per model); a
+    voxel-wise (5-D) output is flipped back before averaging, a per-volume (B, K) output is
+    averaged as it is.
+
+    What is averaged depends on ``task``:
+
+    - "classification" / "segmentation": probabilities, ``sigmoid(logits)`` (the logits
+      are cast to float32 first), so the result is in [0, 1];
+    - "regression": the raw head outputs (still standardised; the caller de-standardises).
+
+    Args:
+        models: one or more models, already on ``image``'s device and in eval mode (this
+            function does not change their mode).
+        image: preprocessed batch (B, 1, D, H, W) on the models' device.
+        head_name: key of the head in the models' output dicts.
+        task: "classification", "regression" or "segmentation".
+        tta: average over the 8 flip combinations as well.
+        amp_dtype: run the models under ``torch.autocast(device.type, dtype=amp_dtype)``
+            (e.g. torch.bfloat16); None runs in the models' own precision.
+
+    Returns:
+        float32 tensor on ``image``'s device: (B, K) for global heads, (B, K, D, H, W) for
+        voxel-wise heads.
+
+    Raises:
+        ValueError: unknown task, no models, a non-5-D image, or a missing head.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    models = list(models)
+    if not models:
+        raise ValueError("predict_outputs: need at least one model")
+    if image.dim() != 5:
+        raise ValueError(f"predict_outputs: expected a 5-D image (B, C, D, H, W), got shape {tuple(image.shape)}")
+    flips = flip_combinations() if tta else [()]
+    total: torch.Tensor | None = None
+    for model in models:
+        for axes in flips:
+            x = torch.flip(image, axes) if axes else image
+            with _autocast(image.device, amp_dtype):
+                outputs = model(x)
+            if head_name not in outputs:
+                raise ValueError(f"model has no head {head_name!r}; heads: {sorted(outputs)}")
+            out = outputs[head_name].float()
+            if task != "regression":
+                out = torch.sigmoid(out)
+            if axes and out.dim() == 5:  # voxel-wise: flip back onto the input's grid
+                out = torch.flip(out, axes)
+            total = out if total is None else total + out
+    assert total is not None
+    return total / (len(models) * len(flips))
