@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -12,11 +15,9 @@ import pytest
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
 
 from brain3d.data.nifti import load_mask
+from brain3d.data.synthetic import synthetic_cache_dir
 
 from tests.conftest import run_train, tiny_overrides
-import os
-import subprocess
-import sys
 
 
 def run_predict(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -52,7 +53,7 @@ def trained(tmp_path_factory, cache_dir):
     for task in ("segmentation", "classification", "regression"):
         run_train([f"task={task}", *tiny_overrides(cache_dir), f"hydra.run.dir={root / task}"], cwd=root)
         runs[task] = root / task
-    manifest = next(Path(cache_dir).rglob("manifest.csv"))
+    manifest = synthetic_cache_dir(Path(cache_dir) / "synthetic", 12, (32, 32, 32), 0) / "manifest.csv"  # debug=fast's data
     return runs, manifest
 
 
