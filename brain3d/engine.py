@@ -62,24 +62,40 @@ def train_one_epoch(
     accumulate_grad_batches: int = 1,
     gradient_clip_norm: float | None = None,
     progress: bool = True,
+    augment: torch.nn.Module | None = None,
+    augment_seed: int = 0,
 ) -> dict[str, float]:
-    """One pass over ``loader``; returns ``{"loss", "lr", "volumes_per_second", "data_seconds"}``.
+    """One pass over ``loader``; returns ``{"loss", "lr", "volumes_per_second", "data_wait_fraction"}``.
 
     Gradients of ``accumulate_grad_batches`` micro-batches are summed before each optimizer step (the loss
-    is divided so the sum is a mean); the scheduler steps once per optimizer step.
+    is divided so the sum is a mean); the scheduler steps once per optimizer step. ``augment`` (a
+    :class:`brain3d.augment.BatchAugment`) runs on the device, on the whole batch, with a generator seeded
+    from ``(augment_seed, epoch, step)`` so a resumed run sees the same augmentations.
+    ``data_wait_fraction`` is the share of the epoch spent waiting for the next batch from the loader.
 
     Raises:
         NonFiniteLossError: a NaN/Inf loss, naming the epoch, step and subject ids of the batch.
     """
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    total_loss, total_volumes = 0.0, 0
+    total_loss, total_volumes, data_wait = 0.0, 0, 0.0
     start = time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, disable=not progress, dynamic_ncols=True)
     num_batches = len(loader)
-    for step, batch in enumerate(bar):
+    batches = iter(loader)
+    bar = tqdm(range(num_batches), desc=f"epoch {epoch} train", leave=False, disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        wait_start = time.perf_counter()
+        batch = next(batches)  # the time spent here is time the model waits for data
+        data_wait += time.perf_counter() - wait_start
         image = batch["image"].to(device, non_blocking=True)  # (B, 1, D, H, W)
-        target = task.encode(batch["target"].to(device, non_blocking=True))  # (B, 1) or (B, 1, D, H, W)
+        target = batch["target"].to(device, non_blocking=True)  # (B, 1) or (B, 1, D, H, W)
+        if augment is not None:
+            generator = torch.Generator().manual_seed(augment_seed * 1_000_003 + epoch * 100_003 + step)
+            if task.name == "segmentation":
+                image, target = augment(image, target, generator=generator)
+            else:
+                image, _ = augment(image, None, generator=generator)
+        target = task.encode(target)
         with autocast(device, amp_dtype):
             logits = model(image)[task.name]
         loss = loss_fn(logits, target)  # float32: the loss casts its inputs
@@ -110,6 +126,7 @@ def train_one_epoch(
         "loss": total_loss / max(total_volumes, 1),
         "lr": optimizer.param_groups[0]["lr"],
         "volumes_per_second": total_volumes / max(elapsed, 1e-9),
+        "data_wait_fraction": data_wait / max(elapsed, 1e-9),
     }
 
 

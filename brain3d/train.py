@@ -241,7 +241,8 @@ def train(cfg: DictConfig) -> float:
         val_stats, val_outputs = engine.evaluate(model, val_loader, loss_fn, task, device, amp_dtype, epoch + 1, trainer_cfg.progress)
         record = {"epoch": epoch + 1, "train_loss": train_stats["loss"],
                   **{f"val_{k}": v for k, v in val_stats.items()},
-                  "lr": train_stats["lr"], "train_volumes_per_second": train_stats["volumes_per_second"]}
+                  "lr": train_stats["lr"], "train_volumes_per_second": train_stats["volumes_per_second"],
+                  "train_data_wait_fraction": train_stats["data_wait_fraction"]}
         history.append(record)
         log_epoch(writer, record, epoch + 1)
         preview = val_outputs.get("preview")
@@ -279,6 +280,8 @@ def train(cfg: DictConfig) -> float:
         "final_train": {"loss": final.get("train_loss")},
         "final_val": {k[4:]: v for k, v in final.items() if k.startswith("val_")},
         "train_volumes_per_second": float(np.mean([h["train_volumes_per_second"] for h in history])) if history else None,
+        # share of training time spent waiting for the data loader (mean over epochs; older checkpoints lack it)
+        "data_wait_fraction": float(np.mean([h.get("train_data_wait_fraction", np.nan) for h in history])) if history else None,
         "peak_memory_mb": peak_memory_mb(device),
         "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss",
         "device": str(device),
