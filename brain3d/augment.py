@@ -1,0 +1,421 @@
+"""Batch data augmentation on the training device (flips, random affine, intensity transforms).
+
+:class:`BatchAugment` runs on whole batches AFTER they were moved to the training device, so the CPU
+DataLoader workers only read data. It takes an image batch ``(B, C, D, H, W)`` (brain3d: z-scored, background
+exactly 0) and optionally a binary mask batch ``(B, Cm, D, H, W)`` and returns new tensors of the same
+shape, dtype and device; its inputs are never modified.
+
+Choices (fixed, not options):
+
+* **Spatial** transforms (flips, rotation, isotropic scale, translation) move image and mask together.
+  A sample that gets the random affine is resampled once with ``F.affine_grid`` / ``F.grid_sample``
+  (``align_corners=False``, zero padding), its flips folded into the same matrix; a sample that only gets
+  flips is flipped with ``torch.flip`` (exact, no resampling). The image is interpolated trilinearly.
+  The **mask is interpolated trilinearly too, then thresholded at >= 0.5** (as nnU-Net/batchgenerators
+  do per label), so it stays binary and follows the image's boundary exactly: with ``image == mask`` the
+  two give the same voxels, and a thin lesion shifted by half a voxel is kept rather than lost.
+  Rotations and scales are defined in voxel units about the volume's centre (voxels taken as
+  isotropic), so a non-cubic volume is rotated, not sheared.
+* **Intensity** transforms change the image only inside the **foreground**: the voxels that are nonzero
+  after the spatial transform (brain3d z-scores the nonzero voxels and leaves the background at exactly 0,
+  which :func:`brain3d.data.nifti.zscore_nonzero` and the zero padding keep). The background stays
+  exactly 0, as at inference. Per-sample statistics (min, max, mean) are over the foreground. Order:
+  bias field, contrast, gamma, noise.
+* **Randomness**: every random number comes from ``generator`` (``None``: torch's default CPU generator),
+  in a fixed order, drawn on the generator's device and then moved to the batch's device. With a CPU
+  generator (recommended) a given seed gives the same augmentation on CPU and CUDA; a CUDA generator
+  also works, but its stream differs from the CPU one. Parameters are drawn for every sample whether it
+  is selected or not, so the same seed gives the same flips under ``flip`` and ``light``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["BatchAugment", "affine_theta", "warp", "bias_field"]
+
+# (i, j, k) degrees along (D, H, W) of the tensor-product Legendre terms of the log bias field:
+# total degree 1..3 (the constant would be a global scale), 19 terms.
+BIAS_TERMS = tuple(
+    (i, j, k) for i in range(4) for j in range(4) for k in range(4) if 1 <= i + j + k <= 3
+)
+
+
+# --------------------------------------------------------------------------------------------------- checks
+
+
+def _number(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _in_range(value, name: str, lo: float, hi: float) -> float:
+    v = _number(value, name)
+    if not lo <= v <= hi:
+        raise ValueError(f"{name} must be in [{lo:g}, {hi:g}], got {value!r}")
+    return v
+
+
+def _non_negative(value, name: str) -> float:
+    v = _number(value, name)
+    if v < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return v
+
+
+def _pair(value, name: str, allow_none: bool) -> tuple[float, float] | None:
+    """A (low, high) range with 0 < low <= high (lists/ListConfigs from Hydra accepted)."""
+    if value is None:
+        if allow_none:
+            return None
+        raise ValueError(f"{name} must be a (low, high) pair with 0 < low <= high, got None")
+    try:
+        items = list(value)
+    except TypeError:
+        items = None
+    if items is None or len(items) != 2:
+        raise ValueError(f"{name} must be a (low, high) pair with 0 < low <= high, got {value!r}")
+    lo, hi = (_number(v, name) for v in items)
+    if not 0 < lo <= hi:
+        raise ValueError(f"{name} must be a (low, high) pair with 0 < low <= high, got {value!r}")
+    return lo, hi
+
+
+# ------------------------------------------------------------------------------------------ spatial helpers
+
+
+def _rotation(angles: torch.Tensor) -> torch.Tensor:
+    """(B, 3) angles in radians about the D, H, W axes -> (B, 3, 3) rotations R_D @ R_H @ R_W in (D, H, W) coords."""
+    c, s = torch.cos(angles), torch.sin(angles)
+    one, zero = torch.ones_like(c[:, 0]), torch.zeros_like(c[:, 0])
+
+    def mat(rows):
+        return torch.stack([torch.stack(r, dim=-1) for r in rows], dim=-2)
+
+    r_d = mat([[one, zero, zero], [zero, c[:, 0], -s[:, 0]], [zero, s[:, 0], c[:, 0]]])  # in the H-W plane
+    r_h = mat([[c[:, 1], zero, s[:, 1]], [zero, one, zero], [-s[:, 1], zero, c[:, 1]]])  # in the D-W plane
+    r_w = mat([[c[:, 2], -s[:, 2], zero], [s[:, 2], c[:, 2], zero], [zero, zero, one]])  # in the D-H plane
+    return r_d @ r_h @ r_w
+
+
+def affine_theta(
+    spatial_size: Sequence[int],
+    flips: torch.Tensor | None = None,
+    angles: torch.Tensor | None = None,
+    scales: torch.Tensor | None = None,
+    shifts: torch.Tensor | None = None,
+    batch_size: int | None = None,
+) -> torch.Tensor:
+    """The ``(B, 3, 4)`` ``theta`` for ``F.affine_grid`` (``align_corners=False``) of a forward transform.
+
+    The transform moves the content as ``v_out = R @ (s * flip(v_in)) + t`` in voxel coordinates about
+    the volume's centre, all in (D, H, W) order; the returned matrix is its inverse (``affine_grid`` maps
+    output to input positions), written in ``grid_sample``'s (x=W, y=H, z=D) normalized coordinates.
+
+    Args:
+        spatial_size: (D, H, W).
+        flips: (B, 3) bool, flip the D / H / W axis.
+        angles: (B, 3) radians about the D / H / W axes (rotation ``R_D @ R_H @ R_W``).
+        scales: (B,) isotropic scale (> 1 enlarges the content).
+        shifts: (B, 3) translation in voxels along D / H / W (> 0 moves the content to higher indices).
+        batch_size: B when every one of the above is None.
+
+    Returns:
+        float64 tensor (B, 3, 4) on the device of the given parameters (CPU when none is given).
+    """
+    given = [t for t in (flips, angles, scales, shifts) if t is not None]
+    b = given[0].shape[0] if given else int(batch_size)
+    device = given[0].device if given else torch.device("cpu")
+    f64 = dict(dtype=torch.float64, device=device)
+    size = torch.tensor([float(s) for s in spatial_size], **f64)
+    half = size / 2  # normalized -> voxel units: v = n * size / 2 (align_corners=False: [-1, 1] spans the volume)
+    sign = torch.ones(b, 3, **f64) if flips is None else 1.0 - 2.0 * flips.to(**f64)
+    rot = torch.eye(3, **f64).expand(b, 3, 3) if angles is None else _rotation(angles.to(**f64))
+    scale = torch.ones(b, **f64) if scales is None else scales.to(**f64)
+    shift = torch.zeros(b, 3, **f64) if shifts is None else shifts.to(**f64)
+    # inverse in voxels: v_in = flip(R^T (v_out - t)) / s  (a flip is its own inverse)
+    inv = sign[:, :, None] * rot.transpose(1, 2) / scale[:, None, None]
+    # in normalized coordinates: n_in = S^-1 inv S n_out - S^-1 inv t, S = diag(half)
+    a = inv * half[None, None, :] / half[None, :, None]
+    t = -(inv @ shift[:, :, None])[:, :, 0] / half[None, :]
+    # (D, H, W) -> grid_sample's (x, y, z) = (W, H, D): reverse rows and columns
+    return torch.cat([a.flip(1).flip(2), t.flip(1)[:, :, None]], dim=2)
+
+
+def warp(image: torch.Tensor, mask: torch.Tensor | None, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Resample ``image`` trilinearly and ``mask`` trilinearly + threshold >= 0.5 with ``theta`` (B, 3, 4).
+
+    Zero padding, ``align_corners=False``. Returns new tensors with the inputs' shapes and dtypes.
+    """
+    work = image.dtype if image.dtype in (torch.float32, torch.float64) else torch.float32
+    grid = F.affine_grid(theta.to(device=image.device, dtype=work), list(image.shape), align_corners=False)
+    out = F.grid_sample(image.to(work), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    out = out.to(image.dtype)
+    if mask is None:
+        return out, None
+    m = F.grid_sample(mask.to(work), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out, (m >= 0.5).to(mask.dtype)
+
+
+def bias_field(coeffs: torch.Tensor, spatial_size: Sequence[int]) -> torch.Tensor:
+    """Smooth positive multiplicative field ``exp(sum_t coeffs[:, t] * phi_t)``, (B, 1, D, H, W).
+
+    ``phi_t`` are the :data:`BIAS_TERMS` tensor products of Legendre polynomials of degree <= 3 on [-1, 1]
+    (voxel centres), each scaled to unit root-mean-square over the cube, so with ``coeffs ~ N(0, sd^2 / 19)``
+    the log field's RMS over the volume is about ``sd``.
+
+    Args:
+        coeffs: (B, len(BIAS_TERMS)) on the target device.
+        spatial_size: (D, H, W).
+    """
+    b, dev, dt = coeffs.shape[0], coeffs.device, coeffs.dtype
+
+    def legendre(n: int) -> torch.Tensor:  # (4, n): P0..P3 at the voxel centres
+        x = (torch.arange(n, device=dev, dtype=dt) * 2 + 1) / n - 1
+        return torch.stack([torch.ones_like(x), x, (3 * x**2 - 1) / 2, (5 * x**3 - 3 * x) / 2])
+
+    full = torch.zeros(b, 4, 4, 4, device=dev, dtype=dt)
+    idx = torch.tensor(BIAS_TERMS, device=dev)
+    norm = torch.tensor([math.sqrt((2 * i + 1) * (2 * j + 1) * (2 * k + 1)) for i, j, k in BIAS_TERMS], device=dev, dtype=dt)
+    full[:, idx[:, 0], idx[:, 1], idx[:, 2]] = coeffs * norm
+    d, h, w = (int(s) for s in spatial_size)
+    log_field = torch.einsum("bijk,id,jh,kw->bdhw", full, legendre(d), legendre(h), legendre(w))
+    return torch.exp(log_field)[:, None]
+
+
+# ------------------------------------------------------------------------------------------------- module
+
+
+class BatchAugment(nn.Module):
+    """Random augmentation of a whole batch on its device; see the module docstring for the choices.
+
+    Every argument's default disables its transform, so ``BatchAugment()`` is the identity.
+
+    Args:
+        flip_prob: probability of flipping each spatial axis, per sample, in [0, 1].
+        rotation_deg: maximum absolute rotation about each axis in degrees, in [0, 180]; each angle is
+            uniform in ``[-rotation_deg, rotation_deg]``.
+        scale_range: (low, high), 0 < low <= high: isotropic scale factor, uniform (> 1 enlarges).
+        translation_frac: maximum shift along each axis as a fraction of that axis' size, in [0, 1];
+            each shift is uniform in ``[-translation_frac, translation_frac] * size`` voxels.
+        affine_prob: probability that a sample gets the random affine (rotation, scale, translation), in [0, 1].
+        gamma_range: (low, high), 0 < low <= high, or None: gamma is log-uniform in the range (so gamma
+            and 1/gamma are equally likely for a symmetric range); applied as ``lo + r * ((x - lo) / r) ** gamma``
+            with the sample's foreground min ``lo`` and range ``r`` (intensities rescaled to [0, 1] and back).
+        gamma_prob: probability of the gamma transform per sample, in [0, 1]; > 0 needs ``gamma_range``.
+        noise_std: standard deviation of the additive Gaussian noise (z-score units), >= 0.
+        noise_prob: probability of noise per sample, in [0, 1].
+        bias_field_std: strength of the smooth multiplicative bias field, >= 0: RMS over the volume of its
+            log, a degree-3 Legendre polynomial with random coefficients (see :func:`bias_field`). The
+            field multiplies the intensities measured from the sample's foreground minimum,
+            ``lo + (x - lo) * field`` (z-scored data are negative in places; this stands in for the raw,
+            non-negative MRI intensities a real bias field multiplies).
+        bias_prob: probability of the bias field per sample, in [0, 1].
+        contrast_range: (low, high), 0 < low <= high, or None: factor ``c`` uniform in the range,
+            ``x -> mean + c * (x - mean)`` with the sample's foreground mean.
+        contrast_prob: probability of the contrast change per sample, in [0, 1]; > 0 needs ``contrast_range``.
+
+    Raises:
+        ValueError: an argument outside its range (the message names the argument, its value and the range).
+    """
+
+    def __init__(
+        self,
+        flip_prob: float = 0.0,
+        rotation_deg: float = 0.0,
+        scale_range: Sequence[float] = (1.0, 1.0),
+        translation_frac: float = 0.0,
+        affine_prob: float = 0.0,
+        gamma_range: Sequence[float] | None = None,
+        gamma_prob: float = 0.0,
+        noise_std: float = 0.0,
+        noise_prob: float = 0.0,
+        bias_field_std: float = 0.0,
+        bias_prob: float = 0.0,
+        contrast_range: Sequence[float] | None = None,
+        contrast_prob: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.flip_prob = _in_range(flip_prob, "flip_prob", 0.0, 1.0)
+        self.rotation_deg = _in_range(rotation_deg, "rotation_deg", 0.0, 180.0)
+        self.scale_range = _pair(scale_range, "scale_range", allow_none=False)
+        self.translation_frac = _in_range(translation_frac, "translation_frac", 0.0, 1.0)
+        self.affine_prob = _in_range(affine_prob, "affine_prob", 0.0, 1.0)
+        self.gamma_range = _pair(gamma_range, "gamma_range", allow_none=True)
+        self.gamma_prob = _in_range(gamma_prob, "gamma_prob", 0.0, 1.0)
+        self.noise_std = _non_negative(noise_std, "noise_std")
+        self.noise_prob = _in_range(noise_prob, "noise_prob", 0.0, 1.0)
+        self.bias_field_std = _non_negative(bias_field_std, "bias_field_std")
+        self.bias_prob = _in_range(bias_prob, "bias_prob", 0.0, 1.0)
+        self.contrast_range = _pair(contrast_range, "contrast_range", allow_none=True)
+        self.contrast_prob = _in_range(contrast_prob, "contrast_prob", 0.0, 1.0)
+        if self.gamma_prob > 0 and self.gamma_range is None:
+            raise ValueError(f"gamma_prob={gamma_prob!r} > 0 needs gamma_range, a (low, high) pair with 0 < low <= high; got None")
+        if self.contrast_prob > 0 and self.contrast_range is None:
+            raise ValueError(
+                f"contrast_prob={contrast_prob!r} > 0 needs contrast_range, a (low, high) pair with 0 < low <= high; got None"
+            )
+
+    # which transforms can do anything
+    @property
+    def _flip_on(self) -> bool:
+        return self.flip_prob > 0
+
+    @property
+    def _affine_on(self) -> bool:
+        return self.affine_prob > 0 and (self.rotation_deg > 0 or self.scale_range != (1.0, 1.0) or self.translation_frac > 0)
+
+    @property
+    def _gamma_on(self) -> bool:
+        return self.gamma_prob > 0 and self.gamma_range != (1.0, 1.0)
+
+    @property
+    def _noise_on(self) -> bool:
+        return self.noise_prob > 0 and self.noise_std > 0
+
+    @property
+    def _bias_on(self) -> bool:
+        return self.bias_prob > 0 and self.bias_field_std > 0
+
+    @property
+    def _contrast_on(self) -> bool:
+        return self.contrast_prob > 0 and self.contrast_range != (1.0, 1.0)
+
+    @property
+    def is_identity(self) -> bool:
+        """True when no transform is enabled (``forward`` then returns copies of its inputs)."""
+        return not (self._flip_on or self._affine_on or self._gamma_on or self._noise_on or self._bias_on or self._contrast_on)
+
+    def extra_repr(self) -> str:
+        names = [
+            "flip_prob", "rotation_deg", "scale_range", "translation_frac", "affine_prob", "gamma_range", "gamma_prob",
+            "noise_std", "noise_prob", "bias_field_std", "bias_prob", "contrast_range", "contrast_prob",
+        ]  # fmt: skip
+        return ", ".join(f"{n}={getattr(self, n)}" for n in names)
+
+    def _draw(self, b: int, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+        """All per-sample parameters, in a fixed order, on CPU (float64)."""
+        dev = generator.device if generator is not None else torch.device("cpu")
+
+        def u(*shape):  # uniform [0, 1)
+            return torch.rand(*shape, generator=generator, device=dev, dtype=torch.float64)
+
+        p = {}
+        p["flips"] = u(b, 3) < self.flip_prob
+        p["affine"] = u(b) < self.affine_prob
+        p["angles"] = (2 * u(b, 3) - 1) * math.radians(self.rotation_deg)
+        lo, hi = self.scale_range
+        p["scales"] = lo + (hi - lo) * u(b)
+        p["shift_frac"] = (2 * u(b, 3) - 1) * self.translation_frac
+        p["bias"] = u(b) < self.bias_prob
+        p["bias_coeffs"] = torch.randn(b, len(BIAS_TERMS), generator=generator, device=dev, dtype=torch.float64)
+        p["contrast"] = u(b) < self.contrast_prob
+        lo, hi = self.contrast_range or (1.0, 1.0)
+        p["contrast_factor"] = lo + (hi - lo) * u(b)
+        p["gamma"] = u(b) < self.gamma_prob
+        lo, hi = self.gamma_range or (1.0, 1.0)
+        p["gamma_value"] = torch.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * u(b))
+        p["noise"] = u(b) < self.noise_prob
+        return {k: v.cpu() for k, v in p.items()}
+
+    @torch.no_grad()
+    def forward(
+        self, image: torch.Tensor, mask: torch.Tensor | None = None, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Augment a batch.
+
+        Args:
+            image: (B, C, D, H, W) floating-point batch (brain3d: z-scored, background 0).
+            mask: optional (B, Cm, D, H, W) binary mask (any dtype, values in {0, 1}); transformed with the
+                image's spatial transform only.
+            generator: source of all randomness (``None``: torch's default CPU generator). Use a CPU
+                generator for results that do not depend on the device.
+
+        Returns:
+            ``(image, mask)``: new tensors with the inputs' shapes, dtypes and devices (``mask`` None if not given).
+
+        Raises:
+            ValueError: ``image`` is not a 5-D floating-point tensor, or ``mask`` does not match it.
+        """
+        if image.dim() != 5 or not image.is_floating_point():
+            raise ValueError(f"image must be a 5-D (B, C, D, H, W) floating-point tensor, got {image.dtype} {tuple(image.shape)}")
+        if mask is not None and (mask.dim() != 5 or mask.shape[0] != image.shape[0] or mask.shape[2:] != image.shape[2:]):
+            raise ValueError(f"mask {tuple(mask.shape)} must be (B, Cm, D, H, W) matching image {tuple(image.shape)}")
+        out_image, out_mask = image.clone(), (mask.clone() if mask is not None else None)
+        b = image.shape[0]
+        if self.is_identity or b == 0:
+            return out_image, out_mask
+        p = self._draw(b, generator)
+        spatial = image.shape[2:]
+
+        # ---- spatial: resample the affine samples (flips folded in), torch.flip the flip-only ones
+        affine = p["affine"] if self._affine_on else torch.zeros(b, dtype=torch.bool)
+        flips = p["flips"]
+        for i in range(b):
+            if affine[i]:
+                continue
+            axes = [2 + a for a in range(3) if flips[i, a]]
+            if axes:
+                out_image[i] = torch.flip(image[i : i + 1], axes)[0]
+                if mask is not None:
+                    out_mask[i] = torch.flip(mask[i : i + 1], axes)[0]
+        if affine.any():
+            idx = torch.nonzero(affine)[:, 0]
+            shifts = p["shift_frac"][idx] * torch.tensor([float(s) for s in spatial], dtype=torch.float64)
+            theta = affine_theta(spatial, flips[idx], p["angles"][idx], p["scales"][idx], shifts)
+            dev_idx = idx.to(image.device)
+            warped, warped_mask = warp(image[dev_idx], mask[dev_idx] if mask is not None else None, theta)
+            out_image[dev_idx] = warped
+            if mask is not None:
+                out_mask[dev_idx] = warped_mask
+
+        # ---- intensity: foreground = nonzero after the spatial transform; background stays exactly 0
+        if not (self._bias_on or self._contrast_on or self._gamma_on or self._noise_on):
+            return out_image, out_mask
+        dtype = image.dtype
+        x = out_image.float()
+        fg = x != 0
+        dims = tuple(range(1, x.dim()))
+
+        def per_sample(v: torch.Tensor) -> torch.Tensor:  # (B,) CPU float64 -> (B, 1, 1, 1, 1) on device
+            return v.to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1, 1)
+
+        def selected(flag: torch.Tensor) -> torch.Tensor:  # (B,) bool -> where to write: selected sample & fg
+            return fg & flag.to(x.device).view(-1, 1, 1, 1, 1)
+
+        def fg_min() -> torch.Tensor:
+            return torch.where(fg, x, torch.full_like(x, math.inf)).amin(dim=dims, keepdim=True)
+
+        if self._bias_on and p["bias"].any():
+            coeffs = p["bias_coeffs"] * (self.bias_field_std / math.sqrt(len(BIAS_TERMS)))
+            field = bias_field(coeffs.to(device=x.device, dtype=x.dtype), spatial)
+            lo = fg_min()
+            x = torch.where(selected(p["bias"]), lo + (x - lo) * field, x)
+        if self._contrast_on and p["contrast"].any():
+            count = fg.sum(dim=dims, keepdim=True).clamp_min(1)
+            mean = torch.where(fg, x, torch.zeros_like(x)).sum(dim=dims, keepdim=True) / count
+            x = torch.where(selected(p["contrast"]), mean + (x - mean) * per_sample(p["contrast_factor"]), x)
+        if self._gamma_on and p["gamma"].any():
+            lo = fg_min()
+            hi = torch.where(fg, x, torch.full_like(x, -math.inf)).amax(dim=dims, keepdim=True)
+            rng = hi - lo
+            ok = torch.isfinite(rng) & (rng > 0)  # skip empty or constant foregrounds
+            rng = torch.where(ok, rng, torch.ones_like(rng))
+            lo = torch.where(ok, lo, torch.zeros_like(lo))
+            unit = ((x - lo) / rng).clamp(0, 1)
+            new = lo + rng * unit.pow(per_sample(p["gamma_value"]))
+            x = torch.where(selected(p["gamma"]) & ok, new, x)
+        if self._noise_on and p["noise"].any():
+            idx = torch.nonzero(p["noise"])[:, 0]
+            gen_dev = generator.device if generator is not None else torch.device("cpu")
+            noise = torch.randn((len(idx),) + tuple(x.shape[1:]), generator=generator, device=gen_dev, dtype=torch.float32)
+            full = torch.zeros_like(x)
+            full[idx.to(x.device)] = noise.to(device=x.device, dtype=x.dtype) * self.noise_std
+            x = torch.where(selected(p["noise"]), x + full, x)
+        return x.to(dtype), out_mask
