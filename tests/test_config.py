@@ -49,7 +49,7 @@ def test_every_option_instantiates():
             scheduler.step()
             assert 0 < scheduler.get_last_lr()[0] <= optimizer.defaults["lr"]
     for data in options("data"):
-        assert compose_train([f"data={data}"]).data.source in ("synthetic", "nifti")
+        assert compose_train([f"data={data}"]).data.source == data
     assert compose_train(["debug=fast"]).trainer.max_epochs == 2
 
 

@@ -3,6 +3,15 @@
 Every problem in the manifest is collected and reported together in one :class:`ManifestError`, naming
 the file, the row and the column, before any training starts: a bad file found after three hours of
 training is the failure this module exists to prevent.
+
+Checks, per row: id (empty, duplicate), image / mask paths (empty, missing), target (empty, not a label, not a
+finite number), split value; from the headers (read in parallel): not NIfTI, not 3-D (a 4-D file says how many
+volumes it holds), mask shape and mask affine vs the image's; with ``check_data``, from the decoded data (in
+parallel): truncated files, NaN / Inf image voxels, mask values other than 0/1. Across rows: a group (or subject
+id) with rows in both train and val of the split column.
+
+``on_error="skip"`` drops the rows that have problems (listed in :attr:`Manifest.skipped`) instead of raising;
+problems of the manifest as a whole (missing columns, no rows, a bad label set) always raise.
 """
 
 from __future__ import annotations
@@ -10,17 +19,24 @@ from __future__ import annotations
 import csv
 import math
 import os
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+from nibabel.filebasedimages import ImageFileError
 
-from brain3d.data.nifti import NiftiReadError, load_nifti, read_header_shape
+from brain3d.data.nifti import NiftiReadError, load_nifti
 
 MISSING_VALUES = {"", "n/a", "na", "nan", "none", "null"}  # BIDS writes "n/a"
 TASK_TARGET_COLS = {"classification": "sex", "regression": "age"}
 SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val"}
+ON_ERROR = ("raise", "skip")
+MASK_VALUES = ("binary", "labels")
+# What nibabel / gzip / zlib raise for missing, non-NIfTI or damaged files (as brain3d.data.nifti catches).
+_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, ImageFileError, nib.spatialimages.HeaderDataError)
 
 
 class ManifestError(ValueError):
@@ -42,6 +58,8 @@ class Subject:
     target: float | None = None
     mask: Path | None = None
     split: str | None = None
+    group: str | None = None  # rows of one group (e.g. sessions of one participant) never straddle train and val;
+    #                           None: the subject is its own group (keyed by subject_id)
 
 
 @dataclass
@@ -55,6 +73,8 @@ class Manifest:
     class_names: list[str] | None = None  # classification: class index -> original label; [1] is positive
     columns: list[str] = field(default_factory=list)
     has_targets: bool = True  # False when prediction reads a manifest without target / mask column
+    # on_error="skip": the rows left out, as {"row": int, "subject_id": str, "problems": [str, ...]}.
+    skipped: list[dict] = field(default_factory=list)
 
 
 def read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -93,13 +113,147 @@ def _resolve(base: Path, value: str) -> Path:
     return path if path.is_absolute() else (base / path)
 
 
-def _check_image_readable(path: Path) -> str | None:
-    """Decode the whole file (a truncated .gz only fails when its data is read); return the error or None."""
+@dataclass
+class HeaderInfo:
+    """What a NIfTI header says, without reading the data block.
+
+    Attributes:
+        shape: the spatial shape (X, Y, Z) in RAS axis order (what :func:`~brain3d.data.nifti.load_nifti`
+            returns; :func:`~brain3d.data.nifti.read_header_shape` gives the same).
+        affine: the file's own 4x4 voxel->world (mm) matrix (``img.affine``: sform, else qform, else pixdim).
+        ras_affine: the affine of the RAS-reoriented array (what ``load_nifti`` returns with the data).
+        num_volumes: the product of the dimensions after the third (1 for a 3-D file).
+    """
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+    ras_affine: np.ndarray
+    num_volumes: int
+
+
+def read_header_info(path: str | os.PathLike) -> HeaderInfo:
+    """Read one header (cheap: the data block is not read) and check that the file is a single 3-D volume.
+
+    Raises:
+        NiftiReadError: missing or unreadable file, or not an image (same message as ``load_nifti``).
+        ValueError: not 3-D; a 4-D (or 5-D) file with more than one volume says how many it holds.
+    """
+    path = Path(path)
     try:
-        load_nifti(path)
+        img = nib.load(str(path))
+        disk_shape = tuple(int(n) for n in img.shape)
+        affine = np.asarray(img.affine, dtype=np.float64)
+    except _READ_ERRORS as exc:
+        reason = " ".join(str(exc).split()) or "no details"  # the format of brain3d.data.nifti's errors
+        raise NiftiReadError(f"cannot read NIfTI file {path}: {type(exc).__name__}: {reason}") from exc
+    num_volumes = int(np.prod(disk_shape[3:], dtype=np.int64)) if len(disk_shape) > 3 else 1
+    if len(disk_shape) >= 4 and num_volumes > 1:
+        raise ValueError(
+            f"{path}: expected a 3-D volume, got a {len(disk_shape)}-D file with {num_volumes} volumes "
+            f"(shape {disk_shape}); brain3d reads one volume per file"
+        )
+    if len(disk_shape) < 3 or num_volumes != 1:
+        raise ValueError(
+            f"{path}: expected a 3-D volume (a 4th dimension of size 1 is allowed), got shape {disk_shape}"
+        )
+    shape = disk_shape[:3]
+    ornt = nib.orientations.io_orientation(affine)
+    if np.isnan(ornt).any():  # degenerate affine: load_nifti keeps the on-disk order
+        return HeaderInfo(shape, affine, affine, 1)  # type: ignore[arg-type]
+    ras_shape = [0, 0, 0]
+    for disk_axis, (ras_axis, _flip) in enumerate(ornt):
+        ras_shape[int(ras_axis)] = shape[disk_axis]
+    ras_affine = affine @ nib.orientations.inv_ornt_aff(ornt, shape)  # as nib.as_closest_canonical does
+    return HeaderInfo(tuple(ras_shape), affine, ras_affine, 1)  # type: ignore[arg-type]
+
+
+def affine_distance_mm(a: HeaderInfo, b: HeaderInfo) -> float:
+    """How far apart (mm) the two grids put the same RAS voxel: the largest distance over the 8 corner voxels.
+
+    The RAS affines are compared (the arrays brain3d trains on), so a mask stored in another axis order or
+    direction but on the same grid as its image is at distance 0.
+    """
+    corners = np.array([[i, j, k, 1.0] for i in (0, a.shape[0] - 1) for j in (0, a.shape[1] - 1)
+                        for k in (0, a.shape[2] - 1)]).T
+    diff = (a.ras_affine @ corners - b.ras_affine @ corners)[:3]
+    return float(np.sqrt((diff ** 2).sum(axis=0)).max())
+
+
+def _read_headers(paths: list[Path], num_threads: int) -> list[HeaderInfo | str]:
+    """:func:`read_header_info` for every path, in parallel; each result is the info or the error message."""
+    def one(p: Path) -> HeaderInfo | str:
+        try:
+            return read_header_info(p)
+        except (NiftiReadError, ValueError) as err:
+            return str(err)
+
+    if len(paths) < 2 or num_threads <= 1:
+        return [one(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=num_threads) as pool:
+        return list(pool.map(one, paths))
+
+
+def _read_raw(path: Path) -> np.ndarray:
+    """The stored values (scl_slope / scl_inter applied, no thresholding, no reorientation)."""
+    try:
+        return np.asanyarray(nib.load(str(path)).dataobj)
+    except _READ_ERRORS as exc:
+        reason = " ".join(str(exc).split()) or "no details"
+        raise NiftiReadError(f"cannot read NIfTI file {path}: {type(exc).__name__}: {reason}") from exc
+
+
+def _format_values(values: np.ndarray, limit: int = 5) -> str:
+    shown = ", ".join(f"{v:g}" for v in values[:limit].tolist())
+    return f"[{shown}{', ...' if len(values) > limit else ''}]"
+
+
+def _check_image_data(path: Path) -> list[str]:
+    """Decode an image as training will (a truncated .gz only fails once its data is read); report non-finite voxels."""
+    try:
+        data, _ = load_nifti(path)
     except (NiftiReadError, ValueError) as err:
-        return str(err)
-    return None
+        return [str(err)]
+    finite = np.isfinite(data)
+    if finite.all():
+        return []
+    n_nan = int(np.isnan(data).sum())
+    n_inf = int(data.size - finite.sum()) - n_nan
+    found = " and ".join(f"{n} {name}" for n, name in ((n_nan, "NaN"), (n_inf, "Inf")) if n)
+    return [f"image has {found} voxel(s) out of {data.size}: {path}"]
+
+
+def _check_mask_data(path: Path, mask_values: str) -> list[str]:
+    """Decode a mask's stored values; ``binary``: only 0 and 1; ``labels``: non-negative integers (foreground = > 0).
+
+    ``load_mask`` thresholds at > 0.5 without complaint, so this reads the values before that.
+    """
+    try:
+        raw = _read_raw(path)
+    except NiftiReadError as err:
+        return [str(err)]
+    if raw.dtype == np.bool_:
+        return []
+    if mask_values == "binary":
+        if np.issubdtype(raw.dtype, np.integer):
+            ok = raw.size == 0 or (raw.min() >= 0 and raw.max() <= 1)
+        else:
+            ok = bool(np.all((raw == 0) | (raw == 1)))
+        if ok:
+            return []
+        values = np.unique(raw)
+        return [f"a binary segmentation mask must hold only 0 and 1, found {len(values)} distinct values "
+                f"{_format_values(values)} in {path} (for a label map whose foreground is every label > 0, "
+                f"set data.mask_values=labels)"]
+    if np.issubdtype(raw.dtype, np.integer):
+        ok = raw.size == 0 or raw.min() >= 0
+    else:
+        ok = bool(np.all(np.isfinite(raw) & (raw >= 0) & (raw == np.round(raw))))
+    if ok:
+        return []
+    values = np.unique(raw)
+    bad = values[~(np.isfinite(values) & (values >= 0) & (values == np.round(values)))]
+    return [f"a label mask must hold non-negative integers, found {len(bad)} other distinct values "
+            f"{_format_values(bad)} in {path}"]
 
 
 def load_manifest(
@@ -115,6 +269,10 @@ def load_manifest(
     num_threads: int = 8,
     require_targets: bool = True,
     class_names: list[str] | None = None,
+    group_col: str | None = "group",
+    on_error: str = "raise",
+    affine_tolerance: float = 1e-3,
+    mask_values: str = "binary",
 ) -> Manifest:
     """Read and check a manifest for ``task``; raise one :class:`ManifestError` listing every problem.
 
@@ -127,21 +285,38 @@ def load_manifest(
         mask_col: mask path column for segmentation. Default "mask".
         split_col: optional column with train/val per row; ignored when absent. Default "split".
         positive_label: for two string labels, which one is the positive class (default: the second sorted).
-        check_data: decode every image and mask once (catches truncated .gz); headers are always read.
-        num_threads: threads for the decode check (zlib releases the GIL).
+        check_data: decode every image and mask once (catches truncated .gz, NaN / Inf image voxels and mask
+            values other than 0/1); headers are always read.
+        num_threads: threads for the header pass and the decode check (file I/O and zlib release the GIL).
         require_targets: False for prediction: a missing target (or mask) column is allowed and then
             ``Subject.target`` / ``Subject.mask`` stay None; a column that is present is still checked.
         class_names: a known label mapping (a checkpoint's) to use instead of deriving one from the rows.
+        group_col: optional column naming the unit that must not straddle train and val (e.g. the participant
+            of several sessions); used when the column exists; an empty cell makes the row its own group.
+            None: no groups.
+        on_error: "raise" (default): any problem raises. "skip": rows with problems are left out and listed in
+            :attr:`Manifest.skipped`; problems of the manifest as a whole (a missing column, no rows, a bad
+            label set) still raise, and so does a manifest in which every row has a problem.
+        affine_tolerance: largest distance (mm) the image and mask grids may put the same voxel apart
+            (compared on the RAS-reoriented grids, over the volume's corners).
+        mask_values: "binary" (default): segmentation masks must hold only 0 and 1. "labels": masks may be
+            integer label maps (e.g. the Medical Segmentation Decathlon's {0, 1, 2, 3}); brain3d's loader
+            (``load_mask``: value > 0.5) then trains on every label > 0 as one foreground.
 
     Raises:
         ManifestError: every problem found, each naming the row and column.
+        ValueError: a bad ``on_error`` or ``mask_values``.
     """
+    if on_error not in ON_ERROR:
+        raise ValueError(f"data.on_error={on_error!r} is not one of {', '.join(ON_ERROR)}")
+    if mask_values not in MASK_VALUES:
+        raise ValueError(f"data.mask_values={mask_values!r} is not one of {', '.join(MASK_VALUES)}")
     path = Path(path).expanduser()
     if not path.is_file():
         raise ManifestError(path, [f"manifest file not found: {path}"])
     columns, rows = read_rows(path)
     base = path.parent
-    problems: list[str] = []
+    problems: list[str] = []  # problems of the manifest as a whole: always raise
 
     if id_col is None:
         id_col = "subject_id" if "subject_id" in columns or "participant_id" not in columns else "participant_id"
@@ -160,6 +335,11 @@ def load_manifest(
         raise ManifestError(path, problems)
     if not rows:
         raise ManifestError(path, ["the manifest has a header but no rows"])
+    use_groups = group_col is not None and group_col in columns
+    if use_groups and task in TASK_TARGET_COLS and group_col == target_col:
+        problems.append(f"column {group_col!r} is both the target (data.target_col) and the split group "
+                        f"(data.group_col): grouping by the target would put each class on one side; "
+                        f"set data.group_col to a participant id column or null")
 
     if task == "classification" and class_names is not None:
         class_names = [str(c) for c in class_names]
@@ -170,148 +350,218 @@ def load_manifest(
             if err:
                 problems.append(f"column {target_col!r}: {err}")
 
+    # Pass 1, per row, no file opened: ids, paths, targets, split values.
     subjects: list[Subject] = []
+    row_problems: list[list[str]] = []  # row_problems[i - 1]: the problems of data row i
     seen_ids: dict[str, int] = {}
     for i, r in enumerate(rows, start=1):
+        mine: list[str] = []
+        row_problems.append(mine)
         where = f"row {i}"
         sid = r.get(id_col, "")
         if _is_missing(sid):
-            problems.append(f"{where}, column {id_col!r}: empty subject id")
+            mine.append(f"{where}, column {id_col!r}: empty subject id")
             sid = f"<row {i}>"
         elif sid in seen_ids:
-            problems.append(f"{where}, column {id_col!r}: subject id {sid!r} already used in row {seen_ids[sid]}")
+            mine.append(f"{where}, column {id_col!r}: subject id {sid!r} already used in row {seen_ids[sid]}")
         seen_ids.setdefault(sid, i)
         where = f"row {i} ({sid})"
 
         image = None
         if _is_missing(r.get(image_col)):
-            problems.append(f"{where}, column {image_col!r}: empty image path")
+            mine.append(f"{where}, column {image_col!r}: empty image path")
         else:
             image = _resolve(base, r[image_col])
             if not image.is_file():
-                problems.append(f"{where}, column {image_col!r}: image file not found: {image}")
+                mine.append(f"{where}, column {image_col!r}: image file not found: {image}")
                 image = None
 
         target = None
         if task in TASK_TARGET_COLS and has_targets:
             raw = r.get(target_col)
             if _is_missing(raw):
-                problems.append(f"{where}, column {target_col!r}: empty target")
+                mine.append(f"{where}, column {target_col!r}: empty target")
             elif task == "classification":
                 if class_names and class_names != ["0", "1"]:
                     target = float(class_names.index(raw)) if raw in class_names else None
                 elif raw in {"0", "1", "0.0", "1.0"}:
                     target = float(raw)
                 if target is None and class_names:
-                    problems.append(f"{where}, column {target_col!r}: label {raw!r} is not one of {class_names}")
+                    mine.append(f"{where}, column {target_col!r}: label {raw!r} is not one of {class_names}")
             else:
                 try:
                     target = float(raw)
                 except ValueError:
                     target = None
                 if target is None or not math.isfinite(target):
-                    problems.append(f"{where}, column {target_col!r}: {raw!r} is not a finite number")
+                    mine.append(f"{where}, column {target_col!r}: {raw!r} is not a finite number")
                     target = None
 
         mask = None
         if task == "segmentation" and has_targets:
             if _is_missing(r.get(mask_col)):
-                problems.append(f"{where}, column {mask_col!r}: empty mask path")
+                mine.append(f"{where}, column {mask_col!r}: empty mask path")
             else:
                 mask = _resolve(base, r[mask_col])
                 if not mask.is_file():
-                    problems.append(f"{where}, column {mask_col!r}: mask file not found: {mask}")
+                    mine.append(f"{where}, column {mask_col!r}: mask file not found: {mask}")
                     mask = None
 
         split = None
         if split_col in columns and not _is_missing(r.get(split_col)):
             split = SPLIT_NAMES.get(r[split_col].lower())
             if split is None:
-                problems.append(f"{where}, column {split_col!r}: {r[split_col]!r} is not one of train, val")
+                mine.append(f"{where}, column {split_col!r}: {r[split_col]!r} is not one of train, val")
 
-        # Headers: cheap, catch "not NIfTI" and shape mismatches without decoding.
-        image_shape = _header_shape(image, where, image_col, problems)
-        mask_shape = _header_shape(mask, where, mask_col, problems)
-        if image_shape and mask_shape and image_shape != mask_shape:
-            problems.append(
-                f"{where}, column {mask_col!r}: mask shape {mask_shape} differs from image shape {image_shape} "
-                f"({mask} vs {image})"
-            )
-            mask = None
-        if image_shape is None:
-            image = None
-        subjects.append(Subject(sid, image, i, target, mask, split))
+        group = r.get(group_col) if use_groups else None
+        group = None if _is_missing(group) else group
+        subjects.append(Subject(sid, image, i, target, mask, split, group))
+
+    # Pass 2, the headers, in parallel: not NIfTI, not one 3-D volume, mask shape / grid vs the image's.
+    jobs = [(s, col, p) for s in subjects for col, p in ((image_col, s.image), (mask_col, s.mask)) if p is not None]
+    infos = dict(zip(((s.row, col) for s, col, _ in jobs), _read_headers([p for _, _, p in jobs], num_threads)))
+    for s in subjects:
+        mine, where = row_problems[s.row - 1], f"row {s.row} ({s.subject_id})"
+        header: dict[str, HeaderInfo | None] = {}
+        for col, p in ((image_col, s.image), (mask_col, s.mask)):
+            info = infos.get((s.row, col)) if p is not None else None
+            if isinstance(info, str):
+                mine.append(f"{where}, column {col!r}: {info}")
+                info = None
+            header[col] = info
+        image_info, mask_info = header[image_col], header[mask_col]
+        if image_info and mask_info:
+            if image_info.shape != mask_info.shape:
+                mine.append(
+                    f"{where}, column {mask_col!r}: mask shape {mask_info.shape} differs from image shape "
+                    f"{image_info.shape} ({s.mask} vs {s.image})"
+                )
+                mask_info = None
+            else:
+                distance = affine_distance_mm(image_info, mask_info)
+                if not distance <= affine_tolerance:  # NaN affines fail too
+                    mine.append(
+                        f"{where}, column {mask_col!r}: mask affine differs from image affine: the same voxel is "
+                        f"{distance:.4g} mm apart (data.affine_tolerance={affine_tolerance:g} mm) "
+                        f"({s.mask} vs {s.image})"
+                    )
+                    mask_info = None
+        if mask_info is None:
+            s.mask = None
+        if image_info is None:
+            s.image = None
+
+    # Across rows: with a split column, all rows of a group (or one subject id) must be on the same side.
+    if split_col in columns:
+        members: dict[str, list[Subject]] = {}
+        for s in subjects:
+            if s.split is not None:
+                members.setdefault(_group_key(s), []).append(s)
+        for key, group_rows in members.items():
+            sides = {s.split for s in group_rows}
+            if len(sides) < 2:
+                continue
+            by_side = {side: ", ".join(str(s.row) for s in group_rows if s.split == side) for side in ("train", "val")}
+            what = f"group {key!r} (column {group_col!r})" if group_rows[0].group is not None else f"subject {key!r}"
+            for s in group_rows:
+                row_problems[s.row - 1].append(
+                    f"row {s.row} ({s.subject_id}), column {split_col!r}: {what} is in both train (rows "
+                    f"{by_side['train']}) and val (rows {by_side['val']}); all its rows must be on one side"
+                )
 
     if check_data:
-        # Decode every readable file once, in parallel: a truncated .nii.gz has a valid header.
-        jobs = [(s, col, p) for s in subjects for col, p in ((image_col, s.image), (mask_col, s.mask)) if p is not None]
+        # Pass 3: decode every readable file once, in parallel: a truncated .nii.gz has a valid header.
+        decode_jobs = [(s, col, p, is_mask) for s in subjects
+                       for col, p, is_mask in ((image_col, s.image, False), (mask_col, s.mask, True)) if p is not None]
+
+        def decode(job: tuple[Subject, str, Path, bool]) -> list[str]:
+            return _check_mask_data(job[2], mask_values) if job[3] else _check_image_data(job[2])
+
         with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
-            errors = list(pool.map(lambda job: _check_image_readable(job[2]), jobs))
-        for (s, col, _), err in zip(jobs, errors):
-            if err:
-                problems.append(f"row {s.row} ({s.subject_id}), column {col!r}: {err}")
+            results = list(pool.map(decode, decode_jobs))
+        for (s, col, _, _), errs in zip(decode_jobs, results):
+            row_problems[s.row - 1].extend(f"row {s.row} ({s.subject_id}), column {col!r}: {e}" for e in errs)
 
-    if problems:
-        raise ManifestError(path, problems)
+    all_problems = problems + [p for mine in row_problems for p in mine]
+    if problems or (all_problems and on_error == "raise"):
+        raise ManifestError(path, all_problems)
+    skipped = [{"row": s.row, "subject_id": s.subject_id, "problems": list(row_problems[s.row - 1])}
+               for s in subjects if row_problems[s.row - 1]]
+    subjects = [s for s in subjects if not row_problems[s.row - 1]]
+    if not subjects:
+        raise ManifestError(path, all_problems + ["every row has a problem: data.on_error=skip leaves no subject"])
     return Manifest(path, subjects, id_col, target_col if task in TASK_TARGET_COLS and has_targets else None, class_names,
-                    columns, has_targets)
+                    columns, has_targets, skipped)
 
 
-def _header_shape(path: Path | None, where: str, col: str, problems: list[str]) -> tuple[int, ...] | None:
-    if path is None:
-        return None
-    try:
-        return tuple(read_header_shape(path))
-    except (NiftiReadError, ValueError) as err:
-        problems.append(f"{where}, column {col!r}: {err}")
-        return None
+def _group_key(s: Subject) -> str:
+    """The unit of the split: the row's group, else its subject id."""
+    return s.group if s.group not in (None, "") else s.subject_id
 
 
 def split_subjects(
     subjects: list[Subject], val_fraction: float, seed: int, stratify: bool,
     num_folds: int | None = None, fold: int = 0,
 ) -> tuple[list[Subject], list[Subject]]:
-    """Split by subject into (train, val).
+    """Split by subject GROUP into (train, val): all rows of a group go to the same side.
 
-    Rows with a split column value keep it. The others are shuffled with ``seed`` (per class when
-    ``stratify``, as for classification, so both sets keep the class balance), then either:
+    A group is ``Subject.group`` (e.g. the participant of several sessions), else the subject itself
+    (``subject_id``); without groups every statement below is about single subjects, as before groups existed.
 
-    - ``num_folds`` None: ``round(n * val_fraction)`` of them (at least one, never all) go to validation;
+    Groups with a split column value keep it (all their rows follow it). The others are shuffled with
+    ``seed`` (per class when ``stratify``, by the target of the group's first row, as for classification, so
+    both sets keep the class balance), then either:
+
+    - ``num_folds`` None: ``round(n * val_fraction)`` of the n groups (at least one, never all) go to validation;
     - ``num_folds`` K: they are dealt round-robin into K folds and fold ``fold`` is the validation set, so
-      the K runs ``fold=0..K-1`` validate every subject exactly once.
+      the K runs ``fold=0..K-1`` validate every group exactly once.
 
     Raises:
-        ValueError: val_fraction outside (0, 1), a bad fold, or a split that leaves train or val empty.
+        ValueError: val_fraction outside (0, 1), a bad fold, a group with rows marked both train and val, or a
+            split that leaves train or val empty.
     """
     if num_folds is None and not 0.0 < val_fraction < 1.0:
         raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
     if num_folds is not None and (num_folds < 2 or not 0 <= fold < num_folds):
         raise ValueError(f"data.num_folds must be >= 2 and data.fold in 0..num_folds-1, got num_folds={num_folds}, fold={fold}")
-    fixed = [s for s in subjects if s.split is not None]
-    free = [s for s in subjects if s.split is None]
-    train = [s for s in fixed if s.split == "train"]
-    val = [s for s in fixed if s.split == "val"]
+    units: dict[str, list[Subject]] = {}  # group key -> its rows, in first-appearance order
+    for s in subjects:
+        units.setdefault(_group_key(s), []).append(s)
+    train: list[Subject] = []
+    val: list[Subject] = []
+    free: list[list[Subject]] = []
+    for key, members in units.items():
+        sides = {s.split for s in members if s.split is not None}
+        if len(sides) > 1:
+            rows = ", ".join(f"{s.row}: {s.split}" for s in members if s.split is not None)
+            raise ValueError(f"group {key!r} has rows marked both train and val (rows {rows}); a group must stay on one side")
+        if sides:
+            (train if sides.pop() == "train" else val).extend(members)
+        else:
+            free.append(members)
     rng = np.random.default_rng(seed)
-    groups: dict[object, list[Subject]] = {}
-    for s in free:
-        groups.setdefault(s.target if stratify else None, []).append(s)
+    strata: dict[object, list[list[Subject]]] = {}
+    for members in free:
+        first = min(members, key=lambda s: s.row)
+        strata.setdefault(first.target if stratify else None, []).append(members)
     dealt = 0  # continue the round-robin across classes so fold sizes stay within one of each other
-    for key in sorted(groups, key=str):
-        members = [groups[key][j] for j in rng.permutation(len(groups[key]))]
+    for key in sorted(strata, key=str):
+        shuffled = [strata[key][j] for j in rng.permutation(len(strata[key]))]
         if num_folds is not None:
-            for j, s in enumerate(members):
-                (val if (dealt + j) % num_folds == fold else train).append(s)
-            dealt += len(members)
+            for j, members in enumerate(shuffled):
+                (val if (dealt + j) % num_folds == fold else train).extend(members)
+            dealt += len(shuffled)
             continue
-        n_val = int(round(len(members) * val_fraction))
-        if len(members) >= 2:
-            n_val = min(max(n_val, 1), len(members) - 1)
-        val += members[:n_val]
-        train += members[n_val:]
+        n_val = int(round(len(shuffled) * val_fraction))
+        if len(shuffled) >= 2:
+            n_val = min(max(n_val, 1), len(shuffled) - 1)
+        val += [s for members in shuffled[:n_val] for s in members]
+        train += [s for members in shuffled[n_val:] for s in members]
     if not train or not val:
+        grouped = f", groups: {len(units)}" if len(units) != len(subjects) else ""
         raise ValueError(
             f"the split leaves {len(train)} training and {len(val)} validation subjects; both need at least one "
-            f"(subjects: {len(subjects)}, data.val_fraction={val_fraction}, data.num_folds={num_folds})"
+            f"(subjects: {len(subjects)}{grouped}, data.val_fraction={val_fraction}, data.num_folds={num_folds})"
         )
     train.sort(key=lambda s: s.row)
     val.sort(key=lambda s: s.row)

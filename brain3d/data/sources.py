@@ -1,0 +1,417 @@
+"""Dataset layouts -> a regular manifest CSV, so everything downstream reads one kind of input.
+
+- :func:`bids_manifest`: a BIDS folder (``participants.tsv`` + ``sub-*/[ses-*/]anat/*_<suffix>.nii[.gz]``),
+  one row per image (per subject and session), grouped by participant so that the sessions of one
+  participant never straddle train and val.
+- :func:`msd_manifest`: a Medical Segmentation Decathlon folder (``dataset.json`` with a "training" list of
+  image / label pairs, as nnU-Net v1 and MONAI's ``load_decathlon_datalist`` read it).
+- :func:`source_manifest`: the one call ``train.prepare_manifest`` needs for ``data.source`` bids / msd: writes
+  ``<data.cache_dir>/manifests/<hash of root and settings>.csv`` (rewritten on every call, so it follows the
+  dataset as it changes) and returns its path.
+
+Manifests are written atomically (temp file in the same folder, then ``os.replace``) with ABSOLUTE file paths,
+so they can live anywhere (the manifest reader resolves relative paths against the manifest's folder).
+Every problem of the layout itself raises ``ValueError`` naming the path; problems of single files (unreadable,
+not 3-D, NaN voxels...) are left to :func:`brain3d.data.manifest.load_manifest`, which reports them by row.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from brain3d.data.manifest import _is_missing, read_rows
+
+__all__ = ["bids_manifest", "msd_manifest", "source_manifest", "SOURCES", "MANIFEST_VERSION"]
+
+SOURCES = ("bids", "msd")
+MANIFEST_VERSION = 1  # part of the cache name: bump when the written manifest changes for the same inputs
+LOADER_THRESHOLD = 0.5  # brain3d.data.nifti.load_mask: foreground = value > 0.5
+BIDS_COLUMNS = ("subject_id", "participant_id", "session", "image", "mask")
+# Entities that name a different acquisition (not a derivative of it): a mask name that adds one of these to an
+# image's entity prefix belongs to another image (e.g. sub-01_ses-1 vs sub-01_ses-1_run-2).
+RAW_ENTITIES = {"sub", "ses", "task", "acq", "ce", "trc", "stain", "rec", "dir", "run", "mod", "echo", "flip",
+                "inv", "mt", "part", "chunk", "sample"}
+_LIST_AT_MOST = 50
+
+
+def _listing(items: Sequence[str]) -> str:
+    shown = ", ".join(items[:_LIST_AT_MOST])
+    return shown + (f", ... ({len(items)} in all)" if len(items) > _LIST_AT_MOST else "")
+
+
+def _write_csv_atomic(out_path: Path, header: Sequence[str], rows: Iterable[Sequence[str]]) -> Path:
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            writer.writerows(rows)
+        os.replace(tmp, out_path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out_path
+
+
+def _write_json_atomic(out_path: Path, payload: Mapping[str, Any]) -> Path:
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, out_path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out_path
+
+
+def _abs(path: Path) -> Path:
+    """Absolute and normalised (``./imagesTr/..`` -> ``imagesTr/..``) without resolving symlinks."""
+    return Path(os.path.abspath(path))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# BIDS
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _split_name(name: str, suffix: str, extension: Sequence[str]) -> tuple[str, str] | None:
+    """``sub-01_ses-1_T1w.nii.gz`` -> (``sub-01_ses-1``, ``.nii.gz``) for suffix T1w; None if it does not match."""
+    for ext in extension:
+        tail = f"_{suffix}{ext}"
+        if name.endswith(tail) and len(name) > len(tail):
+            return name[: -len(tail)], ext
+    return None
+
+
+def _find_images(participant_dir: Path, pid: str, suffix: str, extension: Sequence[str]) -> list[tuple[str, str | None, Path]]:
+    """(entity prefix, session or None, path) of every ``[ses-*/]anat/<pid>_*_<suffix><ext>``; for one prefix
+    stored with several extensions, the first in ``extension`` wins."""
+    folders: list[tuple[str | None, Path]] = [(None, participant_dir / "anat")]
+    if participant_dir.is_dir():
+        folders += [(d.name, d / "anat") for d in sorted(participant_dir.iterdir()) if d.is_dir() and d.name.startswith("ses-")]
+    found: dict[str, tuple[int, str | None, Path]] = {}
+    for session, folder in folders:
+        if not folder.is_dir():
+            continue
+        for entry in sorted(folder.iterdir()):
+            parsed = _split_name(entry.name, suffix, extension)
+            if parsed is None or not entry.is_file() or not entry.name.startswith(f"{pid}_"):
+                continue
+            prefix, ext = parsed
+            rank = list(extension).index(ext)
+            if prefix not in found or rank < found[prefix][0]:
+                found[prefix] = (rank, session, entry)
+    return [(prefix, session, path) for prefix, (_, session, path) in sorted(found.items())]
+
+
+def _mask_index(folder: Path, mask_suffix: str, extension: Sequence[str], recursive: bool) -> dict[str, list[tuple[str, Path]]]:
+    """Mask files under ``folder`` by participant: {pid: [(name without _<mask_suffix><ext>, path), ...]}."""
+    best: dict[tuple[Path, str], tuple[int, Path]] = {}  # one file per folder and name: the preferred extension
+    if not folder.is_dir():
+        return {}
+    entries = folder.rglob(f"*_{mask_suffix}.nii*") if recursive else folder.iterdir()
+    for entry in entries:
+        parsed = _split_name(entry.name, mask_suffix, extension)
+        if parsed is None or not entry.name.startswith("sub-") or not entry.is_file():
+            continue
+        rank = list(extension).index(parsed[1])
+        key = (entry.parent, parsed[0])
+        if key not in best or rank < best[key][0]:
+            best[key] = (rank, entry)
+    index: dict[str, list[tuple[str, Path]]] = {}
+    for (_, name), (_, entry) in sorted(best.items()):
+        index.setdefault(name.split("_", 1)[0], []).append((name, entry))
+    return index
+
+
+def _match_mask(prefix: str, candidates: list[tuple[str, Path]]) -> list[Path]:
+    """Masks of the image with entity prefix ``prefix``: ``<prefix>_<mask_suffix>`` exactly, else
+    ``<prefix>_<derivative entities>_<mask_suffix>`` (space-, desc-, label-, ...: no entity of another acquisition)."""
+    exact = sorted(p for name, p in candidates if name == prefix)
+    if exact:
+        return exact
+    matches = []
+    for name, path in candidates:
+        if not name.startswith(f"{prefix}_"):
+            continue
+        extra = name[len(prefix) + 1:].split("_")
+        if all("-" in e and e.split("-", 1)[0] not in RAW_ENTITIES for e in extra):
+            matches.append(path)
+    return sorted(matches)
+
+
+def bids_manifest(
+    root: str | os.PathLike,
+    out_path: str | os.PathLike,
+    suffix: str = "T1w",
+    mask_suffix: str | None = None,
+    mask_root: str | os.PathLike | None = None,
+    extension: Sequence[str] = (".nii.gz", ".nii"),
+) -> Path:
+    """Write the manifest of a BIDS dataset: one row per image of ``suffix`` (per subject and session).
+
+    Layout read: ``root/participants.tsv`` (``participant_id`` plus target columns such as sex, age; "n/a" is
+    missing and stays "n/a", which the manifest reader reports as an empty target) and
+    ``root/sub-*/[ses-*/]anat/*_<suffix>.nii[.gz]``. ``sub-<label>/sub-<label>_sessions.tsv``, when present, adds
+    per-session columns (e.g. age at each session) that override the participant's value for that session.
+
+    Columns written: ``subject_id`` (the file's entity prefix: ``sub-01_ses-1`` with sessions, ``sub-01``
+    without, ``sub-01_ses-1_run-2`` when a session holds several runs), ``participant_id`` (the GROUP of the
+    row: read it with ``group_col="participant_id"`` so the sessions of one participant stay on one side of
+    the split), ``session`` (``ses-1`` or n/a), ``image``, ``mask`` (with ``mask_suffix``), then every other
+    column of participants.tsv (and the sessions.tsv files), copied to each of the participant's rows. Paths
+    are absolute. Rows follow participants.tsv, then the entity prefix.
+
+    Masks (``mask_suffix``, e.g. "mask" or "dseg"): for an image ``<prefix>_<suffix><ext>``, the file
+    ``<prefix>_<mask_suffix>.nii[.gz]``, or ``<prefix>_<derivative entities>_<mask_suffix>.nii[.gz]`` (e.g.
+    ``sub-01_ses-1_space-orig_label-lesion_mask.nii.gz``), in the image's folder or, with ``mask_root``,
+    anywhere under ``mask_root`` (e.g. ``derivatives/lesions``; relative to ``root`` unless absolute). An image
+    without a mask gets an empty ``mask`` cell: the manifest reader then reports that row for segmentation (or
+    leaves it out with ``on_error="skip"``), and the other tasks do not read masks.
+
+    Args:
+        root: the BIDS dataset folder.
+        out_path: the manifest to write (CSV; parents created; replaced atomically).
+        suffix: the image suffix, e.g. "T1w", "T2w", "FLAIR".
+        mask_suffix: the mask suffix; None: no mask column.
+        mask_root: where the masks are (a derivatives folder); None: next to the images.
+        extension: the file extensions accepted, in order of preference (when one image is stored twice).
+
+    Returns:
+        ``out_path``.
+
+    Raises:
+        ValueError: ``root`` is not a folder or has no participants.tsv; participants.tsv has no
+            participant_id column, no rows or a duplicate id, or a column named like one the manifest writes;
+            a ``sub-*`` folder is not listed in participants.tsv; a listed participant has no image (all listed
+            together); an image matches several masks.
+    """
+    root = _abs(Path(root).expanduser())
+    out_path = Path(out_path).expanduser()
+    if not root.is_dir():
+        raise ValueError(f"BIDS root {root} is not a folder")
+    tsv = root / "participants.tsv"
+    if not tsv.is_file():
+        raise ValueError(f"{tsv} not found: a BIDS dataset lists its participants and their targets (sex, age, ...) "
+                         f"in participants.tsv")
+    if mask_suffix is not None and mask_suffix == suffix:
+        raise ValueError(f"the mask suffix {mask_suffix!r} is the image suffix")
+    columns, rows = read_rows(tsv)
+    if "participant_id" not in columns:
+        raise ValueError(f"{tsv}: no participant_id column; its columns are {columns}")
+    if not rows:
+        raise ValueError(f"{tsv} lists no participants")
+    reserved = [c for c in columns if c in BIDS_COLUMNS and c != "participant_id"]
+    if reserved:
+        raise ValueError(f"{tsv}: column(s) {reserved} clash with the manifest's own columns {list(BIDS_COLUMNS)}; "
+                         f"rename them")
+    target_cols = [c for c in columns if c != "participant_id" and c]
+
+    participants: dict[str, dict[str, str]] = {}
+    for i, r in enumerate(rows, start=1):
+        pid = r.get("participant_id", "")
+        if _is_missing(pid):
+            raise ValueError(f"{tsv}: row {i} has an empty participant_id")
+        pid = pid if pid.startswith("sub-") else f"sub-{pid}"
+        if pid in participants:
+            raise ValueError(f"{tsv}: participant {pid!r} is listed twice (row {i})")
+        participants[pid] = r
+    unlisted = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name.startswith("sub-") and d.name not in participants)
+    if unlisted:
+        raise ValueError(f"{root}: {len(unlisted)} subject folder(s) not listed in {tsv}: {_listing(unlisted)}")
+
+    masks_by_pid: dict[str, list[tuple[str, Path]]] | None = None
+    if mask_suffix is not None and mask_root is not None:
+        mask_dir = Path(mask_root).expanduser()
+        mask_dir = _abs(mask_dir if mask_dir.is_absolute() else root / mask_dir)
+        if not mask_dir.is_dir():
+            raise ValueError(f"mask root {mask_dir} is not a folder")
+        masks_by_pid = _mask_index(mask_dir, mask_suffix, extension, recursive=True)
+
+    out_rows: list[dict[str, str]] = []
+    missing: list[str] = []
+    ambiguous: list[str] = []
+    for pid, prow in participants.items():
+        images = _find_images(root / pid, pid, suffix, extension)
+        if not images:
+            missing.append(pid)
+            continue
+        sessions: dict[str, dict[str, str]] = {}
+        sessions_tsv = root / pid / f"{pid}_sessions.tsv"
+        if sessions_tsv.is_file():
+            s_cols, s_rows = read_rows(sessions_tsv)
+            if "session_id" in s_cols:
+                clash = [c for c in s_cols if c in BIDS_COLUMNS]
+                if clash:
+                    raise ValueError(f"{sessions_tsv}: column(s) {clash} clash with the manifest's own columns")
+                target_cols += [c for c in s_cols if c != "session_id" and c and c not in target_cols]
+                sessions = {r["session_id"] if r["session_id"].startswith("ses-") else f"ses-{r['session_id']}": r
+                            for r in s_rows if not _is_missing(r.get("session_id"))}
+        for prefix, session, image in images:
+            row = {c: v for c, v in prow.items() if c != "participant_id"}
+            if session in sessions:
+                row.update({c: v for c, v in sessions[session].items() if c != "session_id" and c})
+            row.update(subject_id=prefix, participant_id=pid, session=session or "n/a", image=str(image))
+            if mask_suffix is not None:
+                candidates = (masks_by_pid if masks_by_pid is not None
+                              else _mask_index(image.parent, mask_suffix, extension, recursive=False)).get(pid, [])
+                found = _match_mask(prefix, candidates)
+                if len(found) > 1:
+                    ambiguous.append(f"{image} -> {', '.join(str(p) for p in found)}")
+                row["mask"] = str(_abs(found[0])) if len(found) == 1 else ""
+            out_rows.append(row)
+    if missing:
+        raise ValueError(
+            f"{len(missing)} participant(s) of {tsv} have no image {root}/<participant>/[ses-*/]anat/*_{suffix}"
+            f"{{{','.join(extension)}}}: {_listing(missing)} (remove them from participants.tsv or fix data.suffix)"
+        )
+    if ambiguous:
+        raise ValueError(f"{len(ambiguous)} image(s) match several '{mask_suffix}' masks: {_listing(ambiguous)}")
+
+    header = list(BIDS_COLUMNS[:4]) + (["mask"] if mask_suffix is not None else []) + target_cols
+    missing_value = {c: "n/a" for c in target_cols}  # a target a participant lacks (e.g. a sessions.tsv column)
+    return _write_csv_atomic(out_path, header, ([r.get(c) or missing_value.get(c, "") for c in header] for r in out_rows))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Medical Segmentation Decathlon
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _case_id(path: str) -> str:
+    name = Path(path).name
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def msd_manifest(root: str | os.PathLike, out_path: str | os.PathLike, label_threshold: float = 0.5) -> Path:
+    """Write the manifest of a Medical Segmentation Decathlon dataset (segmentation).
+
+    Reads ``root/dataset.json``'s "training" list (``[{"image": "./imagesTr/x.nii.gz", "label":
+    "./labelsTr/x.nii.gz"}, ...]``) and writes ``subject_id`` (the file name without .nii[.gz]), ``image`` and
+    ``mask``, as absolute paths. The "test" list has no labels and is not used.
+
+    MSD labels can be multi-class (e.g. BrainTumour 0-3). brain3d trains binary segmentation: its loader
+    (``load_mask``) keeps value > 0.5, so every label > 0 becomes foreground ({0, 1, 2} -> {0, 1}); read such
+    manifests with ``load_manifest(..., mask_values="labels")`` (the msd data config sets it), since the
+    default ``"binary"`` check reports masks with values other than 0/1. ``dataset.json``'s "labels" (and name,
+    modality, tensorImageSize) are recorded in the sidecar ``<out_path without .csv>.json``.
+    Multi-modal MSD tasks (BrainTumour, Prostate) store 4-D images; the manifest reader reports those rows
+    (brain3d reads one 3-D volume per file).
+
+    Args:
+        root: the task folder holding dataset.json, imagesTr/, labelsTr/.
+        out_path: the manifest to write (CSV; parents created; replaced atomically, after the sidecar).
+        label_threshold: the foreground threshold, recorded in the sidecar. Only 0.5, the loader's fixed
+            threshold (foreground = any label > 0 for integer labels), is accepted.
+
+    Returns:
+        ``out_path``.
+
+    Raises:
+        ValueError: ``root`` is not a folder, dataset.json is missing or not JSON, or its "training" list is
+            missing, empty or has an entry without "image"; ``label_threshold`` is not 0.5.
+    """
+    if label_threshold != LOADER_THRESHOLD:
+        raise ValueError(f"label_threshold={label_threshold}: brain3d's mask loader binarises at > {LOADER_THRESHOLD} "
+                         f"(every integer label > 0 is foreground); other thresholds are not supported")
+    root = _abs(Path(root).expanduser())
+    out_path = Path(out_path).expanduser()
+    if not root.is_dir():
+        raise ValueError(f"MSD root {root} is not a folder")
+    spec_path = root / "dataset.json"
+    if not spec_path.is_file():
+        raise ValueError(f"{spec_path} not found: an MSD dataset describes its cases in dataset.json")
+    try:
+        spec = json.loads(spec_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{spec_path}: cannot read it as JSON: {err}") from err
+    training = spec.get("training") if isinstance(spec, dict) else None
+    if not isinstance(training, list) or not training:
+        raise ValueError(f"{spec_path}: no \"training\" list of {{\"image\": ..., \"label\": ...}} pairs "
+                         f"(an nnU-Net v2 dataset.json has none; this reads the MSD / nnU-Net v1 format)")
+    rows = []
+    for i, entry in enumerate(training):
+        if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
+            raise ValueError(f"{spec_path}: training entry {i} has no \"image\" path: {entry!r}")
+        label = entry.get("label")
+        rows.append([_case_id(entry["image"]), str(_abs(root / entry["image"])),
+                     str(_abs(root / label)) if isinstance(label, str) and label else ""])
+    sidecar = out_path.with_name((out_path.name[:-4] if out_path.name.endswith(".csv") else out_path.name) + ".json")
+    _write_json_atomic(sidecar, {
+        "source": "msd",
+        "root": str(root),
+        "dataset_json": str(spec_path),
+        "name": spec.get("name"),
+        "modality": spec.get("modality"),
+        "tensorImageSize": spec.get("tensorImageSize"),
+        "labels": spec.get("labels"),
+        "num_training": len(rows),
+        "label_threshold": label_threshold,
+        "foreground": "every label > 0 (brain3d's load_mask keeps value > 0.5: labels {0, 1, 2, ...} -> {0, 1})",
+        "manifest": str(out_path),
+    })
+    return _write_csv_atomic(out_path, ["subject_id", "image", "mask"], rows)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# From the data config
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+    return default if value is None else value
+
+
+def source_manifest(data_cfg: Any) -> Path:
+    """The manifest for ``data.source`` bids or msd, written to ``<data.cache_dir>/manifests/<hash>.csv``.
+
+    The hash covers the source, the absolute root and the settings (bids: suffix, mask_suffix, mask_root; msd:
+    label_threshold) and :data:`MANIFEST_VERSION`, so each dataset and setting has its own file. The manifest is
+    rewritten on every call (scanning a dataset is cheap next to training; a cached one would miss new or
+    removed files); runs that write the same one concurrently each replace it atomically with the same content.
+
+    Args:
+        data_cfg: the ``data`` config (a DictConfig or a mapping): ``source``, ``root`` (required),
+            ``cache_dir`` (default ~/.cache/brain3d), and the source's settings.
+
+    Returns:
+        The manifest path.
+
+    Raises:
+        ValueError: a source other than bids / msd, no ``data.root``, or what the source raises.
+    """
+    source = _get(data_cfg, "source")
+    if source not in SOURCES:
+        raise ValueError(f"data.source={source!r}: source_manifest handles {', '.join(SOURCES)}")
+    root_value = _get(data_cfg, "root")
+    if not root_value:
+        raise ValueError(f"data={source} needs data.root=PATH (the {'BIDS dataset' if source == 'bids' else 'MSD task'} folder)")
+    root = _abs(Path(str(root_value)).expanduser())
+    if source == "bids":
+        mask_root = _get(data_cfg, "mask_root")
+        if mask_root:
+            mask_root = Path(str(mask_root)).expanduser()
+            mask_root = _abs(mask_root if mask_root.is_absolute() else root / mask_root)
+        settings = {"suffix": str(_get(data_cfg, "suffix", "T1w")), "mask_suffix": _get(data_cfg, "mask_suffix"),
+                    "mask_root": str(mask_root) if mask_root else None}
+    else:
+        settings = {"label_threshold": float(_get(data_cfg, "label_threshold", LOADER_THRESHOLD))}
+    key = json.dumps({"source": source, "root": str(root), "version": MANIFEST_VERSION, **settings}, sort_keys=True)
+    digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+    out_path = Path(str(_get(data_cfg, "cache_dir", "~/.cache/brain3d"))).expanduser() / "manifests" / f"{digest}.csv"
+    if source == "bids":
+        return bids_manifest(root, out_path, suffix=settings["suffix"], mask_suffix=settings["mask_suffix"],
+                             mask_root=settings["mask_root"])
+    return msd_manifest(root, out_path, label_threshold=settings["label_threshold"])
