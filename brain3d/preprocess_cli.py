@@ -1,0 +1,124 @@
+"""``brain3d-preprocess``: fill the preprocessed-volume cache for a whole manifest, ahead of training.
+
+It is a Hydra app on the *training* config (``configs/train.yaml``), so it takes exactly the groups and
+overrides a training run takes and fills exactly the entries that run will read::
+
+    brain3d-preprocess task=segmentation data=nifti data.manifest=/data/study/manifest.csv preprocess=spacing
+    brain3d-preprocess data=nifti data.manifest=... +num_workers=8     # default: os.cpu_count() processes
+
+Settings come from ``cfg.preprocess`` (see :mod:`brain3d.data.preprocess`), the cache folder is
+``<data.cache_dir>/preprocessed`` (``~/.cache/brain3d/preprocessed`` when the data group has no
+``cache_dir``). Which files are cached is the task's: images always, masks for segmentation. Every
+subject's entry is keyed by its files' identities and the settings (:mod:`brain3d.data.cache`), so a
+second run is all hits and several runs at once are safe.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from brain3d.data.cache import ensure_cached
+from brain3d.data.manifest import ManifestError, load_manifest
+from brain3d.data.nifti import NiftiReadError
+from brain3d.data.preprocess import validate_settings
+from brain3d.train import ConfigError, _config_dir, prepare_manifest
+
+log = logging.getLogger("brain3d.preprocess")
+
+DEFAULT_CACHE_DIR = "~/.cache/brain3d"
+
+
+def preprocessed_cache_dir(cfg: DictConfig) -> Path:
+    """``<data.cache_dir>/preprocessed`` (the data group's cache folder, default ~/.cache/brain3d)."""
+    return Path(str(cfg.data.get("cache_dir") or DEFAULT_CACHE_DIR)).expanduser() / "preprocessed"
+
+
+def _init_worker() -> None:
+    # One volume per process at a time: parallelism comes from the processes, not torch's threads.
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _fill_one(image: str, mask: str | None, settings: dict, cache_dir: str) -> bool:
+    """Worker: make sure one subject is cached; True on a hit."""
+    return ensure_cached(image, mask, settings, cache_dir)[1]
+
+
+def _mp_context():
+    # fork on Linux (fast, like torch's DataLoader); elsewhere the platform default (spawn).
+    if sys.platform.startswith("linux"):
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context()
+
+
+def fill_cache(cfg: DictConfig) -> dict:
+    """Preprocess every subject of the run's manifest into the cache.
+
+    Args:
+        cfg: the composed training config with a ``preprocess`` node (``cfg.num_workers``, optional:
+            worker processes, default ``os.cpu_count()``; ``cfg.trainer.progress``: the tqdm bar).
+
+    Returns:
+        ``{"subjects": n, "hits": h, "misses": m, "seconds": s}``.
+
+    Raises:
+        ConfigError: no ``preprocess`` node, or invalid preprocessing settings.
+        ManifestError: the manifest cannot be read (files are not decoded here: ``check_data=False``).
+    """
+    start = time.perf_counter()
+    if cfg.get("preprocess") is None:
+        raise ConfigError("the config has no preprocess group: add e.g. preprocess=resize")
+    try:
+        settings = validate_settings(cfg.preprocess)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    data_cfg = cfg.data
+    cache_dir = preprocessed_cache_dir(cfg)
+    manifest_path = prepare_manifest(data_cfg)
+    manifest = load_manifest(
+        manifest_path, cfg.task.name, id_col=data_cfg.id_col, image_col=data_cfg.image_col,
+        target_col=data_cfg.target_col, mask_col=data_cfg.mask_col, split_col=data_cfg.split_col,
+        positive_label=data_cfg.positive_label, check_data=False, require_targets=False,
+    )
+    jobs = [(str(s.image), str(s.mask) if s.mask is not None else None) for s in manifest.subjects]
+    workers = max(1, min(int(cfg.get("num_workers") or os.cpu_count() or 1), len(jobs)))
+    progress = bool(cfg.get("trainer", {}).get("progress", True))
+    log.info("%s: %d subjects -> %s (%d worker processes)", manifest_path, len(jobs), cache_dir, workers)
+    hits = 0
+    with ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context(), initializer=_init_worker) as pool:
+        futures = {pool.submit(_fill_one, image, mask, settings, str(cache_dir)): image for image, mask in jobs}
+        bar = tqdm(as_completed(futures), total=len(futures), desc="preprocess", disable=not progress, dynamic_ncols=True)
+        for future in bar:
+            hits += bool(future.result())
+            bar.set_postfix(hits=hits)
+    stats = {"subjects": len(jobs), "hits": hits, "misses": len(jobs) - hits, "seconds": time.perf_counter() - start}
+    log.info("cache %s: %d subjects, %d hits, %d misses in %.1f s", cache_dir, *stats.values())
+    return stats
+
+
+@hydra.main(version_base="1.3", config_path=_config_dir(), config_name="train")
+def main(cfg: DictConfig) -> dict:
+    try:
+        stats = fill_cache(cfg)
+    except (ConfigError, ManifestError, FileNotFoundError, NiftiReadError, ValueError) as err:
+        log.error("%s", err)
+        print(f"brain3d-preprocess: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(stats))
+    return stats
+
+
+if __name__ == "__main__":
+    main()
