@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from brain3d import metrics as M
+from brain3d.sliding_window import sliding_window_inference
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -130,6 +131,11 @@ def train_one_epoch(
     }
 
 
+def _forward(model: torch.nn.Module, image: torch.Tensor, head: str, device: torch.device, amp_dtype) -> torch.Tensor:
+    with autocast(device, amp_dtype):
+        return model(image)[head]
+
+
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
@@ -140,6 +146,7 @@ def evaluate(
     amp_dtype: torch.dtype | None,
     epoch: int = 0,
     progress: bool = True,
+    sliding_window: dict | None = None,
 ) -> tuple[dict[str, float], dict]:
     """Validation loss and task metrics over ``loader``.
 
@@ -149,6 +156,11 @@ def evaluate(
         dice and iou at threshold 0.5). outputs holds, for segmentation, "preview": the first subject's
         "image", "target" and "probability" as (D, H, W) arrays for the TensorBoard overlay; otherwise
         "predictions" (logits for classification, values for regression) and "targets", (N,) arrays.
+
+    ``sliding_window`` (segmentation after patch training): ``{"patch_size", "overlap", "batch_size",
+    "accumulate_device"}``; each whole volume (batch of one) is predicted by Gaussian-weighted sliding
+    windows. Here the windows' logits are averaged, so the validation loss is computed on logits as in
+    training (brain3d-predict averages probabilities instead).
     """
     model.eval()
     total_loss, total_volumes = 0.0, 0
@@ -157,8 +169,14 @@ def evaluate(
     for batch in tqdm(loader, desc=f"epoch {epoch} val", leave=False, disable=not progress, dynamic_ncols=True):
         image = batch["image"].to(device, non_blocking=True)
         raw_target = batch["target"].to(device, non_blocking=True)
-        with autocast(device, amp_dtype):
-            logits = model(image)[task.name]
+        if sliding_window is not None:
+            logits = sliding_window_inference(
+                image, lambda window: _forward(model, window, task.name, device, amp_dtype),
+                sliding_window["patch_size"], overlap=sliding_window["overlap"], batch_size=sliding_window["batch_size"],
+                accumulate_device=sliding_window.get("accumulate_device") or device,
+            )
+        else:
+            logits = _forward(model, image, task.name, device, amp_dtype)
         total_loss += loss_fn(logits, task.encode(raw_target)).item() * image.shape[0]
         total_volumes += image.shape[0]
         if task.name == "segmentation":

@@ -1,7 +1,7 @@
 """Model outputs for inference: ensembles and flip test-time augmentation (TTA).
 
-Preprocessing (:func:`brain3d.data.dataset.preprocess_image`), resampling back
-(:func:`brain3d.data.nifti.resize_volume`) and writing on the input grid
+Preprocessing (:func:`brain3d.data.preprocess.preprocess_volume`), resampling back
+(:func:`brain3d.data.preprocess.invert_geometry`) and writing on the input grid
 (:func:`brain3d.data.nifti.save_on_native_grid`) live in the data modules; this module
 only turns a preprocessed batch into averaged outputs.
 """

@@ -23,13 +23,14 @@ from tqdm.auto import tqdm
 
 from brain3d import evaluation
 from brain3d.checkpoint import load_checkpoint
-from brain3d.data.dataset import preprocess_image
-from brain3d.data.manifest import ManifestError, load_manifest
-from brain3d.data.nifti import load_mask, load_nifti_with_grid, resize_volume, save_on_native_grid
+from brain3d.data.manifest import ManifestError
+from brain3d.data.nifti import load_mask, load_nifti_with_grid, save_on_native_grid
+from brain3d.data.preprocess import invert_geometry, preprocess_volume, validate_settings
 from brain3d.inference import predict_outputs
 from brain3d.models.model import build_model
 from brain3d.saliency import grad_cam
-from brain3d.train import ConfigError, _config_dir, prepare_manifest, resolve_device, resolve_precision
+from brain3d.sliding_window import sliding_window_inference
+from brain3d.train import ConfigError, _config_dir, read_manifest, resolve_device, resolve_precision
 
 log = logging.getLogger("brain3d.predict")
 
@@ -50,7 +51,8 @@ def load_models(paths: list[str], device: torch.device) -> tuple[list[torch.nn.M
         states.append({k: v for k, v in state.items() if k not in ("model", "optimizer", "scheduler", "scaler", "rng")})
     first = states[0]
     for path, state in zip(paths[1:], states[1:]):
-        for what, get in (("task", lambda s: s["task"]), ("data.shape", lambda s: list(s["config"]["data"]["shape"])),
+        for what, get in (("task", lambda s: s["task"]), ("data.shape", lambda s: list(s["config"]["data"]["shape"] or [])),
+                          ("preprocessing", lambda s: s["config"].get("preprocess")),
                           ("class mapping", lambda s: s.get("class_names"))):
             if get(state) != get(first):
                 raise ConfigError(f"checkpoint {path} has {what} {get(state)}, but {paths[0]} has {get(first)}: "
@@ -69,28 +71,36 @@ def predict(cfg: DictConfig) -> dict:
         raise ConfigError(f"saliency={cfg.saliency!r} is not one of null, gradcam")
     models, states = load_models(paths, device)
     task, head = states[0]["task"], states[0]["head_name"]
-    shape = tuple(states[0]["config"]["data"]["shape"])
+    shape = states[0]["config"]["data"]["shape"]
     class_names = states[0].get("class_names")
     if cfg.saliency and task == "segmentation":
         raise ConfigError("saliency=gradcam is for classification and regression checkpoints")
     log.info("%d checkpoint(s), task %s, input shape %s, device %s, precision %s, tta %s",
              len(models), task, shape, device, precision, cfg.tta)
 
-    data_cfg = cfg.data
-    manifest = load_manifest(
-        prepare_manifest(data_cfg), task, id_col=data_cfg.id_col, image_col=data_cfg.image_col,
-        target_col=data_cfg.target_col, mask_col=data_cfg.mask_col, split_col=data_cfg.split_col,
-        check_data=data_cfg.check_data, require_targets=False, class_names=class_names,
-    )
+    manifest = read_manifest(cfg.data, task, require_targets=False, class_names=class_names)
+    # The checkpoint's preprocessing, applied exactly as in training (older checkpoints: resize to data.shape).
+    train_config = states[0]["config"]
+    settings = validate_settings(train_config.get("preprocess") or {"mode": "resize", "shape": list(shape)})
+    patch_size = train_config["data"].get("patch_size")
 
     rows, case_rows = [], []
     for subject in tqdm(manifest.subjects, desc="predict", disable=not cfg.progress, dynamic_ncols=True):
         image_ras, _, grid = load_nifti_with_grid(subject.image)
-        x = torch.from_numpy(preprocess_image(image_ras, shape))[None, None].to(device)  # (1, 1, D, H, W)
+        image, _, info = preprocess_volume(image_ras, grid.voxel_size_mm, settings)
+        x = torch.from_numpy(image)[None, None]  # (1, 1, D, H, W); stays on the CPU for sliding windows
         # One model at a time: each checkpoint maps its own outputs back (its own target scaling).
         outputs = []
         for model, state in zip(models, states):
-            out = predict_outputs([model], x, head, task, tta=cfg.tta, amp_dtype=amp_dtype)
+            if patch_size and task == "segmentation":
+                # Patch-trained: whole volume by Gaussian-weighted windows, probabilities averaged (nnU-Net)
+                out = sliding_window_inference(
+                    x, lambda w, m=model: predict_outputs([m], w, head, task, tta=cfg.tta, amp_dtype=amp_dtype),
+                    patch_size, overlap=cfg.sw_overlap, batch_size=cfg.sw_batch_size, compute_device=device,
+                    accumulate_device=cfg.get("sw_device") or "cpu",
+                )
+            else:
+                out = predict_outputs([model], x.to(device), head, task, tta=cfg.tta, amp_dtype=amp_dtype)
             if task == "regression":
                 out = out * state["target_std"] + state["target_mean"]
             outputs.append(out.cpu())
@@ -98,7 +108,7 @@ def predict(cfg: DictConfig) -> dict:
         row = {"subject_id": subject.subject_id}
 
         if task == "segmentation":
-            probability = resize_volume(output[0, 0].numpy(), grid.ras_shape, "trilinear")  # on the input's RAS grid
+            probability = invert_geometry(output[0, 0].numpy(), info, "trilinear")  # back on the input's RAS grid
             mask = (probability > cfg.threshold).astype(np.uint8)
             save_on_native_grid(probability.astype(np.float32), grid, out_dir / f"{subject.subject_id}_prob.nii.gz", np.float32)
             save_on_native_grid(mask, grid, out_dir / f"{subject.subject_id}_mask.nii.gz", np.uint8)
@@ -127,8 +137,8 @@ def predict(cfg: DictConfig) -> dict:
                     row["brain_age_gap_corrected"] = row["prediction_corrected"] - subject.target
 
         if cfg.saliency == "gradcam":
-            cams = [grad_cam(model, x, head) for model in models]
-            cam = resize_volume(np.mean(cams, axis=0)[0], grid.ras_shape, "trilinear")
+            cams = [grad_cam(model, x.to(device), head) for model in models]
+            cam = invert_geometry(np.mean(cams, axis=0)[0], info, "trilinear")
             save_on_native_grid(cam.astype(np.float32), grid, out_dir / f"{subject.subject_id}_saliency.nii.gz", np.float32)
         rows.append(row)
 

@@ -29,20 +29,12 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from brain3d.data.cache import ensure_cached
-from brain3d.data.manifest import ManifestError, load_manifest
+from brain3d.data.manifest import ManifestError
 from brain3d.data.nifti import NiftiReadError
 from brain3d.data.preprocess import validate_settings
-from brain3d.train import ConfigError, _config_dir, prepare_manifest
+from brain3d.train import ConfigError, _config_dir, preprocessed_cache_dir, read_manifest
 
 log = logging.getLogger("brain3d.preprocess")
-
-DEFAULT_CACHE_DIR = "~/.cache/brain3d"
-
-
-def preprocessed_cache_dir(cfg: DictConfig) -> Path:
-    """``<data.cache_dir>/preprocessed`` (the data group's cache folder, default ~/.cache/brain3d)."""
-    return Path(str(cfg.data.get("cache_dir") or DEFAULT_CACHE_DIR)).expanduser() / "preprocessed"
-
 
 def _init_worker() -> None:
     # One volume per process at a time: parallelism comes from the processes, not torch's threads.
@@ -84,14 +76,9 @@ def fill_cache(cfg: DictConfig) -> dict:
         settings = validate_settings(cfg.preprocess)
     except ValueError as err:
         raise ConfigError(str(err)) from err
-    data_cfg = cfg.data
-    cache_dir = preprocessed_cache_dir(cfg)
-    manifest_path = prepare_manifest(data_cfg)
-    manifest = load_manifest(
-        manifest_path, cfg.task.name, id_col=data_cfg.id_col, image_col=data_cfg.image_col,
-        target_col=data_cfg.target_col, mask_col=data_cfg.mask_col, split_col=data_cfg.split_col,
-        positive_label=data_cfg.positive_label, check_data=False, require_targets=False,
-    )
+    cache_dir = preprocessed_cache_dir(cfg.data)
+    manifest = read_manifest(cfg.data, cfg.task.name, check_data=False, require_targets=False)
+    manifest_path = manifest.path
     jobs = [(str(s.image), str(s.mask) if s.mask is not None else None) for s in manifest.subjects]
     workers = max(1, min(int(cfg.get("num_workers") or os.cpu_count() or 1), len(jobs)))
     progress = bool(cfg.get("trainer", {}).get("progress", True))

@@ -32,6 +32,8 @@ from brain3d import engine
 from brain3d.evaluation import fit_bias_correction
 from brain3d.checkpoint import load_checkpoint, resolve_resume_path, save_checkpoint
 from brain3d.data.manifest import ManifestError, load_manifest, split_subjects
+from brain3d.data.preprocess import validate_settings
+from brain3d.data.sources import source_manifest
 from brain3d.data.dataset import VolumeDataset
 from brain3d.data.synthetic import make_synthetic_dataset, synthetic_cache_dir
 from brain3d.models.heads import check_segmentation_shape
@@ -87,7 +89,54 @@ def prepare_manifest(data_cfg: DictConfig) -> Path:
         if not data_cfg.get("manifest"):
             raise ConfigError("data=nifti needs data.manifest=PATH (a CSV or TSV, one row per subject)")
         return Path(str(data_cfg.manifest)).expanduser()
-    raise ConfigError(f"data.source={data_cfg.source!r} is not one of synthetic, nifti")
+    if data_cfg.source in ("bids", "msd"):
+        try:
+            return source_manifest(data_cfg)  # a regular manifest written from the folder's layout
+        except ValueError as err:
+            raise ConfigError(f"data={data_cfg.source}: {err}") from err
+    raise ConfigError(f"data.source={data_cfg.source!r} is not one of synthetic, nifti, bids, msd")
+
+
+def read_manifest(data_cfg: DictConfig, task_name: str, **overrides):
+    """Check the data source's manifest with the ``data`` group's column and check settings
+    (``overrides`` replace or add load_manifest arguments, e.g. ``check_data=False``)."""
+    kwargs = dict(
+        id_col=data_cfg.id_col, image_col=data_cfg.image_col, target_col=data_cfg.target_col,
+        mask_col=data_cfg.mask_col, split_col=data_cfg.split_col, group_col=data_cfg.get("group_col"),
+        positive_label=data_cfg.get("positive_label"), check_data=data_cfg.check_data,
+        on_error=data_cfg.get("on_error", "raise"), mask_values=data_cfg.get("mask_values", "binary"),
+        affine_tolerance=data_cfg.get("affine_tolerance", 1e-3),
+    )
+    return load_manifest(prepare_manifest(data_cfg), task_name, **{**kwargs, **overrides})
+
+
+def preprocessed_cache_dir(data_cfg: DictConfig) -> Path:
+    """Where preprocessed volumes are kept (memory-mapped .npy): ``<data.cache_dir>/preprocessed``."""
+    return Path(str(data_cfg.get("cache_dir") or "~/.cache/brain3d")).expanduser() / "preprocessed"
+
+
+def check_input_geometry(task_name: str, settings: dict, patch_size) -> None:
+    """Shapes that cannot work are refused before any data is read.
+
+    Segmentation needs every trained input divisible by 16 (patches, or whole volumes of preprocess.shape);
+    whole-volume training needs a fixed ``shape`` so volumes batch together.
+    """
+    if patch_size is not None:
+        if task_name != "segmentation":
+            raise ConfigError(f"data.patch_size is for segmentation; task={task_name} trains on whole volumes")
+        try:
+            check_segmentation_shape(tuple(patch_size))
+        except ValueError as err:
+            raise ConfigError(f"data.patch_size: {err}") from err
+        return
+    if settings.get("shape") is None:
+        raise ConfigError("preprocess.shape (data.shape) is null: whole-volume training needs a fixed shape; "
+                          "set data.shape=[D,H,W], or data.patch_size for segmentation")
+    if task_name == "segmentation":
+        try:
+            check_segmentation_shape(tuple(settings["shape"]))
+        except ValueError as err:
+            raise ConfigError(f"data.shape: {err}") from err
 
 
 def build_loss(cfg: DictConfig) -> torch.nn.Module:
@@ -102,13 +151,14 @@ def build_loss(cfg: DictConfig) -> torch.nn.Module:
     return instantiate(loss_cfg)
 
 
-def make_loader(dataset: VolumeDataset, data_cfg: DictConfig, device: torch.device, shuffle: bool, seed: int) -> DataLoader:
+def make_loader(dataset: VolumeDataset, data_cfg: DictConfig, device: torch.device, shuffle: bool, seed: int,
+                batch_size: int | None = None) -> DataLoader:
     # The shuffle generator is re-seeded every epoch from (seed, epoch), so the order is reproducible and a
     # resumed run sees the same batches as an uninterrupted one.
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset,
-        batch_size=data_cfg.batch_size,
+        batch_size=batch_size or data_cfg.batch_size,
         shuffle=shuffle,
         num_workers=data_cfg.num_workers,
         pin_memory=device.type == "cuda",
@@ -156,21 +206,20 @@ def train(cfg: DictConfig) -> float:
     monitor, monitor_mode = cfg.task.monitor, cfg.task.monitor_mode
     if monitor_mode not in ("min", "max"):
         raise ConfigError(f"task.monitor_mode={monitor_mode!r} is not one of min, max")
-    if cfg.task.name == "segmentation":
-        try:
-            check_segmentation_shape(tuple(data_cfg.shape))
-        except ValueError as err:
-            raise ConfigError(f"data.shape: {err}") from err
+    try:
+        settings = validate_settings(cfg.preprocess)
+    except ValueError as err:
+        raise ConfigError(f"preprocess: {err}") from err
+    patch_size = tuple(data_cfg.patch_size) if data_cfg.get("patch_size") else None
+    check_input_geometry(cfg.task.name, settings, patch_size)
     resume_path = resolve_resume_path(trainer_cfg.resume, run_dir)
     log.info("run folder %s | device %s | precision %s", run_dir, device, precision)
 
     # ---- data: check every row once, up front, then split by subject --------------------------------
-    manifest_path = prepare_manifest(data_cfg)
-    manifest = load_manifest(
-        manifest_path, cfg.task.name, id_col=data_cfg.id_col, image_col=data_cfg.image_col,
-        target_col=data_cfg.target_col, mask_col=data_cfg.mask_col, split_col=data_cfg.split_col,
-        positive_label=data_cfg.positive_label, check_data=data_cfg.check_data,
-    )
+    manifest = read_manifest(data_cfg, cfg.task.name)
+    manifest_path = manifest.path
+    for skipped in manifest.skipped:  # data.on_error=skip
+        log.warning("skipped row %s (%s): %s", skipped["row"], skipped["subject_id"], "; ".join(skipped["problems"]))
     train_subjects, val_subjects = split_subjects(
         manifest.subjects, data_cfg.val_fraction, data_cfg.split_seed, stratify=cfg.task.name == "classification",
         num_folds=data_cfg.num_folds, fold=data_cfg.fold,
@@ -184,11 +233,19 @@ def train(cfg: DictConfig) -> float:
     if task.name == "regression":
         values = np.array([s.target for s in train_subjects], dtype=np.float64)
         task.target_mean, task.target_std = float(values.mean()), float(max(values.std(), 1e-6))
-    shape = tuple(data_cfg.shape)
-    train_set = VolumeDataset(train_subjects, shape, task.name, data_cfg.flip_prob, seed=trainer_cfg.seed)
-    val_set = VolumeDataset(val_subjects, shape, task.name, flip_prob=0.0)  # never augment validation
+    cache_dir = preprocessed_cache_dir(data_cfg) if data_cfg.get("cache", False) else None
+    train_set = VolumeDataset(train_subjects, task.name, settings, cache_dir, patch_size,
+                              data_cfg.get("foreground_fraction", 0.33), seed=trainer_cfg.seed)
+    val_set = VolumeDataset(val_subjects, task.name, settings, cache_dir)  # whole volumes, never augmented
     train_loader = make_loader(train_set, data_cfg, device, shuffle=True, seed=trainer_cfg.seed)
-    val_loader = make_loader(val_set, data_cfg, device, shuffle=False, seed=trainer_cfg.seed)
+    # Patch training validates whole volumes of any size by sliding windows: one volume per batch.
+    val_loader = make_loader(val_set, data_cfg, device, shuffle=False, seed=trainer_cfg.seed,
+                             batch_size=1 if patch_size else None)
+    sliding_window = None
+    if patch_size:
+        sliding_window = {"patch_size": patch_size, "overlap": trainer_cfg.sw_overlap,
+                          "batch_size": trainer_cfg.sw_batch_size, "accumulate_device": trainer_cfg.get("sw_device")}
+    augment = instantiate(cfg.augment)
 
     # ---- model, optimizer, scheduler, scaler ---------------------------------------------------------
     model = build_model(cfg.backbone, cfg.task.head, head_name=task.name).to(device)
@@ -236,9 +293,10 @@ def train(cfg: DictConfig) -> float:
         train_stats = engine.train_one_epoch(
             model, train_loader, loss_fn, optimizer, scheduler, scaler, task, device, amp_dtype, epoch + 1,
             accumulate_grad_batches=accumulate, gradient_clip_norm=trainer_cfg.gradient_clip_norm,
-            progress=trainer_cfg.progress,
+            progress=trainer_cfg.progress, augment=augment, augment_seed=trainer_cfg.seed,
         )
-        val_stats, val_outputs = engine.evaluate(model, val_loader, loss_fn, task, device, amp_dtype, epoch + 1, trainer_cfg.progress)
+        val_stats, val_outputs = engine.evaluate(model, val_loader, loss_fn, task, device, amp_dtype, epoch + 1,
+                                                 trainer_cfg.progress, sliding_window=sliding_window)
         record = {"epoch": epoch + 1, "train_loss": train_stats["loss"],
                   **{f"val_{k}": v for k, v in val_stats.items()},
                   "lr": train_stats["lr"], "train_volumes_per_second": train_stats["volumes_per_second"],
@@ -288,6 +346,7 @@ def train(cfg: DictConfig) -> float:
         "precision": precision,
         "checkpoints": {"last": str(last_path.resolve()), "best": str(best_path.resolve()) if best_path.exists() else None},
         "data": {"manifest": str(manifest_path), "num_train": len(train_subjects), "num_val": len(val_subjects),
+                 "num_skipped": len(manifest.skipped), "skipped": manifest.skipped,
                  "num_folds": data_cfg.num_folds, "fold": data_cfg.fold if data_cfg.num_folds else None},
         "history": history,
     }

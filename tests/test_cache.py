@@ -179,9 +179,8 @@ def test_two_processes_filling_the_same_key_leave_one_complete_entry(subject, tm
 def _compose(manifest: Path, cache_root: Path, num_workers: int = 2):
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=["task=segmentation", "data=nifti", f"data.manifest={manifest}",
-                                          "trainer.progress=false"])
-    OmegaConf.set_struct(cfg, False)  # until configs/preprocess/ and data.cache_dir exist for data=nifti
-    cfg.data.cache_dir = str(cache_root)
+                                          "trainer.progress=false", f"data.cache_dir={cache_root}"])
+    OmegaConf.set_struct(cfg, False)
     cfg.preprocess = dict(SETTINGS)
     cfg.num_workers = num_workers
     return cfg
@@ -204,9 +203,9 @@ def test_fill_cache_misses_first_then_hits(tmp_path):
 
 def test_preprocess_cli_runs_as_a_hydra_app(tmp_path):
     manifest = make_synthetic_dataset(tmp_path / "data", 2, (16, 16, 16))
-    settings = "{mode:spacing,spacing:[2,2,2],shape:[8,8,8],crop_foreground:true}"
-    args = ["task=classification", "data=nifti", f"data.manifest={manifest}", f"+data.cache_dir={tmp_path / 'c'}",
-            f"+preprocess={settings}", "+num_workers=1", "trainer.progress=false", f"hydra.run.dir={tmp_path / 'run'}"]
+    args = ["task=classification", "data=nifti", f"data.manifest={manifest}", f"data.cache_dir={tmp_path / 'c'}",
+            "preprocess=spacing", "preprocess.spacing=[2,2,2]", "data.shape=[8,8,8]", "+num_workers=1",
+            "trainer.progress=false", f"hydra.run.dir={tmp_path / 'run'}"]
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     proc = subprocess.run([sys.executable, "-m", "brain3d.preprocess_cli", *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)

@@ -1,4 +1,4 @@
-"""The dataset: the same array from any stored orientation, flips shared by image and mask, seeded."""
+"""The dataset: the same array from any stored orientation, cache or not, seeded patches."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import torch
 from brain3d.data.dataset import VolumeDataset
 from brain3d.data.manifest import Subject
 from brain3d.data.nifti import save_nifti
+
+RESIZE = {"mode": "resize", "shape": [16, 16, 16]}
 
 
 def make_subject(tmp_path, name, flip_x=False):
@@ -26,31 +28,39 @@ def make_subject(tmp_path, name, flip_x=False):
 
 def test_las_copy_gives_the_same_item_as_ras(tmp_path):
     ras, las = make_subject(tmp_path, "ras"), make_subject(tmp_path, "las", flip_x=True)
-    a = VolumeDataset([ras], (16, 16, 16), "segmentation")[0]
-    b = VolumeDataset([las], (16, 16, 16), "segmentation")[0]
+    a = VolumeDataset([ras], "segmentation", RESIZE)[0]
+    b = VolumeDataset([las], "segmentation", RESIZE)[0]
     torch.testing.assert_close(a["image"], b["image"])
     torch.testing.assert_close(a["target"], b["target"])
     assert a["image"].shape == (1, 16, 16, 16) and a["target"].shape == (1, 16, 16, 16)
 
 
-def test_flips_are_shared_by_image_and_mask_and_seeded(tmp_path):
+def test_cached_items_equal_fresh_ones(tmp_path):
     subject = make_subject(tmp_path, "s")
-    plain = VolumeDataset([subject], (16, 16, 16), "segmentation")[0]
-    flipping = VolumeDataset([subject], (16, 16, 16), "segmentation", flip_prob=1.0)
-    item = flipping[0]
-    torch.testing.assert_close(item["image"], plain["image"].flip(1, 2, 3))
-    torch.testing.assert_close(item["target"], plain["target"].flip(1, 2, 3))
+    fresh = VolumeDataset([subject], "segmentation", RESIZE)[0]
+    cached = VolumeDataset([subject], "segmentation", RESIZE, cache_dir=tmp_path / "cache")
+    first, second = cached[0], cached[0]  # a miss that fills the cache, then a hit
+    for item in (first, second):
+        torch.testing.assert_close(item["image"], fresh["image"])
+        torch.testing.assert_close(item["target"], fresh["target"])
+    assert list((tmp_path / "cache").rglob("*.npy"))
+    second["image"] += 1  # items are writable copies, not views of the read-only cache
+    torch.testing.assert_close(cached[0]["image"], fresh["image"])
 
-    half = VolumeDataset([subject] * 8, (16, 16, 16), "segmentation", flip_prob=0.5, seed=1)
-    epoch0 = [half[i]["image"] for i in range(8)]
-    assert [torch.equal(x, y) for x, y in zip(epoch0, [half[i]["image"] for i in range(8)])] == [True] * 8
-    half.set_epoch(1)
-    assert not all(torch.equal(x, half[i]["image"]) for i, x in enumerate(epoch0))
+
+def test_patches_are_seeded_per_epoch_and_index(tmp_path):
+    subject = make_subject(tmp_path, "s")
+    data = VolumeDataset([subject] * 4, "segmentation", RESIZE, patch_size=(8, 8, 8), foreground_fraction=0.5, seed=1)
+    epoch0 = [data[i]["image"] for i in range(4)]
+    assert all(x.shape == (1, 8, 8, 8) for x in epoch0)
+    assert all(torch.equal(x, data[i]["image"]) for i, x in enumerate(epoch0))
+    data.set_epoch(1)
+    assert not all(torch.equal(x, data[i]["image"]) for i, x in enumerate(epoch0))
 
 
 def test_resampling_to_data_shape_and_zscore(tmp_path):
     subject = make_subject(tmp_path, "s")
-    item = VolumeDataset([subject], (32, 32, 32), "segmentation")[0]
+    item = VolumeDataset([subject], "segmentation", {"mode": "resize", "shape": [32, 32, 32]})[0]
     assert item["image"].shape == (1, 32, 32, 32)
     assert set(torch.unique(item["target"]).tolist()) <= {0.0, 1.0}
     inside = item["image"][item["image"] != 0]

@@ -10,16 +10,13 @@ import torch
 import torch.nn as nn
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
 
-from brain3d.data.dataset import preprocess_image
 from brain3d.data.nifti import (
     NativeGrid,
     load_mask,
     load_nifti,
     load_nifti_with_grid,
-    resize_volume,
     save_on_native_grid,
     to_native_orientation,
-    zscore_nonzero,
 )
 from brain3d.inference import flip_combinations, predict_outputs
 from brain3d.models.heads import GlobalPoolHead
@@ -156,13 +153,6 @@ def test_to_native_orientation_rejects_wrong_shape(tmp_path):
     with pytest.raises(ValueError, match="RAS shape"):
         save_on_native_grid(ras[:-1], grid, tmp_path / "x.nii.gz", np.float32)
     assert not (tmp_path / "x.nii.gz").exists()
-
-
-def test_preprocess_image_matches_resize_then_zscore():
-    image = np.abs(_ras_data()) * (np.arange(SHAPE[0]) > 2)[:, None, None]
-    out = preprocess_image(image, (16, 16, 16))
-    assert out.shape == (16, 16, 16) and out.dtype == np.float32
-    np.testing.assert_array_equal(out, zscore_nonzero(resize_volume(image, (16, 16, 16), "trilinear")))
 
 
 # --------------------------------------------------------------------------- predict_outputs

@@ -1,31 +1,36 @@
-"""Torch dataset over checked manifest subjects: read NIfTI (RAS), fit to ``data.shape``, z-score, flip."""
+"""Torch dataset over checked manifest subjects: preprocess (or read the cache), then optionally a patch.
+
+Augmentation is not done here: it runs on the training device on whole batches (brain3d.augment), so
+DataLoader workers only read (memory-mapped) preprocessed volumes.
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
+from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from brain3d.data.cache import cached_volume
 from brain3d.data.manifest import Subject
-from brain3d.data.nifti import load_mask, load_nifti, resize_volume, zscore_nonzero
+from brain3d.data.nifti import load_mask, load_nifti_with_grid
+from brain3d.data.patches import sample_training_patch
+from brain3d.data.preprocess import PreprocessInfo, preprocess_volume
 
 
-def preprocess_image(image_ras: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """The image preprocessing shared by training and prediction.
-
-    Resample the whole RAS volume to ``shape`` (trilinear, :func:`resize_volume`), then
-    z-score with the nonzero voxels' statistics (:func:`zscore_nonzero`).
-
-    Args:
-        image_ras: 3-D array as :func:`load_nifti` returns it (RAS order).
-        shape: target (D, H, W).
-
-    Returns:
-        float32 array of shape ``shape``.
-    """
-    return zscore_nonzero(resize_volume(image_ras, shape, "trilinear"))
+def load_preprocessed(
+    subject: Subject, settings: Mapping, with_mask: bool, cache_dir: Path | None = None
+) -> tuple[np.ndarray, np.ndarray | None, PreprocessInfo]:
+    """A subject's preprocessed image (and mask): from the disk cache when ``cache_dir`` is set (filled on
+    a miss, returned memory-mapped), else decoded and preprocessed now."""
+    mask_path = subject.mask if with_mask else None
+    if cache_dir is not None:
+        return cached_volume(subject.image, mask_path, settings, cache_dir)
+    image_ras, _, grid = load_nifti_with_grid(subject.image)
+    mask_ras = load_mask(mask_path)[0] if mask_path is not None else None
+    return preprocess_volume(image_ras, grid.voxel_size_mm, settings, mask_ras)
 
 
 class VolumeDataset(Dataset):
@@ -34,20 +39,33 @@ class VolumeDataset(Dataset):
 
     Args:
         subjects: checked manifest rows.
-        shape: (D, H, W) every volume is resampled to (trilinear for images, nearest for masks).
         task: "classification", "regression" or "segmentation" (segmentation returns the mask as target).
-        flip_prob: probability of flipping each spatial axis (image and mask together). 0 for validation.
-        seed: base of the flip randomness. Each item's flips come from ``(seed, epoch, index)``, so they are
-            the same whatever the number of workers and after a resume (call :meth:`set_epoch` each epoch).
+        settings: preprocessing settings (the ``preprocess`` config group; see brain3d.data.preprocess).
+        cache_dir: folder of the preprocessed-volume cache, or None to preprocess on every read.
+        patch_size: (D, H, W) of random training patches (segmentation), or None for whole volumes.
+        foreground_fraction: share of patches centred on a foreground (lesion) voxel. Default 0.33 (nnU-Net).
+        seed: base of the patch randomness. Each item's patch comes from ``(seed, epoch, index)``, so it is the
+            same whatever the number of workers and after a resume (call :meth:`set_epoch` each epoch).
     """
 
-    def __init__(self, subjects: Sequence[Subject], shape: Sequence[int], task: str, flip_prob: float = 0.0, seed: int = 0):
-        if not 0.0 <= flip_prob <= 1.0:
-            raise ValueError(f"data.flip_prob must be in [0, 1], got {flip_prob}")
+    def __init__(
+        self,
+        subjects: Sequence[Subject],
+        task: str,
+        settings: Mapping,
+        cache_dir: Path | None = None,
+        patch_size: Sequence[int] | None = None,
+        foreground_fraction: float = 0.33,
+        seed: int = 0,
+    ):
+        if not 0.0 <= foreground_fraction <= 1.0:
+            raise ValueError(f"data.foreground_fraction must be in [0, 1], got {foreground_fraction}")
         self.subjects = list(subjects)
-        self.shape = tuple(int(s) for s in shape)
         self.task = task
-        self.flip_prob = flip_prob
+        self.settings = dict(settings)
+        self.cache_dir = cache_dir
+        self.patch_size = tuple(int(p) for p in patch_size) if patch_size else None
+        self.foreground_fraction = foreground_fraction
         self.seed = seed
         self.epoch = 0
 
@@ -59,21 +77,14 @@ class VolumeDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         subject = self.subjects[index]
-        image, _ = load_nifti(subject.image)  # (X, Y, Z) in RAS order
-        image = preprocess_image(image, self.shape)
-        mask = None
-        if self.task == "segmentation":
-            mask, _ = load_mask(subject.mask)
-            mask = resize_volume(mask.astype(np.float32), self.shape, "nearest")
-        if self.flip_prob > 0:
+        image, mask, _ = load_preprocessed(subject, self.settings, self.task == "segmentation", self.cache_dir)
+        if self.patch_size is not None:
             rng = np.random.default_rng([self.seed, self.epoch, index])
-            axes = tuple(a for a in range(3) if rng.random() < self.flip_prob)
-            if axes:
-                image = np.flip(image, axes)
-                mask = np.flip(mask, axes) if mask is not None else None
-        item = {"image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None], "subject_id": subject.subject_id}
+            image, mask = sample_training_patch(image, mask, self.patch_size, rng, self.foreground_fraction)
+        # np.array copies: memory-mapped cache entries are read-only and must not be shared with torch
+        item = {"image": torch.from_numpy(np.array(image, dtype=np.float32))[None], "subject_id": subject.subject_id}
         if mask is not None:
-            item["target"] = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None]
+            item["target"] = torch.from_numpy(np.array(mask, dtype=np.float32))[None]
         else:
             item["target"] = torch.tensor([subject.target], dtype=torch.float32)
         return item
