@@ -162,7 +162,8 @@ def make_loader(dataset: VolumeDataset, data_cfg: DictConfig, device: torch.devi
         shuffle=shuffle,
         num_workers=data_cfg.num_workers,
         pin_memory=device.type == "cuda",
-        drop_last=False,
+        # Training drops a last batch of one volume: BatchNorm cannot normalise a single 1x1x1 bottleneck.
+        drop_last=shuffle and len(dataset) % (batch_size or data_cfg.batch_size) == 1,
         generator=generator,
         persistent_workers=False,  # workers are re-created each epoch and see dataset.set_epoch()
     )
