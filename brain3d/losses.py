@@ -23,6 +23,13 @@ __all__ = ["BCELoss", "MSELoss", "L1Loss", "HuberLoss", "DiceLoss", "DiceBCELoss
 _DICE_REDUCTIONS = ("mean", "sum", "none")
 
 
+def _float32_loss(name: str, fn, logits: torch.Tensor, target: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``fn(logits, target)`` in float32 with autocast off, after checking the shapes match."""
+    _check_same_shape(logits, target, name)
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        return fn(logits.float(), target.float(), **kwargs)
+
+
 def _check_same_shape(logits: torch.Tensor, target: torch.Tensor, name: str) -> None:
     if logits.shape != target.shape:
         raise ValueError(
@@ -75,14 +82,10 @@ class BCELoss(nn.Module):
         Raises:
             ValueError: when ``logits`` and ``target`` shapes differ.
         """
-        _check_same_shape(logits, target, "BCELoss")
-        with torch.autocast(device_type=logits.device.type, enabled=False):
-            logits = logits.float()
-            target = target.float()
-            pos_weight = None
-            if self.pos_weight is not None:
-                pos_weight = torch.tensor(self.pos_weight, dtype=torch.float32, device=logits.device)
-            return F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight)
+        pos_weight = None
+        if self.pos_weight is not None:
+            pos_weight = torch.tensor(self.pos_weight, dtype=torch.float32, device=logits.device)
+        return _float32_loss("BCELoss", F.binary_cross_entropy_with_logits, logits, target, pos_weight=pos_weight)
 
     def extra_repr(self) -> str:
         return f"pos_weight={self.pos_weight}"
@@ -103,9 +106,7 @@ class MSELoss(nn.Module):
         Raises:
             ValueError: when ``logits`` and ``target`` shapes differ (no silent broadcasting).
         """
-        _check_same_shape(logits, target, "MSELoss")
-        with torch.autocast(device_type=logits.device.type, enabled=False):
-            return F.mse_loss(logits.float(), target.float())
+        return _float32_loss("MSELoss", F.mse_loss, logits, target)
 
 
 class L1Loss(nn.Module):
@@ -123,9 +124,7 @@ class L1Loss(nn.Module):
         Raises:
             ValueError: when ``logits`` and ``target`` shapes differ (no silent broadcasting).
         """
-        _check_same_shape(logits, target, "L1Loss")
-        with torch.autocast(device_type=logits.device.type, enabled=False):
-            return F.l1_loss(logits.float(), target.float())
+        return _float32_loss("L1Loss", F.l1_loss, logits, target)
 
 
 class HuberLoss(nn.Module):
@@ -160,9 +159,7 @@ class HuberLoss(nn.Module):
         Raises:
             ValueError: when ``logits`` and ``target`` shapes differ (no silent broadcasting).
         """
-        _check_same_shape(logits, target, "HuberLoss")
-        with torch.autocast(device_type=logits.device.type, enabled=False):
-            return F.huber_loss(logits.float(), target.float(), delta=self.delta)
+        return _float32_loss("HuberLoss", F.huber_loss, logits, target, delta=self.delta)
 
     def extra_repr(self) -> str:
         return f"delta={self.delta}"

@@ -29,28 +29,17 @@ from __future__ import annotations
 
 import itertools
 import math
-import operator
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from brain3d.data.patches import _as_patch_size
 from tqdm.auto import tqdm
 
 __all__ = ["gaussian_importance_map", "window_starts", "sliding_window_inference"]
 
 MODES = ("gaussian", "constant")
-
-
-def _as_patch_size(patch_size: Sequence[int] | int, ndim: int = 3) -> tuple[int, ...]:
-    try:  # one integer (int, np.int64, ...) for every axis
-        size = (operator.index(patch_size),) * ndim
-    except TypeError:
-        size = tuple(int(p) for p in patch_size)
-    if len(size) != ndim:
-        raise ValueError(f"patch_size {size} must have {ndim} entries")
-    if any(p <= 0 for p in size):
-        raise ValueError(f"patch_size must be positive in every axis, got {size}")
-    return size
 
 
 def gaussian_importance_map(
@@ -77,7 +66,7 @@ def gaussian_importance_map(
     Raises:
         ValueError: on a non-positive patch size or ``sigma_scale``.
     """
-    size = _as_patch_size(patch_size)
+    size = _as_patch_size(patch_size, 3)
     if not sigma_scale > 0:
         raise ValueError(f"sigma_scale must be > 0, got {sigma_scale}")
     weights = torch.ones((), dtype=torch.float64)
@@ -181,7 +170,7 @@ def sliding_window_inference(
     """
     if image.dim() != 5 or image.shape[0] != 1:
         raise ValueError(f"image must be 5-D (1, C, D, H, W), got shape {tuple(image.shape)}")
-    patch = _as_patch_size(patch_size)
+    patch = _as_patch_size(patch_size, 3)
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     if batch_size < 1:
