@@ -69,3 +69,11 @@ def resolve_resume_path(resume: str | None, run_dir: Path) -> Path | None:
     if not path.is_file():
         raise FileNotFoundError(f"trainer.resume={resume}: no such checkpoint file")
     return path
+
+
+def remove_stale_temp_files(checkpoint_dir: Path) -> None:
+    """Delete the temp files of :func:`save_checkpoint` left by a process killed mid-write (SIGKILL, OOM):
+    the checkpoints themselves are intact, the temp files only take disk space."""
+    if checkpoint_dir.is_dir():
+        for tmp in checkpoint_dir.glob(".*.pt.*.tmp"):
+            tmp.unlink(missing_ok=True)

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from brain3d import metrics as M
+from brain3d.data.sampling import iter_from
 from brain3d.sliding_window import sliding_window_inference
 
 
@@ -42,6 +44,33 @@ class TaskSpec:
         return logits * self.target_std + self.target_mean if self.name == "regression" else logits
 
 
+@dataclass
+class EpochProgress:
+    """How far an epoch has got: batches done and the running sums behind its train loss and throughput.
+
+    A mid-epoch checkpoint stores it (:meth:`to_dict`), so a resumed epoch starts at the next batch and
+    reports the same train loss as an uninterrupted one.
+    """
+
+    batches_done: int = 0
+    loss_sum: float = 0.0  # sum over volumes of the per-batch mean loss
+    volumes: int = 0
+    data_wait: float = 0.0  # seconds spent waiting for the loader
+    seconds: float = 0.0  # seconds of training before this process (a resumed epoch)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> "EpochProgress":
+        return cls(**values) if values else cls()
+
+
+def to_memory_format(image: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """``trainer.channels_last``: inputs in the same (N, D, H, W, C) memory layout as the model's weights."""
+    return image.contiguous(memory_format=torch.channels_last_3d) if channels_last else image
+
+
 def autocast(device: torch.device, amp_dtype: torch.dtype | None):
     """Autocast context for ``amp_dtype`` (bf16/fp16), or a no-op for fp32 (None)."""
     if amp_dtype is None:
@@ -65,8 +94,12 @@ def train_one_epoch(
     progress: bool = True,
     augment: torch.nn.Module | None = None,
     augment_seed: int = 0,
-) -> dict[str, float]:
-    """One pass over ``loader``; returns ``{"loss", "lr", "volumes_per_second", "data_wait_fraction"}``.
+    progress_state: EpochProgress | None = None,
+    after_optimizer_step: Callable[[EpochProgress], bool] | None = None,
+    channels_last: bool = False,
+) -> dict:
+    """One pass over ``loader``; returns ``{"loss", "lr", "volumes_per_second", "data_wait_fraction"}``
+    and ``"stopped"`` / ``"position"`` (an :class:`EpochProgress`; see below).
 
     Gradients of ``accumulate_grad_batches`` micro-batches are summed before each optimizer step (the loss
     is divided so the sum is a mean); the scheduler steps once per optimizer step. ``augment`` (a
@@ -74,20 +107,30 @@ def train_one_epoch(
     from ``(augment_seed, epoch, step)`` so a resumed run sees the same augmentations.
     ``data_wait_fraction`` is the share of the epoch spent waiting for the next batch from the loader.
 
+    Resuming and stopping mid-epoch: ``progress_state`` (an :class:`EpochProgress` from a checkpoint)
+    starts the epoch at batch ``progress_state.batches_done``; a loader whose batch sampler is a
+    brain3d.data.sampling.ResumableBatchSampler skips the done batches without loading them, any other
+    loader reads and drops them. ``after_optimizer_step(progress)`` is called after every optimizer
+    step (when no gradients are pending, so the state is checkpointable); when it returns True the epoch
+    ends there with ``"stopped": True``.
+
     Raises:
         NonFiniteLossError: a NaN/Inf loss, naming the epoch, step and subject ids of the batch.
     """
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    total_loss, total_volumes, data_wait = 0.0, 0, 0.0
-    start = time.perf_counter()
-    num_batches = len(loader)
-    batches = iter(loader)
-    bar = tqdm(range(num_batches), desc=f"epoch {epoch} train", leave=False, disable=not progress, dynamic_ncols=True)
+    state = EpochProgress(**(progress_state.to_dict() if progress_state else {}))
+    first_step = state.batches_done
+    start = time.perf_counter() - state.seconds  # throughput counts the time of the earlier process too
+    num_batches = len(loader)  # the whole epoch, also when resuming part-way
+    batches = iter_from(loader, first_step)  # skips the done batches without loading them where it can
+    stopped = False
+    bar = tqdm(range(first_step, num_batches), desc=f"epoch {epoch} train", leave=False, disable=not progress,
+               dynamic_ncols=True, initial=first_step, total=num_batches)
     for step in bar:
         wait_start = time.perf_counter()
         batch = next(batches)  # the time spent here is time the model waits for data
-        data_wait += time.perf_counter() - wait_start
+        state.data_wait += time.perf_counter() - wait_start
         image = batch["image"].to(device, non_blocking=True)  # (B, 1, D, H, W)
         target = batch["target"].to(device, non_blocking=True)  # (B, 1) or (B, 1, D, H, W)
         if augment is not None:
@@ -98,7 +141,7 @@ def train_one_epoch(
                 image, _ = augment(image, None, generator=generator)
         target = task.encode(target)
         with autocast(device, amp_dtype):
-            logits = model(image)[task.name]
+            logits = model(to_memory_format(image, channels_last))[task.name]
         loss = loss_fn(logits, target)  # float32: the loss casts its inputs
         loss_value = loss.item()  # a sync point, once per step: negligible next to a 3D forward/backward
         if not np.isfinite(loss_value):
@@ -108,6 +151,9 @@ def train_one_epoch(
                 f"learning rate / use trainer.precision=fp32."
             )
         scaler.scale(loss / accumulate_grad_batches).backward()
+        state.loss_sum += loss_value * image.shape[0]
+        state.volumes += image.shape[0]
+        state.batches_done = step + 1
         if (step + 1) % accumulate_grad_batches == 0 or step + 1 == num_batches:
             if gradient_clip_norm:
                 scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
@@ -116,24 +162,30 @@ def train_one_epoch(
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-        total_loss += loss_value * image.shape[0]
-        total_volumes += image.shape[0]
+            state.seconds = time.perf_counter() - start
+            if after_optimizer_step is not None and after_optimizer_step(state) and step + 1 < num_batches:
+                stopped = True
+                break
         elapsed = time.perf_counter() - start
-        bar.set_postfix(loss=f"{loss_value:.4f}", vol_s=f"{total_volumes / max(elapsed, 1e-9):.2f}")
+        bar.set_postfix(loss=f"{loss_value:.4f}", vol_s=f"{state.volumes / max(elapsed, 1e-9):.2f}")
+    bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
+    state.seconds = time.perf_counter() - start
     return {
-        "loss": total_loss / max(total_volumes, 1),
+        "loss": state.loss_sum / max(state.volumes, 1),
         "lr": optimizer.param_groups[0]["lr"],
-        "volumes_per_second": total_volumes / max(elapsed, 1e-9),
-        "data_wait_fraction": data_wait / max(elapsed, 1e-9),
+        "volumes_per_second": state.volumes / max(state.seconds, 1e-9),
+        "data_wait_fraction": state.data_wait / max(state.seconds, 1e-9),
+        "stopped": stopped,
+        "position": state,
     }
 
 
-def _forward(model: torch.nn.Module, image: torch.Tensor, head: str, device: torch.device, amp_dtype) -> torch.Tensor:
+def _forward(model: torch.nn.Module, image: torch.Tensor, head: str, device: torch.device, amp_dtype,
+             channels_last: bool = False) -> torch.Tensor:
     with autocast(device, amp_dtype):
-        return model(image)[head]
+        return model(to_memory_format(image, channels_last))[head]
 
 
 @torch.no_grad()
@@ -147,6 +199,7 @@ def evaluate(
     epoch: int = 0,
     progress: bool = True,
     sliding_window: dict | None = None,
+    channels_last: bool = False,
 ) -> tuple[dict[str, float], dict]:
     """Validation loss and task metrics over ``loader``.
 
@@ -171,12 +224,12 @@ def evaluate(
         raw_target = batch["target"].to(device, non_blocking=True)
         if sliding_window is not None:
             logits = sliding_window_inference(
-                image, lambda window: _forward(model, window, task.name, device, amp_dtype),
+                image, lambda window: _forward(model, window, task.name, device, amp_dtype, channels_last),
                 sliding_window["patch_size"], overlap=sliding_window["overlap"], batch_size=sliding_window["batch_size"],
                 accumulate_device=sliding_window.get("accumulate_device") or device,
             )
         else:
-            logits = _forward(model, image, task.name, device, amp_dtype)
+            logits = _forward(model, image, task.name, device, amp_dtype, channels_last)
         total_loss += loss_fn(logits, task.encode(raw_target)).item() * image.shape[0]
         total_volumes += image.shape[0]
         if task.name == "segmentation":

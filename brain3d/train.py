@@ -4,6 +4,10 @@ Read top to bottom: resolve device and precision, check and split the data, buil
 optimizer / scheduler from their config groups, resume if asked, then the epoch loop (train, validate,
 log, checkpoint), then ``summary.json``. ``train`` returns the monitored validation metric so Hydra
 sweepers can optimise it.
+
+``main`` adds what belongs to the command rather than to a run: SIGTERM / SIGUSR1 stop the run after an
+optimizer step with a resumable ``last.pt`` and exit 75 (brain3d.preemption); in a sweep, a failed job is
+recorded and returns NaN instead of stopping the others (brain3d.sweep).
 """
 
 from __future__ import annotations
@@ -24,23 +28,31 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from brain3d import engine
 from brain3d.evaluation import fit_bias_correction
-from brain3d.checkpoint import load_checkpoint, resolve_resume_path, save_checkpoint
+from brain3d.checkpoint import load_checkpoint, remove_stale_temp_files, resolve_resume_path, save_checkpoint
 from brain3d.data.manifest import ManifestError, load_manifest, split_subjects
 from brain3d.data.preprocess import validate_settings
 from brain3d.data.sources import source_manifest
 from brain3d.data.dataset import VolumeDataset
+from brain3d.data.sampling import ResumableBatchSampler
 from brain3d.data.synthetic import make_synthetic_dataset, synthetic_cache_dir
 from brain3d.models.heads import check_segmentation_shape
 from brain3d.models.model import build_model, count_parameters
+from brain3d.preemption import EXIT_PREEMPTED, Preempted, StopRequest, ignore_stop_signals, stop_on_signals
+from brain3d.sweep import in_multirun, record_job_error
 from brain3d.tensorboard_log import log_config, log_epoch, log_hparams, overlay_mid_slices
 
 log = logging.getLogger("brain3d.train")
+
+# Resolvers for configs/hparams_search/optuna.yaml: the Optuna direction from task.monitor_mode, and the loss
+# search space from the task's valid losses (task.losses), so a search never tries a loss the task refuses.
+OmegaConf.register_new_resolver("brain3d.optuna_direction", lambda mode: {"max": "maximize", "min": "minimize"}[mode], replace=True)
+OmegaConf.register_new_resolver("brain3d.loss_choice", lambda losses: f"choice({','.join(losses)})", replace=True)
 
 TASKS = ("classification", "regression", "segmentation")
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -154,19 +166,24 @@ def build_loss(cfg: DictConfig) -> torch.nn.Module:
 def make_loader(dataset: VolumeDataset, data_cfg: DictConfig, device: torch.device, shuffle: bool, seed: int,
                 batch_size: int | None = None) -> DataLoader:
     # The shuffle generator is re-seeded every epoch from (seed, epoch), so the order is reproducible and a
-    # resumed run sees the same batches as an uninterrupted one.
+    # resumed run sees the same batches as an uninterrupted one; the training loader's batch sampler can
+    # start an epoch at batch k (a mid-epoch resume) without loading the batches before it.
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size or data_cfg.batch_size,
-        shuffle=shuffle,
+    batch_size = batch_size or data_cfg.batch_size
+    common = dict(
         num_workers=data_cfg.num_workers,
         pin_memory=device.type == "cuda",
-        # Training drops a last batch of one volume: BatchNorm cannot normalise a single 1x1x1 bottleneck.
-        drop_last=shuffle and len(dataset) % (batch_size or data_cfg.batch_size) == 1,
         generator=generator,
         persistent_workers=False,  # workers are re-created each epoch and see dataset.set_epoch()
+        worker_init_fn=ignore_stop_signals if data_cfg.num_workers else None,  # only the main process stops
     )
+    if not shuffle:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False, **common)
+    # Training drops a last batch of one volume: BatchNorm cannot normalise a single 1x1x1 bottleneck.
+    # (RandomSampler + BatchSampler is what DataLoader(shuffle=True) builds itself: the same order.)
+    batch_sampler = ResumableBatchSampler(RandomSampler(dataset, generator=generator), batch_size,
+                                          drop_last=len(dataset) % batch_size == 1)
+    return DataLoader(dataset, batch_sampler=batch_sampler, **common)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -193,8 +210,14 @@ def fit_bias_correction_or_none(val_outputs: dict) -> dict | None:
         return None
 
 
-def train(cfg: DictConfig) -> float:
-    """Train one model as ``cfg`` says; return the best value of the monitored validation metric."""
+def train(cfg: DictConfig, stop: StopRequest | None = None) -> float:
+    """Train one model as ``cfg`` says; return the best value of the monitored validation metric.
+
+    ``stop`` (set by SIGTERM / SIGUSR1 in ``main``): when it is requested, the run finishes the current
+    optimizer step, saves ``checkpoints/last.pt`` with its position in the epoch and raises
+    :class:`~brain3d.preemption.Preempted`.
+    """
+    stop = stop or StopRequest()
     if cfg.task.name not in TASKS:
         raise ConfigError(f"task.name={cfg.task.name!r} is not one of {TASKS}")
     run_dir = Path(cfg.output_dir)
@@ -252,6 +275,19 @@ def train(cfg: DictConfig) -> float:
     model = build_model(cfg.backbone, cfg.task.head, head_name=task.name).to(device)
     num_parameters = count_parameters(model)
     log.info("model: backbone %s + head %s, %s parameters", cfg.backbone._target_, cfg.task.head._target_, f"{num_parameters:,}")
+    channels_last = bool(trainer_cfg.get("channels_last", False))
+    if channels_last:  # (N, D, H, W, C) layout: faster convolutions with cuDNN on tensor-core GPUs
+        model = model.to(memory_format=torch.channels_last_3d)
+    if trainer_cfg.get("grad_checkpointing", False):
+        if not hasattr(model.backbone, "grad_checkpointing"):
+            raise ConfigError(f"trainer.grad_checkpointing: backbone {cfg.backbone._target_} has no grad_checkpointing attribute")
+        model.backbone.grad_checkpointing = True
+    # trainer.compile: the loop runs the compiled module; `model` stays the plain one, so checkpoints hold its
+    # state_dict (names without compile's "_orig_mod." prefix) and load into an uncompiled model.
+    forward_model = model
+    compile_option = trainer_cfg.get("compile", False)
+    if compile_option:  # true -> torch's default backend (inductor); a string names the backend (e.g. aot_eager)
+        forward_model = torch.compile(model, **({} if compile_option is True else {"backend": str(compile_option)}))
     optimizer = instantiate(cfg.optimizer)(model.parameters())
     accumulate = int(trainer_cfg.accumulate_grad_batches)
     steps_per_epoch = math.ceil(len(train_loader) / accumulate)
@@ -261,6 +297,8 @@ def train(cfg: DictConfig) -> float:
     history: list[dict[str, float]] = []
     best = {"name": monitor, "value": None, "epoch": None, "mode": monitor_mode}
     start_epoch = 0
+    resume_position = engine.EpochProgress()  # batches of start_epoch already trained (a mid-epoch checkpoint)
+    bias_correction = None  # regression: refitted on each epoch's validation predictions
     if resume_path is not None:
         state = load_checkpoint(resume_path, map_location=device)
         model.load_state_dict(state["model"])
@@ -271,14 +309,60 @@ def train(cfg: DictConfig) -> float:
         if device.type == "cuda" and state["rng"].get("cuda"):
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         history, best, start_epoch = state["history"], state["best"], state["epoch"]
-        log.info("resumed from %s at epoch %d", resume_path, start_epoch)
+        resume_position = engine.EpochProgress.from_dict(state.get("epoch_progress"))
+        bias_correction = state.get("bias_correction")
+        log.info("resumed from %s at epoch %d%s", resume_path, start_epoch,
+                 f", batch {resume_position.batches_done}/{len(train_loader)}" if resume_position.batches_done else "")
 
     config_dict = OmegaConf.to_container(cfg, resolve=True)
     checkpoint_dir = run_dir / "checkpoints"
     last_path, best_path = checkpoint_dir / "last.pt", checkpoint_dir / "best.pt"
-    writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-    if start_epoch == 0:
+    remove_stale_temp_files(checkpoint_dir)  # left by a process killed (SIGKILL) while writing a checkpoint
+    # Scalars are logged per epoch (step = epoch number). A resumed run purges any steps the stopped process
+    # logged after its last checkpoint (a SIGKILL between logging and saving), so no epoch appears twice.
+    writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_epoch + 1 if resume_path else None)
+    if resume_path is None:
         log_config(writer, config_dict)
+
+    def checkpoint_state(epochs_done: int, position: engine.EpochProgress | None) -> dict:
+        """Everything a resume needs: ``epochs_done`` whole epochs, plus for a mid-epoch checkpoint the
+        ``position`` in the next one (batches done and the running sums of its train loss). Read at call
+        time, so it holds the current model, optimizer, RNG, history and best."""
+        return {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "epoch": epochs_done,
+            "epoch_progress": position.to_dict() if position is not None else None,
+            "history": history, "best": best,
+            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
+            "config": config_dict, "task": task.name, "head_name": task.name, "num_parameters": num_parameters,
+            "class_names": manifest.class_names, "target_mean": task.target_mean, "target_std": task.target_std,
+            "bias_correction": bias_correction,
+        }
+
+    def stop_now(where: str) -> None:
+        """After last.pt is saved: leave with Preempted (main exits with EXIT_PREEMPTED)."""
+        writer.close()
+        log.warning("%s received: stopped at %s and saved %s; the same command with trainer.resume=auto continues "
+                    "(exit code %d)", stop.signal_name, where, last_path, EXIT_PREEMPTED)
+        raise Preempted(f"stopped by {stop.signal_name} at {where}")
+
+    # Called by the engine after every optimizer step (no gradients pending, so the state is complete).
+    every_n = trainer_cfg.get("checkpoint_every_n_steps")
+    log_every_n = trainer_cfg.get("log_every_n_steps")
+    step_sleep = float(trainer_cfg.get("debug_step_sleep") or 0)  # testing aid (not documented): slows each step
+
+    def after_optimizer_step(position: engine.EpochProgress) -> bool:
+        step = epoch * steps_per_epoch + math.ceil(position.batches_done / accumulate)  # optimizer steps so far
+        if log_every_n and step % log_every_n == 0:
+            log.info("step %d: epoch %d, batch %d/%d, train_loss=%.4g", step, epoch + 1, position.batches_done,
+                     len(train_loader), position.loss_sum / max(position.volumes, 1))
+        if step_sleep:
+            time.sleep(step_sleep)
+        if stop.requested:
+            return True  # the engine ends the epoch here; the loop saves and stops
+        if every_n and step % every_n == 0 and position.batches_done < len(train_loader):
+            save_checkpoint(checkpoint_state(epoch, position), last_path)  # the epoch's end saves anyway
+        return False
 
     # ---- the loop -------------------------------------------------------------------------------------
     # trainer.epochs_per_run ends this process early (time-limited cluster jobs); the schedule still plans
@@ -292,12 +376,19 @@ def train(cfg: DictConfig) -> float:
         train_set.set_epoch(epoch)
         train_loader.generator.manual_seed(trainer_cfg.seed * 100_003 + epoch)
         train_stats = engine.train_one_epoch(
-            model, train_loader, loss_fn, optimizer, scheduler, scaler, task, device, amp_dtype, epoch + 1,
+            forward_model, train_loader, loss_fn, optimizer, scheduler, scaler, task, device, amp_dtype, epoch + 1,
             accumulate_grad_batches=accumulate, gradient_clip_norm=trainer_cfg.gradient_clip_norm,
             progress=trainer_cfg.progress, augment=augment, augment_seed=trainer_cfg.seed,
+            progress_state=resume_position if epoch == start_epoch else None,
+            after_optimizer_step=after_optimizer_step, channels_last=channels_last,
         )
-        val_stats, val_outputs = engine.evaluate(model, val_loader, loss_fn, task, device, amp_dtype, epoch + 1,
-                                                 trainer_cfg.progress, sliding_window=sliding_window)
+        if train_stats["stopped"]:  # a stop signal: save the position in this epoch and leave
+            position = train_stats["position"]
+            save_checkpoint(checkpoint_state(epoch, position), last_path)
+            stop_now(f"epoch {epoch + 1}, after batch {position.batches_done}/{len(train_loader)}")
+        val_stats, val_outputs = engine.evaluate(forward_model, val_loader, loss_fn, task, device, amp_dtype, epoch + 1,
+                                                 trainer_cfg.progress, sliding_window=sliding_window,
+                                                 channels_last=channels_last)
         record = {"epoch": epoch + 1, "train_loss": train_stats["loss"],
                   **{f"val_{k}": v for k, v in val_stats.items()},
                   "lr": train_stats["lr"], "train_volumes_per_second": train_stats["volumes_per_second"],
@@ -314,20 +405,17 @@ def train(cfg: DictConfig) -> float:
         improved = is_better(record[monitor], best["value"], monitor_mode)
         if improved:
             best = {"name": monitor, "value": float(record[monitor]), "epoch": epoch + 1, "mode": monitor_mode}
-        state = {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "epoch": epoch + 1, "history": history, "best": best,
-            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
-            "config": config_dict, "task": task.name, "head_name": task.name, "num_parameters": num_parameters,
-            "class_names": manifest.class_names, "target_mean": task.target_mean, "target_std": task.target_std,
-            "bias_correction": fit_bias_correction_or_none(val_outputs) if task.name == "regression" else None,
-        }
+        if task.name == "regression":
+            bias_correction = fit_bias_correction_or_none(val_outputs)
+        state = checkpoint_state(epoch + 1, None)
         save_checkpoint(state, last_path)
         if improved:
             save_checkpoint(state, best_path)
         summary_line = " ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch")
         log.info("epoch %d/%d %s%s", epoch + 1, trainer_cfg.max_epochs, summary_line, " (best)" if improved else "")
         epochs.set_postfix(train_loss=f"{record['train_loss']:.4f}", **{monitor: f"{record[monitor]:.4f}"})
+        if stop.requested and epoch + 1 < end_epoch:  # the signal came during validation: last.pt is saved
+            stop_now(f"the end of epoch {epoch + 1}")
 
     # ---- summary --------------------------------------------------------------------------------------
     final = history[-1] if history else {}
@@ -386,12 +474,30 @@ USER_ERRORS = (ConfigError, ManifestError, FileNotFoundError, engine.NonFiniteLo
 @hydra.main(version_base="1.3", config_path=_config_dir(), config_name="train")
 def main(cfg: DictConfig) -> float:
     try:
-        return train(cfg)
+        with stop_on_signals() as stop:  # SIGTERM / SIGUSR1: checkpoint, then exit 75 (brain3d.preemption)
+            return train(cfg, stop)
+    except Preempted:
+        sys.exit(EXIT_PREEMPTED)  # train() logged where it stopped and what to run next
     except USER_ERRORS as err:
         # A user's mistake: one clear message and a non-zero exit, not a traceback.
         log.error("%s", err)
         print(f"brain3d-train: error: {err}", file=sys.stderr)
+        if in_multirun():
+            return failed_job(cfg, err)
         sys.exit(2)
+    except Exception as err:
+        if not in_multirun():
+            raise
+        log.exception("job failed")
+        return failed_job(cfg, err)
+
+
+def failed_job(cfg: DictConfig, err: Exception) -> float:
+    """In a sweep, one failed job must not stop the others: its error goes to error.txt in its folder (and to
+    sweep_summary.csv through brain3d.sweep.SweepSummary) and it returns NaN, which sweepers such as Optuna
+    record as a failed trial."""
+    record_job_error(cfg.output_dir, err)
+    return float("nan")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,50 @@
+"""A batch sampler that can start an epoch part-way through, for resuming a run mid-epoch.
+
+The training loader's shuffle is seeded per epoch (``seed * 100_003 + epoch``), so an epoch's batch order
+is known in advance; after a mid-epoch resume the first ``k`` batches are skipped here, as index lists,
+without loading a single volume.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Iterable, Iterator
+
+from torch.utils.data import BatchSampler
+
+
+class ResumableBatchSampler(BatchSampler):
+    """``BatchSampler`` whose iterations start at batch ``start`` (0: the whole epoch).
+
+    ``len()`` stays the full epoch length: the training loop counts steps by their index in the whole
+    epoch (accumulation boundaries, augmentation seeds), whatever batch it starts from. Use
+    :func:`iter_from` rather than setting ``start`` by hand.
+    """
+
+    def __init__(self, sampler, batch_size: int, drop_last: bool):
+        super().__init__(sampler, batch_size, drop_last)
+        self.start = 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        # The shuffled order is drawn as in a full epoch, so the batches after the skip are exactly those of
+        # an uninterrupted run.
+        return itertools.islice(super().__iter__(), self.start, None)
+
+
+def iter_from(loader: Iterable, start: int) -> Iterator:
+    """An iterator over ``loader``'s batches from index ``start`` on.
+
+    With a :class:`ResumableBatchSampler` the first ``start`` batches are skipped as indices, never loaded;
+    any other loader reads and drops them.
+    """
+    sampler = getattr(loader, "batch_sampler", None)
+    if not isinstance(sampler, ResumableBatchSampler):
+        return itertools.islice(iter(loader), start, None)
+    sampler.start = start
+    try:
+        # A DataLoader with worker processes calls iter() on its sampler twice while it builds its iterator
+        # (__init__ and _reset), so `start` must hold until iter(loader) returns, and no longer: only this
+        # epoch starts part-way.
+        return iter(loader)
+    finally:
+        sampler.start = 0
