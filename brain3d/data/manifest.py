@@ -113,6 +113,18 @@ def _resolve(base: Path, value: str) -> Path:
     return path if path.is_absolute() else (base / path)
 
 
+def _existing_file(row: dict, col: str, kind: str, where: str, base: Path, problems: list[str]) -> Path | None:
+    """The row's ``col`` path resolved against ``base`` when it names an existing file; else a problem and None."""
+    if _is_missing(row.get(col)):
+        problems.append(f"{where}, column {col!r}: empty {kind} path")
+        return None
+    path = _resolve(base, row[col])
+    if not path.is_file():
+        problems.append(f"{where}, column {col!r}: {kind} file not found: {path}")
+        return None
+    return path
+
+
 @dataclass
 class HeaderInfo:
     """What a NIfTI header says, without reading the data block.
@@ -367,14 +379,7 @@ def load_manifest(
         seen_ids.setdefault(sid, i)
         where = f"row {i} ({sid})"
 
-        image = None
-        if _is_missing(r.get(image_col)):
-            mine.append(f"{where}, column {image_col!r}: empty image path")
-        else:
-            image = _resolve(base, r[image_col])
-            if not image.is_file():
-                mine.append(f"{where}, column {image_col!r}: image file not found: {image}")
-                image = None
+        image = _existing_file(r, image_col, "image", where, base, mine)
 
         target = None
         if task in TASK_TARGET_COLS and has_targets:
@@ -397,15 +402,7 @@ def load_manifest(
                     mine.append(f"{where}, column {target_col!r}: {raw!r} is not a finite number")
                     target = None
 
-        mask = None
-        if task == "segmentation" and has_targets:
-            if _is_missing(r.get(mask_col)):
-                mine.append(f"{where}, column {mask_col!r}: empty mask path")
-            else:
-                mask = _resolve(base, r[mask_col])
-                if not mask.is_file():
-                    mine.append(f"{where}, column {mask_col!r}: mask file not found: {mask}")
-                    mask = None
+        mask = _existing_file(r, mask_col, "mask", where, base, mine) if task == "segmentation" and has_targets else None
 
         split = None
         if split_col in columns and not _is_missing(r.get(split_col)):
