@@ -140,21 +140,25 @@ def train_one_epoch(
             else:
                 image, _ = augment(image, None, generator=generator)
         target = task.encode(target)
-        with autocast(device, amp_dtype):
-            logits = model(to_memory_format(image, channels_last))[task.name]
-        loss = loss_fn(logits, target)  # float32: the loss casts its inputs
-        loss_value = loss.item()  # a sync point, once per step: negligible next to a 3D forward/backward
-        if not np.isfinite(loss_value):
-            raise NonFiniteLossError(
-                f"non-finite loss ({loss_value}) at epoch {epoch}, step {step + 1}/{num_batches}; "
-                f"subjects in the batch: {list(batch['subject_id'])}. Check these images, or lower the "
-                f"learning rate / use trainer.precision=fp32."
-            )
-        scaler.scale(loss / accumulate_grad_batches).backward()
+        steps_optimizer = (step + 1) % accumulate_grad_batches == 0 or step + 1 == num_batches
+        # DistributedDataParallel: gradients are all-reduced only on the micro-batch before an optimizer step.
+        sync = model.no_sync() if hasattr(model, "no_sync") and not steps_optimizer else contextlib.nullcontext()
+        with sync:
+            with autocast(device, amp_dtype):
+                logits = model(to_memory_format(image, channels_last))[task.name]
+            loss = loss_fn(logits, target)  # float32: the loss casts its inputs
+            loss_value = loss.item()  # a sync point, once per step: negligible next to a 3D forward/backward
+            if not np.isfinite(loss_value):
+                raise NonFiniteLossError(
+                    f"non-finite loss ({loss_value}) at epoch {epoch}, step {step + 1}/{num_batches}; "
+                    f"subjects in the batch: {list(batch['subject_id'])}. Check these images, or lower the "
+                    f"learning rate / use trainer.precision=fp32."
+                )
+            scaler.scale(loss / accumulate_grad_batches).backward()
         state.loss_sum += loss_value * image.shape[0]
         state.volumes += image.shape[0]
         state.batches_done = step + 1
-        if (step + 1) % accumulate_grad_batches == 0 or step + 1 == num_batches:
+        if steps_optimizer:
             if gradient_clip_norm:
                 scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
                 torch.nn.utils.clip_grad_norm_(model.parameters(), gradient_clip_norm)
@@ -200,6 +204,7 @@ def evaluate(
     progress: bool = True,
     sliding_window: dict | None = None,
     channels_last: bool = False,
+    gather: Callable[[dict], list[dict]] | None = None,
 ) -> tuple[dict[str, float], dict]:
     """Validation loss and task metrics over ``loader``.
 
@@ -214,6 +219,11 @@ def evaluate(
     "accumulate_device"}``; each whole volume (batch of one) is predicted by Gaussian-weighted sliding
     windows. Here the windows' logits are averaged, so the validation loss is computed on logits as in
     training (brain3d-predict averages probabilities instead).
+
+    ``gather`` (distributed validation; None in a single process): each rank's ``loader`` holds its shard of
+    the validation subjects, subjects ``r, r+W, r+2W, ...`` on rank ``r`` of ``W``; ``gather(part)`` returns
+    every rank's ``part`` in rank order (e.g. brain3d.distributed.all_gather_object). The per-subject outputs
+    are put back in the original subject order and the metrics computed on the whole, as one process would.
     """
     model.eval()
     total_loss, total_volumes = 0.0, 0
@@ -246,6 +256,19 @@ def evaluate(
         else:
             outputs.append(task.decode(logits.float()).cpu())
             targets.append(raw_target.float().cpu())
+    if gather is not None:
+        if task.name == "segmentation":
+            part = {"dice": _flat(dice), "iou": _flat(iou)}
+        else:
+            part = {"predictions": _flat(outputs), "targets": _flat(targets)}
+        parts = gather({"loss": total_loss, "volumes": total_volumes, **part})
+        total_loss = sum(p["loss"] for p in parts)
+        total_volumes = sum(p["volumes"] for p in parts)
+        merged = {key: _interleave([p[key] for p in parts]) for key in part}
+        if task.name == "segmentation":
+            dice, iou = [merged["dice"]], [merged["iou"]]
+        else:
+            outputs, targets = [torch.from_numpy(merged["predictions"])], [torch.from_numpy(merged["targets"])]
     results = {"loss": total_loss / max(total_volumes, 1)}
     if task.name == "segmentation":
         results.update(M.segmentation_metrics(np.concatenate([np.asarray(d) for d in dice]), np.concatenate([np.asarray(v) for v in iou])))
@@ -254,3 +277,19 @@ def evaluate(
     metric_fn = M.classification_metrics if task.name == "classification" else M.regression_metrics
     results.update(metric_fn(predictions, targets))
     return results, {"predictions": predictions, "targets": targets}
+
+
+def _flat(values: list) -> np.ndarray:
+    """Per-sample values collected batch by batch (tensors or arrays) as one flat numpy array."""
+    if not values:
+        return np.zeros(0, dtype=np.float32)
+    return np.concatenate([np.asarray(v.cpu() if isinstance(v, torch.Tensor) else v).reshape(-1) for v in values])
+
+
+def _interleave(parts: list[np.ndarray]) -> np.ndarray:
+    """Undo a round-robin shard: rank r of W held items r, r+W, ...; returns them in the original order."""
+    total = sum(len(p) for p in parts)
+    out = np.empty(total, dtype=np.result_type(*parts))
+    for r, p in enumerate(parts):
+        out[r::len(parts)] = p
+    return out

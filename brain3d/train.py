@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
+from brain3d import distributed as dist_utils
 from brain3d import engine
 from brain3d.evaluation import fit_bias_correction
 from brain3d.checkpoint import load_checkpoint, remove_stale_temp_files, resolve_resume_path, save_checkpoint
@@ -164,7 +165,7 @@ def build_loss(cfg: DictConfig) -> torch.nn.Module:
 
 
 def make_loader(dataset: VolumeDataset, data_cfg: DictConfig, device: torch.device, shuffle: bool, seed: int,
-                batch_size: int | None = None) -> DataLoader:
+                batch_size: int | None = None, rank: int = 0, world_size: int = 1) -> DataLoader:
     # The shuffle generator is re-seeded every epoch from (seed, epoch), so the order is reproducible and a
     # resumed run sees the same batches as an uninterrupted one; the training loader's batch sampler can
     # start an epoch at batch k (a mid-epoch resume) without loading the batches before it.
@@ -182,7 +183,7 @@ def make_loader(dataset: VolumeDataset, data_cfg: DictConfig, device: torch.devi
     # Training drops a last batch of one volume: BatchNorm cannot normalise a single 1x1x1 bottleneck.
     # (RandomSampler + BatchSampler is what DataLoader(shuffle=True) builds itself: the same order.)
     batch_sampler = ResumableBatchSampler(RandomSampler(dataset, generator=generator), batch_size,
-                                          drop_last=len(dataset) % batch_size == 1)
+                                          drop_last=len(dataset) % batch_size == 1, rank=rank, world_size=world_size)
     return DataLoader(dataset, batch_sampler=batch_sampler, **common)
 
 
@@ -220,11 +221,26 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> float:
     stop = stop or StopRequest()
     if cfg.task.name not in TASKS:
         raise ConfigError(f"task.name={cfg.task.name!r} is not one of {TASKS}")
-    run_dir = Path(cfg.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     trainer_cfg, data_cfg = cfg.trainer, cfg.data
-    seed_everything(trainer_cfg.seed)
     device = resolve_device(trainer_cfg.device)
+    # Distributed (torchrun, WORLD_SIZE > 1): rank 0's run folder is every rank's (Hydra's timestamped folder
+    # can differ by a second between ranks); only rank 0 writes files.
+    rank, world_size = dist_utils.init_distributed(device)
+    distributed = world_size > 1
+    main_rank = rank == 0
+    if distributed:
+        if device.type == "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+        run_dir = Path(dist_utils.broadcast_object(str(cfg.output_dir)))
+        if trainer_cfg.get("sync_batchnorm", False) and device.type != "cuda":
+            raise ConfigError("trainer.sync_batchnorm=true needs CUDA GPUs: torch's SyncBatchNorm does not run on CPU (gloo)")
+        if not main_rank:
+            _quiet_secondary_rank(Path(cfg.output_dir), run_dir)
+    else:
+        run_dir = Path(cfg.output_dir)
+    if main_rank:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(trainer_cfg.seed)
     precision, amp_dtype = resolve_precision(trainer_cfg.precision, device)
     loss_fn = build_loss(cfg)
     monitor, monitor_mode = cfg.task.monitor, cfg.task.monitor_mode
@@ -240,7 +256,11 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> float:
     log.info("run folder %s | device %s | precision %s", run_dir, device, precision)
 
     # ---- data: check every row once, up front, then split by subject --------------------------------
+    if distributed and not main_rank:
+        dist_utils.barrier()  # rank 0 first: it generates / converts the data once, the others then read it
     manifest = read_manifest(data_cfg, cfg.task.name)
+    if distributed and main_rank:
+        dist_utils.barrier()
     manifest_path = manifest.path
     for skipped in manifest.skipped:  # data.on_error=skip
         log.warning("skipped row %s (%s): %s", skipped["row"], skipped["subject_id"], "; ".join(skipped["problems"]))
@@ -248,9 +268,10 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> float:
         manifest.subjects, data_cfg.val_fraction, data_cfg.split_seed, stratify=cfg.task.name == "classification",
         num_folds=data_cfg.num_folds, fold=data_cfg.fold,
     )
-    with open(run_dir / "split.csv", "w") as f:
-        f.write("subject_id,split\n")
-        f.writelines(f"{s.subject_id},{split}\n" for split, group in (("train", train_subjects), ("val", val_subjects)) for s in group)
+    if main_rank:
+        with open(run_dir / "split.csv", "w") as f:
+            f.write("subject_id,split\n")
+            f.writelines(f"{s.subject_id},{split}\n" for split, group in (("train", train_subjects), ("val", val_subjects)) for s in group)
     log.info("%s: %d subjects -> %d train, %d val", manifest_path, len(manifest.subjects), len(train_subjects), len(val_subjects))
 
     task = engine.TaskSpec(cfg.task.name)
@@ -260,8 +281,14 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> float:
     cache_dir = preprocessed_cache_dir(data_cfg) if data_cfg.get("cache", False) else None
     train_set = VolumeDataset(train_subjects, task.name, settings, cache_dir, patch_size,
                               data_cfg.get("foreground_fraction", 0.33), seed=trainer_cfg.seed)
-    val_set = VolumeDataset(val_subjects, task.name, settings, cache_dir)  # whole volumes, never augmented
-    train_loader = make_loader(train_set, data_cfg, device, shuffle=True, seed=trainer_cfg.seed)
+    # Distributed: each rank validates subjects rank, rank+W, ...; engine.evaluate gathers them (gather=...).
+    val_set = VolumeDataset(val_subjects[rank::world_size] if distributed else val_subjects, task.name, settings,
+                            cache_dir)  # whole volumes, never augmented
+    train_loader = make_loader(train_set, data_cfg, device, shuffle=True, seed=trainer_cfg.seed,
+                               rank=rank, world_size=world_size)
+    if distributed and len(train_loader) == 0:
+        raise ConfigError(f"{len(train_set)} training volumes in batches of {data_cfg.batch_size} give fewer batches "
+                          f"than the {world_size} processes; use fewer processes or a smaller data.batch_size")
     # Patch training validates whole volumes of any size by sliding windows: one volume per batch.
     val_loader = make_loader(val_set, data_cfg, device, shuffle=False, seed=trainer_cfg.seed,
                              batch_size=1 if patch_size else None)
@@ -288,6 +315,13 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> float:
     compile_option = trainer_cfg.get("compile", False)
     if compile_option:  # true -> torch's default backend (inductor); a string names the backend (e.g. aot_eager)
         forward_model = torch.compile(model, **({} if compile_option is True else {"backend": str(compile_option)}))
+    train_model = forward_model  # what train_one_epoch runs: DistributedDataParallel around it when distributed
+    if distributed:
+        if trainer_cfg.get("sync_batchnorm", False):
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            forward_model = torch.compile(model, **({} if compile_option is True else {"backend": str(compile_option)})) if compile_option else model
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            forward_model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = instantiate(cfg.optimizer)(model.parameters())
     accumulate = int(trainer_cfg.accumulate_grad_batches)
     steps_per_epoch = math.ceil(len(train_loader) / accumulate)
@@ -311,16 +345,22 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> float:
         history, best, start_epoch = state["history"], state["best"], state["epoch"]
         resume_position = engine.EpochProgress.from_dict(state.get("epoch_progress"))
         bias_correction = state.get("bias_correction")
+        if distributed and not main_rank:  # the saved running loss is rank 0's: count it once, not once per rank
+            resume_position.loss_sum, resume_position.volumes = 0.0, 0
         log.info("resumed from %s at epoch %d%s", resume_path, start_epoch,
                  f", batch {resume_position.batches_done}/{len(train_loader)}" if resume_position.batches_done else "")
 
     config_dict = OmegaConf.to_container(cfg, resolve=True)
     checkpoint_dir = run_dir / "checkpoints"
     last_path, best_path = checkpoint_dir / "last.pt", checkpoint_dir / "best.pt"
-    remove_stale_temp_files(checkpoint_dir)  # left by a process killed (SIGKILL) while writing a checkpoint
+    if main_rank:
+        remove_stale_temp_files(checkpoint_dir)  # left by a process killed (SIGKILL) while writing a checkpoint
     # Scalars are logged per epoch (step = epoch number). A resumed run purges any steps the stopped process
     # logged after its last checkpoint (a SIGKILL between logging and saving), so no epoch appears twice.
-    writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_epoch + 1 if resume_path else None)
+    if main_rank:
+        writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_epoch + 1 if resume_path else None)
+    else:
+        writer = _NullWriter()  # other ranks compute, rank 0 writes
     if resume_path is None:
         log_config(writer, config_dict)
 
@@ -358,9 +398,9 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> float:
                      len(train_loader), position.loss_sum / max(position.volumes, 1))
         if step_sleep:
             time.sleep(step_sleep)
-        if stop.requested:
-            return True  # the engine ends the epoch here; the loop saves and stops
-        if every_n and step % every_n == 0 and position.batches_done < len(train_loader):
+        if dist_utils.any_rank(stop.requested, device) if distributed else stop.requested:
+            return True  # the engine ends the epoch here; the loop saves and stops (every rank at the same step)
+        if every_n and step % every_n == 0 and position.batches_done < len(train_loader) and main_rank:
             save_checkpoint(checkpoint_state(epoch, position), last_path)  # the epoch's end saves anyway
         return False
 
@@ -376,19 +416,28 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> float:
         train_set.set_epoch(epoch)
         train_loader.generator.manual_seed(trainer_cfg.seed * 100_003 + epoch)
         train_stats = engine.train_one_epoch(
-            forward_model, train_loader, loss_fn, optimizer, scheduler, scaler, task, device, amp_dtype, epoch + 1,
+            train_model, train_loader, loss_fn, optimizer, scheduler, scaler, task, device, amp_dtype, epoch + 1,
             accumulate_grad_batches=accumulate, gradient_clip_norm=trainer_cfg.gradient_clip_norm,
-            progress=trainer_cfg.progress, augment=augment, augment_seed=trainer_cfg.seed,
+            progress=trainer_cfg.progress and main_rank, augment=augment,
+            augment_seed=trainer_cfg.seed + 1_000 * rank,  # rank 0 (and a single process): the seed itself
             progress_state=resume_position if epoch == start_epoch else None,
             after_optimizer_step=after_optimizer_step, channels_last=channels_last,
         )
         if train_stats["stopped"]:  # a stop signal: save the position in this epoch and leave
             position = train_stats["position"]
-            save_checkpoint(checkpoint_state(epoch, position), last_path)
+            if main_rank:
+                save_checkpoint(checkpoint_state(epoch, position), last_path)
             stop_now(f"epoch {epoch + 1}, after batch {position.batches_done}/{len(train_loader)}")
+        if distributed:
+            # The epoch's loss over every rank's volumes; validation and checkpoints use rank 0's BatchNorm statistics.
+            loss_sum, volumes, volumes_per_second = dist_utils.all_reduce_sum(
+                [train_stats["position"].loss_sum, train_stats["position"].volumes, train_stats["volumes_per_second"]], device)
+            train_stats["loss"], train_stats["volumes_per_second"] = loss_sum / max(volumes, 1), volumes_per_second
+            dist_utils.broadcast_buffers(model)
         val_stats, val_outputs = engine.evaluate(forward_model, val_loader, loss_fn, task, device, amp_dtype, epoch + 1,
-                                                 trainer_cfg.progress, sliding_window=sliding_window,
-                                                 channels_last=channels_last)
+                                                 trainer_cfg.progress and main_rank, sliding_window=sliding_window,
+                                                 channels_last=channels_last,
+                                                 gather=dist_utils.all_gather_object if distributed else None)
         record = {"epoch": epoch + 1, "train_loss": train_stats["loss"],
                   **{f"val_{k}": v for k, v in val_stats.items()},
                   "lr": train_stats["lr"], "train_volumes_per_second": train_stats["volumes_per_second"],
@@ -407,14 +456,16 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> float:
             best = {"name": monitor, "value": float(record[monitor]), "epoch": epoch + 1, "mode": monitor_mode}
         if task.name == "regression":
             bias_correction = fit_bias_correction_or_none(val_outputs)
-        state = checkpoint_state(epoch + 1, None)
-        save_checkpoint(state, last_path)
-        if improved:
-            save_checkpoint(state, best_path)
+        if main_rank:
+            state = checkpoint_state(epoch + 1, None)
+            save_checkpoint(state, last_path)
+            if improved:
+                save_checkpoint(state, best_path)
         summary_line = " ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch")
         log.info("epoch %d/%d %s%s", epoch + 1, trainer_cfg.max_epochs, summary_line, " (best)" if improved else "")
         epochs.set_postfix(train_loss=f"{record['train_loss']:.4f}", **{monitor: f"{record[monitor]:.4f}"})
-        if stop.requested and epoch + 1 < end_epoch:  # the signal came during validation: last.pt is saved
+        stop_requested = dist_utils.any_rank(stop.requested, device) if distributed else stop.requested
+        if stop_requested and epoch + 1 < end_epoch:  # the signal came during validation: last.pt is saved
             stop_now(f"the end of epoch {epoch + 1}")
 
     # ---- summary --------------------------------------------------------------------------------------
@@ -447,14 +498,41 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> float:
         val_targets = np.array([s.target for s in val_subjects])
         summary["target_mean"], summary["target_std"] = task.target_mean, task.target_std
         summary["baseline_val_mae"] = float(np.abs(val_targets - task.target_mean).mean())
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if distributed:
+        summary["distributed"] = {"world_size": world_size, "backend": "nccl" if device.type == "cuda" else "gloo"}
+    if main_rank:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     hparam_values = {"task": task.name, "backbone": cfg.backbone._target_.rsplit(".", 1)[-1], "loss": cfg.loss.name,
                      "width": cfg.backbone.get("width"), "lr": cfg.optimizer.lr, "batch_size": data_cfg.batch_size,
                      "max_epochs": trainer_cfg.max_epochs}
-    log_hparams(writer, hparam_values, {"best_" + monitor: best["value"], **{k: v for k, v in final.items() if k.startswith("val_")}})
+    if main_rank:
+        log_hparams(writer, hparam_values,
+                    {"best_" + monitor: best["value"], **{k: v for k, v in final.items() if k.startswith("val_")}})
     writer.close()
     log.info("done: best %s=%s at epoch %s; summary %s", monitor, best["value"], best["epoch"], run_dir / "summary.json")
     return float(best["value"]) if best["value"] is not None else float("nan")
+
+
+class _NullWriter:
+    """Stands in for the SummaryWriter on ranks other than 0: every call does nothing."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+def _quiet_secondary_rank(own_dir: Path, run_dir: Path) -> None:
+    """A rank other than 0 writes nothing: its Hydra log file handler is closed, and when its Hydra folder is
+    not rank 0's (a timestamp a second apart) the folder, holding only Hydra's files, is removed."""
+    root = logging.getLogger()
+    root.setLevel(logging.WARNING)  # rank 0 logs the run; the others only their warnings and errors
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
+            handler.close()
+    if own_dir.resolve() != run_dir.resolve() and own_dir.is_dir():
+        if {p.name for p in own_dir.iterdir()} <= {".hydra", "train.log"}:
+            import shutil
+            shutil.rmtree(own_dir, ignore_errors=True)
 
 
 def _config_dir() -> str:
@@ -490,6 +568,8 @@ def main(cfg: DictConfig) -> float:
             raise
         log.exception("job failed")
         return failed_job(cfg, err)
+    finally:
+        dist_utils.cleanup()  # distributed runs: leave the process group (nothing in a single process)
 
 
 def failed_job(cfg: DictConfig, err: Exception) -> float:

@@ -21,14 +21,25 @@ class ResumableBatchSampler(BatchSampler):
     :func:`iter_from` rather than setting ``start`` by hand.
     """
 
-    def __init__(self, sampler, batch_size: int, drop_last: bool):
+    def __init__(self, sampler, batch_size: int, drop_last: bool, rank: int = 0, world_size: int = 1):
         super().__init__(sampler, batch_size, drop_last)
         self.start = 0
+        # Distributed training: the epoch's global batch order is the same on every rank (same seed) and rank r
+        # takes batches r, r+W, r+2W, ...; the tail is dropped so every rank runs the same number of steps.
+        self.rank, self.world_size = rank, world_size
+
+    def __len__(self) -> int:
+        if self.world_size == 1:
+            return super().__len__()
+        return super().__len__() // self.world_size
 
     def __iter__(self) -> Iterator[list[int]]:
         # The shuffled order is drawn as in a full epoch, so the batches after the skip are exactly those of
         # an uninterrupted run.
-        return itertools.islice(super().__iter__(), self.start, None)
+        if self.world_size == 1:
+            return itertools.islice(super().__iter__(), self.start, None)
+        shard = itertools.islice(super().__iter__(), self.rank, len(self) * self.world_size, self.world_size)
+        return itertools.islice(shard, self.start, None)
 
 
 def iter_from(loader: Iterable, start: int) -> Iterator:
