@@ -510,6 +510,9 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> float:
                     {"best_" + monitor: best["value"], **{k: v for k, v in final.items() if k.startswith("val_")}})
     writer.close()
     log.info("done: best %s=%s at epoch %s; summary %s", monitor, best["value"], best["epoch"], run_dir / "summary.json")
+    # Distributed: every rank waits here until rank 0 has written its outputs, so no rank tears the process
+    # group down while another still uses it (gloo aborts the process otherwise).
+    dist_utils.barrier()
     return float(best["value"]) if best["value"] is not None else float("nan")
 
 
