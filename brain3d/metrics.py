@@ -4,8 +4,8 @@ Plain functions that accept torch tensors, numpy arrays or (for the 1-D metrics)
 Python sequences. Scalar metrics return Python floats computed in float64;
 ``dice_per_sample`` / ``iou_per_sample`` return one value per sample.
 
-``METRIC_MODES`` tells whether a larger (``"max"``) or smaller (``"min"``) value
-is better, for checkpoint selection and early stopping.
+Whether larger or smaller is better for checkpoint selection is the task config's
+``task.monitor_mode``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 __all__ = [
-    "METRIC_MODES",
     "roc_auc",
     "accuracy",
     "balanced_accuracy",
@@ -30,19 +29,6 @@ __all__ = [
     "regression_metrics",
     "segmentation_metrics",
 ]
-
-METRIC_MODES: dict[str, str] = {
-    "auc": "max",
-    "accuracy": "max",
-    "balanced_accuracy": "max",
-    "mae": "min",
-    "rmse": "min",
-    "pearson_r": "max",
-    "dice": "max",
-    "iou": "max",
-    "loss": "min",
-}
-
 
 # ----------------------------------------------------------------------------- helpers
 

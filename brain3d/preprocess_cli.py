@@ -22,7 +22,6 @@ import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig

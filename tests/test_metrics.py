@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from brain3d.metrics import (
-    METRIC_MODES,
     accuracy,
     balanced_accuracy,
     classification_metrics,
@@ -268,20 +267,3 @@ def test_segmentation_metrics_skips_nan_and_validates():
         segmentation_metrics([0.5, 0.2, 1.0], [0.25, 1.0])
     with pytest.raises(ValueError, match=r"dice_values must not be empty"):
         segmentation_metrics([], [])
-
-
-def test_metric_modes():
-    assert METRIC_MODES == {
-        "auc": "max",
-        "accuracy": "max",
-        "balanced_accuracy": "max",
-        "mae": "min",
-        "rmse": "min",
-        "pearson_r": "max",
-        "dice": "max",
-        "iou": "max",
-        "loss": "min",
-    }
-    assert set(classification_metrics([0.0, 1.0], [0, 1])) <= set(METRIC_MODES)
-    assert set(regression_metrics([0.0, 1.0], [0.0, 2.0])) <= set(METRIC_MODES)
-    assert set(segmentation_metrics([1.0], [1.0])) <= set(METRIC_MODES)

@@ -413,7 +413,7 @@ def preprocess_volume(
     Returns:
         (image, mask, info): float32 image of shape ``info.output_shape``; uint8 mask of that shape or
         None; the :class:`PreprocessInfo`. With mode "resize" and normalization "zscore" the image
-        equals :func:`brain3d.data.dataset.preprocess_image` ``(image_ras, shape)``.
+        equals ``zscore_nonzero(resize_volume(image_ras, shape, "trilinear"))``, brain3d's first preprocessing.
 
     Raises:
         ValueError: invalid settings, a non-3-D image, a bad voxel size or a mask of another shape.
