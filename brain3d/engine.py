@@ -8,8 +8,9 @@ applied here only where probabilities are needed (metrics, previews).
 from __future__ import annotations
 
 import contextlib
+import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -50,16 +51,52 @@ class EpochProgress:
 
     A mid-epoch checkpoint stores it (:meth:`to_dict`), so a resumed epoch starts at the next batch and
     reports the same train loss as an uninterrupted one.
+
+    The losses of the latest steps stay on the device (:meth:`add_loss`) until :meth:`settle` reads them
+    back in one host synchronisation, checks them and adds them to ``loss_sum``: a ``.item()`` every step
+    would make the host wait for the device each step, and the GPU then idles while the host prepares
+    the next one. Read ``loss_sum`` only after ``settle()`` (``to_dict()`` settles).
     """
 
     batches_done: int = 0
-    loss_sum: float = 0.0  # sum over volumes of the per-batch mean loss
+    loss_sum: float = 0.0  # sum over volumes of the per-batch mean loss (settled steps)
     volumes: int = 0
     data_wait: float = 0.0  # seconds spent waiting for the loader
     seconds: float = 0.0  # seconds of training before this process (a resumed epoch)
+    # not stored: (step, subject ids, volumes, loss tensor) of the steps not yet read back, and where we are
+    pending: list = field(default_factory=list, repr=False, compare=False)
+    epoch: int = field(default=0, repr=False, compare=False)
+    num_batches: int = field(default=0, repr=False, compare=False)
+    last_loss: float = field(default=float("nan"), repr=False, compare=False)
+
+    def add_loss(self, step: int, subject_ids, loss: torch.Tensor, volumes: int) -> None:
+        """Record step ``step``'s (0-based) mean loss over ``volumes`` volumes, left on the device."""
+        self.pending.append((step, list(subject_ids), volumes, loss.detach()))
+
+    def settle(self) -> None:
+        """Read the pending losses back (one synchronisation), add them to ``loss_sum`` in step order.
+
+        Raises:
+            NonFiniteLossError: at the first NaN/Inf loss, naming its epoch, step and subjects.
+        """
+        if not self.pending:
+            return
+        values = torch.stack([loss.float() for *_, loss in self.pending]).tolist()  # the only sync
+        for (step, subject_ids, volumes, _), value in zip(self.pending, values):
+            if not math.isfinite(value):
+                self.pending.clear()
+                raise NonFiniteLossError(
+                    f"non-finite loss ({value}) at epoch {self.epoch}, step {step + 1}/{self.num_batches}; "
+                    f"subjects in the batch: {subject_ids}. Check these images, or lower the "
+                    f"learning rate / use trainer.precision=fp32."
+                )
+            self.loss_sum += value * volumes
+            self.last_loss = value
+        self.pending.clear()
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        self.settle()
+        return {name: getattr(self, name) for name in ("batches_done", "loss_sum", "volumes", "data_wait", "seconds")}
 
     @classmethod
     def from_dict(cls, values: dict | None) -> "EpochProgress":
@@ -97,6 +134,7 @@ def train_one_epoch(
     progress_state: EpochProgress | None = None,
     after_optimizer_step: Callable[[EpochProgress], bool] | None = None,
     channels_last: bool = False,
+    sync_every: int | None = None,
 ) -> dict:
     """One pass over ``loader``; returns ``{"loss", "lr", "volumes_per_second", "data_wait_fraction"}``
     and ``"stopped"`` / ``"position"`` (an :class:`EpochProgress`; see below).
@@ -114,6 +152,11 @@ def train_one_epoch(
     step (when no gradients are pending, so the state is checkpointable); when it returns True the epoch
     ends there with ``"stopped": True``.
 
+    Host synchronisation: the step losses stay on the device and are read back every ``sync_every`` steps
+    (None: every step on CPU, where it costs nothing, every 50 on CUDA), at the epoch's end, and whenever
+    ``progress.settle()`` / ``progress.to_dict()`` is called (checkpoints); a non-finite loss is reported
+    then, naming the step where it first appeared. The GPU thus runs ahead of the host instead of waiting.
+
     Raises:
         NonFiniteLossError: a NaN/Inf loss, naming the epoch, step and subject ids of the batch.
     """
@@ -121,8 +164,10 @@ def train_one_epoch(
     optimizer.zero_grad(set_to_none=True)
     state = EpochProgress(**(progress_state.to_dict() if progress_state else {}))
     first_step = state.batches_done
-    start = time.perf_counter() - state.seconds  # throughput counts the time of the earlier process too
     num_batches = len(loader)  # the whole epoch, also when resuming part-way
+    state.epoch, state.num_batches = epoch, num_batches
+    sync_every = sync_every or (1 if device.type == "cpu" else 50)  # CPU ops are synchronous: a read-back is free
+    start = time.perf_counter() - state.seconds  # throughput counts the time of the earlier process too
     batches = iter_from(loader, first_step)  # skips the done batches without loading them where it can
     stopped = False
     bar = tqdm(range(first_step, num_batches), desc=f"epoch {epoch} train", leave=False, disable=not progress,
@@ -131,7 +176,7 @@ def train_one_epoch(
         wait_start = time.perf_counter()
         batch = next(batches)  # the time spent here is time the model waits for data
         state.data_wait += time.perf_counter() - wait_start
-        image = batch["image"].to(device, non_blocking=True)  # (B, 1, D, H, W)
+        image = batch["image"].to(device, non_blocking=True)  # (B, 1, D, H, W); a no-op for device-resident data
         target = batch["target"].to(device, non_blocking=True)  # (B, 1) or (B, 1, D, H, W)
         if augment is not None:
             generator = torch.Generator().manual_seed(augment_seed * 1_000_003 + epoch * 100_003 + step)
@@ -147,17 +192,15 @@ def train_one_epoch(
             with autocast(device, amp_dtype):
                 logits = model(to_memory_format(image, channels_last))[task.name]
             loss = loss_fn(logits, target)  # float32: the loss casts its inputs
-            loss_value = loss.item()  # a sync point, once per step: negligible next to a 3D forward/backward
-            if not np.isfinite(loss_value):
-                raise NonFiniteLossError(
-                    f"non-finite loss ({loss_value}) at epoch {epoch}, step {step + 1}/{num_batches}; "
-                    f"subjects in the batch: {list(batch['subject_id'])}. Check these images, or lower the "
-                    f"learning rate / use trainer.precision=fp32."
-                )
             scaler.scale(loss / accumulate_grad_batches).backward()
-        state.loss_sum += loss_value * image.shape[0]
+        state.add_loss(step, batch["subject_id"], loss, image.shape[0])  # stays on the device until settled
         state.volumes += image.shape[0]
         state.batches_done = step + 1
+        if (step + 1 - first_step) % sync_every == 0:
+            state.settle()  # raises NonFiniteLossError naming the first bad step and its subjects
+            elapsed = time.perf_counter() - start
+            bar.set_postfix(loss=f"{state.last_loss:.4f}", vol_s=f"{state.volumes / max(elapsed, 1e-9):.2f}",
+                            refresh=False)
         if steps_optimizer:
             if gradient_clip_norm:
                 scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
@@ -170,9 +213,8 @@ def train_one_epoch(
             if after_optimizer_step is not None and after_optimizer_step(state) and step + 1 < num_batches:
                 stopped = True
                 break
-        elapsed = time.perf_counter() - start
-        bar.set_postfix(loss=f"{loss_value:.4f}", vol_s=f"{state.volumes / max(elapsed, 1e-9):.2f}")
     bar.close()
+    state.settle()
     if device.type == "cuda":
         torch.cuda.synchronize()
     state.seconds = time.perf_counter() - start

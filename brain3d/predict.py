@@ -30,7 +30,9 @@ from brain3d.inference import predict_outputs
 from brain3d.models.model import build_model
 from brain3d.saliency import grad_cam
 from brain3d.sliding_window import sliding_window_inference
-from brain3d.train import ConfigError, _config_dir, read_manifest, resolve_device, resolve_precision
+from brain3d.errors import ConfigError
+from brain3d.hardware import resolve_device, resolve_precision
+from brain3d.train import _config_dir, read_manifest
 
 log = logging.getLogger("brain3d.predict")
 
@@ -66,7 +68,7 @@ def predict(cfg: DictConfig) -> dict:
     out_dir = Path(str(cfg.output_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
-    precision, amp_dtype = resolve_precision(cfg.precision, device)
+    precision, amp_dtype, _ = resolve_precision(cfg.precision, device)
     if cfg.saliency not in (None, "gradcam"):
         raise ConfigError(f"saliency={cfg.saliency!r} is not one of null, gradcam")
     models, states = load_models(paths, device)

@@ -53,7 +53,8 @@ def evaluate_single_process(run_dir):
 @pytest.mark.parametrize("task", ["classification", "regression", "segmentation"])
 def test_two_process_ddp_run_matches_single_process_evaluation(task, tmp_path, cache_dir):
     run_dir = tmp_path / "run"
-    proc = run_torchrun([f"task={task}", *tiny_overrides(cache_dir), "data.num_workers=0",
+    # fp32: the single-process reference below evaluates in fp32 (auto would be bf16 on a CPU with bf16)
+    proc = run_torchrun([f"task={task}", *tiny_overrides(cache_dir), "data.num_workers=0", "trainer.precision=fp32",
                          f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
 

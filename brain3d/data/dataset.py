@@ -75,11 +75,14 @@ class VolumeDataset(Dataset):
     def __len__(self) -> int:
         return len(self.subjects)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int | tuple[int, int]) -> dict:
+        epoch = self.epoch
+        if isinstance(index, tuple):  # (index, epoch) from a ResumableBatchSampler with set_epoch (persistent workers)
+            index, epoch = index
         subject = self.subjects[index]
         image, mask, _ = load_preprocessed(subject, self.settings, self.task == "segmentation", self.cache_dir)
         if self.patch_size is not None:
-            rng = np.random.default_rng([self.seed, self.epoch, index])
+            rng = np.random.default_rng([self.seed, epoch, index])
             image, mask = sample_training_patch(image, mask, self.patch_size, rng, self.foreground_fraction)
         # np.array copies: memory-mapped cache entries are read-only and must not be shared with torch
         item = {"image": torch.from_numpy(np.array(image, dtype=np.float32))[None], "subject_id": subject.subject_id}

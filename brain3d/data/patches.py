@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["sample_patch_start", "extract_patch", "foreground_coordinates", "sample_training_patch"]
+__all__ = ["sample_patch_start", "extract_patch", "foreground_coordinates", "sample_training_patch", "training_patch_start"]
 
 
 def _as_patch_size(patch_size: Sequence[int] | int, ndim: int) -> tuple[int, ...]:
@@ -187,16 +187,34 @@ def sample_training_patch(
     spatial = tuple(image.shape[-3:])
     patch = _as_patch_size(patch_size, 3)
     if mask is None:  # no labels: the same draws as an empty mask (one decision, one start)
-        rng.random()
-        return extract_patch(image, sample_patch_start(spatial, patch, rng), patch), None
+        return extract_patch(image, training_patch_start(spatial, patch, rng, foreground_fraction, has_mask=False), patch), None
     if mask.ndim < 3 or tuple(mask.shape[-3:]) != spatial:
         raise ValueError(f"image spatial shape {spatial} differs from mask spatial shape {tuple(mask.shape[-3:])}")
-    want_foreground = bool(rng.random() < foreground_fraction)
+    start = training_patch_start(spatial, patch, rng, foreground_fraction, has_mask=True,
+                                 foreground_coords=foreground_coords if foreground_coords is not None else mask)
+    return extract_patch(image, start, patch), extract_patch(mask, start, patch)
+
+
+def training_patch_start(
+    spatial: Sequence[int],
+    patch_size: Sequence[int] | int,
+    rng: np.random.Generator,
+    foreground_fraction: float,
+    has_mask: bool,
+    foreground_coords: np.ndarray | None = None,
+) -> tuple[int, ...]:
+    """The start of :func:`sample_training_patch`'s window, drawn with exactly its random numbers.
+
+    One ``rng.random()`` decides whether the patch is centred on a foreground voxel (only with a mask),
+    then one draw picks the start. ``foreground_coords`` is an (N, 3) array of foreground voxels, or the
+    mask itself (its foreground is then found only when a foreground patch is drawn). Shared by the
+    dataset (numpy arrays) and the memory-resident store (brain3d.data.resident), so both cut the same
+    patches from the same seed.
+    """
+    want_foreground = bool(rng.random() < foreground_fraction) and has_mask
     coords = None
     if want_foreground:
-        if foreground_coords is not None:
-            coords = foreground_coords
-        else:  # a voxel is foreground when any of the mask's leading channels is > 0
-            coords = np.argwhere((np.asarray(mask) > 0).reshape(-1, *spatial).any(axis=0))
-    start = sample_patch_start(spatial, patch, rng, foreground_coords=coords, foreground=want_foreground)
-    return extract_patch(image, start, patch), extract_patch(mask, start, patch)
+        coords = np.asarray(foreground_coords) if foreground_coords is not None else None
+        if coords is not None and coords.ndim != 2:  # a mask: a voxel is foreground when any channel is > 0
+            coords = np.argwhere((coords > 0).reshape(-1, *spatial).any(axis=0))
+    return sample_patch_start(spatial, patch_size, rng, foreground_coords=coords, foreground=want_foreground)

@@ -27,19 +27,36 @@ class ResumableBatchSampler(BatchSampler):
         # Distributed training: the epoch's global batch order is the same on every rank (same seed) and rank r
         # takes batches r, r+W, r+2W, ...; the tail is dropped so every rank runs the same number of steps.
         self.rank, self.world_size = rank, world_size
+        # With an epoch set (set_epoch), batches are lists of (index, epoch) pairs: persistent DataLoader workers
+        # keep their own copy of the dataset, so the epoch must travel with the indices (VolumeDataset seeds its
+        # patches by (seed, epoch, index)).
+        self.epoch: int | None = None
+
+    def set_epoch(self, epoch: int | None, shuffle_seed: int | None = None) -> None:
+        """Tag every index of the following iterations with ``epoch`` (None: plain indices), and re-seed the
+        shuffle (the sampler's generator) with ``shuffle_seed``. The order then depends on nothing but the
+        seed: not on the DataLoader, which draws its workers' base seed from its own generator."""
+        self.epoch = epoch
+        if shuffle_seed is not None:
+            self.sampler.generator.manual_seed(shuffle_seed)
 
     def __len__(self) -> int:
         if self.world_size == 1:
             return super().__len__()
         return super().__len__() // self.world_size
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list]:
         # The shuffled order is drawn as in a full epoch, so the batches after the skip are exactly those of
         # an uninterrupted run.
         if self.world_size == 1:
-            return itertools.islice(super().__iter__(), self.start, None)
-        shard = itertools.islice(super().__iter__(), self.rank, len(self) * self.world_size, self.world_size)
-        return itertools.islice(shard, self.start, None)
+            batches = itertools.islice(super().__iter__(), self.start, None)
+        else:
+            shard = itertools.islice(super().__iter__(), self.rank, len(self) * self.world_size, self.world_size)
+            batches = itertools.islice(shard, self.start, None)
+        if self.epoch is None:
+            return batches
+        epoch = self.epoch
+        return ([(index, epoch) for index in batch] for batch in batches)
 
 
 def iter_from(loader: Iterable, start: int) -> Iterator:
