@@ -450,6 +450,10 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> float:
         "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss",
         "device": str(device),
         "precision": precision,
+        "precision_reason": precision_reason,
+        "channels_last": channels_last,
+        # where the training data lived: device | host (memory-resident, batches gathered by index) | off (workers)
+        "data_resident": {"mode": residence.mode, "reason": residence.reason},
         "checkpoints": {"last": str(last_path.resolve()), "best": str(best_path.resolve()) if best_path.exists() else None},
         "data": {"manifest": str(manifest_path), "num_train": len(train_subjects), "num_val": len(val_subjects),
                  "num_skipped": len(manifest.skipped), "skipped": manifest.skipped,

@@ -176,3 +176,40 @@ def test_worker_path_and_resident_path_train_the_same_run(tmp_path, cache_dir):
     a = [{k: v for k, v in h.items() if k not in drop} for h in read_summary(tmp_path / "workers")["history"]]
     b = [{k: v for k, v in h.items() if k not in drop} for h in read_summary(tmp_path / "resident")["history"]]
     assert a == b
+
+
+def test_prefetcher_yields_every_batch_in_order_and_reraises_errors():
+    source = [{"image": torch.full((1, 2), float(i)), "subject_id": [f"sub-{i}"]} for i in range(7)]
+    out = list(R.Prefetcher(iter(source), torch.device("cpu"), depth=2))
+    assert [b["subject_id"] for b in out] == [b["subject_id"] for b in source]
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(out, source))
+
+    def failing():
+        yield source[0]
+        raise OSError("truncated file sub-1")
+    batches = iter(R.Prefetcher(failing(), torch.device("cpu")))
+    assert next(batches)["subject_id"] == ["sub-0"]
+    with pytest.raises(OSError, match="truncated file sub-1"):
+        next(batches)
+
+
+def test_prefetcher_thread_stops_when_the_consumer_leaves_early():
+    import threading
+    endless = ({"image": torch.zeros(1), "i": i} for i in range(10**9))
+    batches = iter(R.Prefetcher(endless, torch.device("cpu"), depth=1))
+    assert next(batches)["i"] == 0
+    batches.close()  # e.g. a stop signal ended the epoch
+    assert not any(t.name == "brain3d-prefetch" and t.is_alive() for t in threading.enumerate())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_host_resident_batches_reach_the_gpu_equal(subjects):
+    subject_list, cache_dir = subjects
+    train_set = VolumeDataset(subject_list[:8], "segmentation", SHAPE, cache_dir)
+    val_set = VolumeDataset(subject_list[8:], "segmentation", SHAPE, cache_dir)
+    cpu_loader, _, _ = build_loaders(train_set, val_set, data_cfg("host"), torch.device("cpu"), 0, 2, progress=False)
+    gpu_loader, _, residence = build_loaders(train_set, val_set, data_cfg("host"), torch.device("cuda"), 0, 2,
+                                             progress=False)
+    assert residence.device.type == "cpu"
+    for a, b in zip(epoch_batches(cpu_loader, 0), epoch_batches(gpu_loader, 0)):
+        assert b["image"].is_cuda and torch.equal(a["image"], b["image"].cpu())

@@ -257,9 +257,14 @@ class ResidentLoader:
 
 
 class Prefetcher:
-    """Runs ``batches`` in a background thread: each batch is pinned and copied to ``device`` on a CUDA
-    stream of its own while the GPU computes the previous step; at most ``depth`` batches wait ready.
-    Exceptions of the thread are raised in the consumer. Closing (or dropping) the iterator stops it."""
+    """Runs ``batches`` in a background thread, at most ``depth`` batches ahead of the consumer.
+
+    On CUDA each batch is pinned and copied to ``device`` on a CUDA stream of its own, so the copy overlaps
+    the GPU's work on the previous step; the consumer's stream waits for that copy (an event, no host
+    synchronisation) and the tensors are marked as used by it (``record_stream``). On other devices the
+    thread just prepares batches ahead (tensors moved with ``.to(device)``). Exceptions of the thread are
+    raised in the consumer; closing the iterator (or dropping it) stops the thread.
+    """
 
     def __init__(self, batches: Iterator[dict], device: torch.device, depth: int = 2):
         self.batches, self.device, self.depth = batches, device, depth
@@ -268,27 +273,36 @@ class Prefetcher:
         ready: queue.Queue = queue.Queue(maxsize=self.depth)
         stop = threading.Event()
         done = object()
-        stream = torch.cuda.Stream(self.device)
+        cuda = self.device.type == "cuda"
+        stream = torch.cuda.Stream(self.device) if cuda else None
+
+        def move(batch: dict):
+            if not cuda:
+                return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}, None
+            with torch.cuda.stream(stream):
+                moved = {k: v.pin_memory().to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                         for k, v in batch.items()}
+                event = torch.cuda.Event()
+                event.record(stream)
+            return moved, event
+
+        def put(item) -> bool:  # False once the consumer has gone
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
 
         def produce():
             try:
                 for batch in self.batches:
-                    with torch.cuda.stream(stream):
-                        moved = {k: v.pin_memory().to(self.device, non_blocking=True) if isinstance(v, torch.Tensor)
-                                 else v for k, v in batch.items()}
-                        event = torch.cuda.Event()
-                        event.record(stream)
-                    while not stop.is_set():
-                        try:
-                            ready.put((moved, event), timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
+                    if not put(move(batch)):
                         return
-                ready.put((done, None))
+                put((done, None))
             except BaseException as err:  # handed to the consumer
-                ready.put((err, None))
+                put((err, None))
 
         thread = threading.Thread(target=produce, name="brain3d-prefetch", daemon=True)
         thread.start()
@@ -299,11 +313,13 @@ class Prefetcher:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                current = torch.cuda.current_stream(self.device)
-                current.wait_event(event)
-                for value in item.values():
-                    if isinstance(value, torch.Tensor):
-                        value.record_stream(current)  # its memory is not reused while this stream still reads it
+                if event is not None:
+                    current = torch.cuda.current_stream(self.device)
+                    current.wait_event(event)
+                    for value in item.values():
+                        if isinstance(value, torch.Tensor):
+                            value.record_stream(current)  # its memory is not reused while this stream reads it
                 yield item
         finally:
             stop.set()
+            thread.join(timeout=5)
