@@ -152,8 +152,9 @@ def brain3d_loop(args, work: Path, precision: str, channels_last: bool, resident
     return row, Path(summary["data"]["manifest"])
 
 
-def monai_loops(args, manifest: Path, run_dir: Path, precision: str, channels_last: bool) -> list[dict]:
-    """(c) MONAI's recipes on the same training files, model, loss (brain3d's float32 Dice+BCE) and AdamW."""
+def monai_loaders(args, manifest: Path, run_dir: Path) -> list[tuple[str, object]]:
+    """(c) MONAI's recipes on the same training files (brain3d's training split): ``[(name, loader)]``, the
+    volumes cached once; :func:`monai_loop` trains the same model, loss (brain3d's float32 Dice+BCE) and AdamW."""
     try:
         import monai  # noqa: F401
     except ImportError:
@@ -166,7 +167,6 @@ def monai_loops(args, manifest: Path, run_dir: Path, precision: str, channels_la
                                   Orientationd, RandFlipd, Resized, ToDeviced)
 
     device = torch.device(args.device)
-    _, amp_dtype, _ = resolve_precision(precision, device)
     train_ids = {row["subject_id"] for row in csv.DictReader(open(run_dir / "split.csv")) if row["split"] == "train"}
     with open(manifest) as f:
         rows = [r for r in csv.DictReader(f) if r["subject_id"] in train_ids]
@@ -183,7 +183,7 @@ def monai_loops(args, manifest: Path, run_dir: Path, precision: str, channels_la
     if device.type == "cuda":
         to_gpu = [ToDeviced(keys=["image", "label"], device=str(device))]
         recipes.append(("MONAI GPU-cached (ToDeviced + ThreadDataLoader)", Compose(deterministic + to_gpu + flips), True))
-    results = []
+    loaders = []
     for name, transform, gpu_cached in recipes:
         dataset = CacheDataset(files, transform=transform, cache_rate=1.0, num_workers=args.workers, progress=False)
         if gpu_cached:
@@ -192,35 +192,41 @@ def monai_loops(args, manifest: Path, run_dir: Path, precision: str, channels_la
             loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.monai_workers,
                                 drop_last=True, pin_memory=device.type == "cuda",
                                 persistent_workers=args.monai_workers > 0)
-        model = make_model(args.task, args.backbone, args.width, device, channels_last, amp_dtype)
-        optimizer = make_optimizer(model, device)
-        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        loss_fn = DiceBCELoss()
-        model.train()
-        reset_peak(device)
-        speeds, waits = [], []
-        for epoch in range(args.epochs):
-            start, wait, volumes, epoch_loss = time.perf_counter(), 0.0, 0, 0.0
+        loaders.append((name, loader))
+    return loaders
+
+
+def monai_loop(args, name: str, loader, precision: str, channels_last: bool) -> dict:
+    """One MONAI row: a fresh model trained ``args.epochs`` epochs from ``loader``; epochs after the first timed."""
+    device = torch.device(args.device)
+    _, amp_dtype, _ = resolve_precision(precision, device)
+    model = make_model(args.task, args.backbone, args.width, device, channels_last, amp_dtype)
+    optimizer = make_optimizer(model, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    loss_fn = DiceBCELoss()
+    model.train()
+    reset_peak(device)
+    speeds, waits = [], []
+    for epoch in range(args.epochs):
+        start, wait, volumes, epoch_loss = time.perf_counter(), 0.0, 0, 0.0
+        t = time.perf_counter()
+        for batch in loader:
+            wait += time.perf_counter() - t
+            image = batch["image"].to(device, non_blocking=True).float()
+            label = batch["label"].to(device, non_blocking=True).float()
+            loss = train_step(model, optimizer, scaler, loss_fn, image, label, args.task, device, amp_dtype,
+                              channels_last)
+            epoch_loss += loss.item()  # as MONAI's tutorials log it
+            volumes += image.shape[0]
             t = time.perf_counter()
-            for batch in loader:
-                wait += time.perf_counter() - t
-                image = batch["image"].to(device, non_blocking=True).float()
-                label = batch["label"].to(device, non_blocking=True).float()
-                loss = train_step(model, optimizer, scaler, loss_fn, image, label, args.task, device, amp_dtype,
-                                  channels_last)
-                epoch_loss += loss.item()  # as MONAI's tutorials log it
-                volumes += image.shape[0]
-                t = time.perf_counter()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds = time.perf_counter() - start
-            if epoch > 0 or args.epochs == 1:
-                speeds.append(volumes / seconds)
-                waits.append(wait / seconds)
-        results.append({"loop": name, "vol/s": statistics.mean(speeds), "data_wait": statistics.mean(waits),
-                        "peak MB": peak_memory_mb(device), "epochs timed": len(speeds)})
-        del loader, dataset
-    return results
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        if epoch > 0 or args.epochs == 1:
+            speeds.append(volumes / seconds)
+            waits.append(wait / seconds)
+    return {"loop": name, "vol/s": statistics.mean(speeds), "data_wait": statistics.mean(waits),
+            "peak MB": peak_memory_mb(device), "epochs timed": len(speeds)}
 
 
 def end_to_end(args) -> None:
@@ -243,25 +249,46 @@ def end_to_end(args) -> None:
         return compute_only(args.task, args.backbone, size, args.width, args.batch_size, precision, device,
                             steps=steps, warmup=args.warmup, channels_last=channels_last)
 
-    first = ceiling()
-    loop_rows = []
-    for resident in args.resident:
-        row, manifest = brain3d_loop(args, work, precision, channels_last, resident)
-        loop_rows.append(row)
-    loop_row = loop_rows[0]
-    monai_rows = monai_loops(args, manifest, work / "brain3d_run", precision, channels_last) if not args.no_monai else []
-    second = ceiling()
-    best = max(first["vol/s"], second["vol/s"])
-    rows = [{"loop": "compute-only train step (ceiling)", "vol/s": best, "data_wait": 0.0,
-             "peak MB": max(first["peak MB"], second["peak MB"]), "epochs timed": f"{steps} steps, twice"},
-            *loop_rows, *monai_rows]
-    print(f"ceiling measured twice: {first['vol/s']:.2f} and {second['vol/s']:.2f} vol/s (the higher counts)")
-    print(f"{'loop':<52} | {'vol/s':>8} | {'x ceiling':>9} | {'data wait':>9} | {'peak MB':>8} | epochs timed")
-    for row in rows:
-        print(f"{row['loop']:<52} | {row['vol/s']:>8.2f} | {row['vol/s'] / best:>9.3f} | {row['data_wait']:>9.3f} | "
-              f"{row['peak MB']:>8.0f} | {row['epochs timed']}")
-    for row in monai_rows:
-        print(f"brain3d / {row['loop']}: {loop_row['vol/s'] / row['vol/s']:.2f}x")
+    # Shared machines are noisy (+-10% between two identical measurements here), so the rows are measured
+    # in turns, `--repeats` times, with the ceiling before and after each turn: every loop is compared to the
+    # mean of the ceilings around it, and the median over the turns is reported.
+    ceilings = [ceiling()]
+    runs: dict[str, list[dict]] = {}
+    ratios: dict[str, list[float]] = {}
+    monai = None
+    for repeat in range(args.repeats):
+        turn = []
+        for resident in args.resident:
+            row, manifest = brain3d_loop(args, work, precision, channels_last, resident)
+            turn.append(row)
+        if not args.no_monai:
+            if monai is None:
+                monai = monai_loaders(args, manifest, work / "brain3d_run")
+            turn += [monai_loop(args, name, loader, precision, channels_last) for name, loader in monai]
+        ceilings.append(ceiling())
+        around = (ceilings[-2]["vol/s"] + ceilings[-1]["vol/s"]) / 2
+        for row in turn:
+            runs.setdefault(row["loop"], []).append(row)
+            ratios.setdefault(row["loop"], []).append(row["vol/s"] / around)
+    speeds = [c["vol/s"] for c in ceilings]
+    print(f"ceiling measured {len(speeds)} times: {', '.join(f'{v:.2f}' for v in speeds)} vol/s")
+    print(f"{'loop':<52} | {'vol/s':>8} | {'x ceiling':>9} | {'range':>11} | {'data wait':>9} | {'peak MB':>8}")
+    print(f"{'compute-only train step (ceiling)':<52} | {statistics.median(speeds):>8.2f} | {1.0:>9.3f} | "
+          f"{'':>11} | {0.0:>9.3f} | {max(c['peak MB'] for c in ceilings):>8.0f}")
+    for name, rows in runs.items():
+        r = ratios[name]
+        print(f"{name:<52} | {statistics.median(x['vol/s'] for x in rows):>8.2f} | {statistics.median(r):>9.3f} | "
+              f"{min(r):>5.3f}-{max(r):<5.3f} | {statistics.median(x['data_wait'] for x in rows):>9.3f} | "
+              f"{max(x['peak MB'] for x in rows):>8.0f}")
+    first_brain3d = next(iter(runs))
+    for name in runs:
+        if name.startswith("MONAI"):
+            paired = [a["vol/s"] / b["vol/s"] for a, b in zip(runs[first_brain3d], runs[name])]
+            print(f"brain3d ({first_brain3d.split('(')[1][:-1]}) / {name}: {statistics.median(paired):.2f}x "
+                  f"(median over {len(paired)} turns)")
+    print(f"vol/s, x ceiling and data wait: medians over {args.repeats} turn(s), each loop timed over "
+          f"{args.epochs - 1} epoch(s) after its first and compared to the mean of the ceilings ({steps} steps each) "
+          f"before and after its turn")
     if device.type != "cuda":
         print("peak MB on CPU is the process's peak RSS so far (monotonic over the rows, in order of running)")
 
@@ -289,6 +316,7 @@ def main() -> None:
     parser.add_argument("--monai-workers", type=int, default=2, help="--end-to-end: MONAI DataLoader processes")
     parser.add_argument("--resident", nargs="+", default=["auto"], choices=["auto", "device", "host", "off"],
                         help="--end-to-end: data.resident of brain3d's loop, one row each (the first is compared to MONAI)")
+    parser.add_argument("--repeats", type=int, default=3, help="--end-to-end: turns of every loop (medians reported)")
     parser.add_argument("--no-monai", action="store_true", help="--end-to-end: skip the MONAI reference loops")
     parser.add_argument("--work-dir", default=None, help="--end-to-end: data and run folder (default: a new temp dir)")
     args = parser.parse_args()
