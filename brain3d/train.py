@@ -268,8 +268,8 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> float:
     log.info("model: backbone %s + head %s, %s parameters", cfg.backbone._target_, cfg.task.head._target_, f"{num_parameters:,}")
     if device.type == "cpu" and amp_dtype is torch.bfloat16:
         guard_cpu_bf16_convolutions(model)  # a oneDNN bf16 defect on 2-voxel-thin inputs (brain3d.hardware)
-    channels_last = resolve_channels_last(trainer_cfg.get("channels_last", "auto"), device)
-    if channels_last:  # (N, D, H, W, C) layout: faster convolutions with cuDNN on tensor-core GPUs
+    channels_last = resolve_channels_last(trainer_cfg.get("channels_last", True), device)
+    if channels_last:  # (N, D, H, W, C) layout: faster convolutions with cuDNN on GPUs and oneDNN on CPUs
         model = model.to(memory_format=torch.channels_last_3d)
     if trainer_cfg.get("grad_checkpointing", False):
         if not hasattr(model.backbone, "grad_checkpointing"):

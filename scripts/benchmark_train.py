@@ -232,8 +232,7 @@ def monai_loop(args, name: str, loader, precision: str, channels_last: bool) -> 
 def end_to_end(args) -> None:
     device = torch.device(args.device)
     precision, _, reason = resolve_precision(args.precision, device)
-    channels_last = resolve_channels_last(args.channels_last if args.channels_last == "auto" else args.channels_last == "true",
-                                          device)
+    channels_last = resolve_channels_last(args.channels_last == "true", device)
     size = args.shapes[0]
     logging.basicConfig(level=logging.WARNING)
     print(f"device {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
@@ -305,8 +304,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"],
                         help="default fp32; auto with --end-to-end (what trainer.precision=auto picks)")
-    parser.add_argument("--channels-last", default="auto", choices=["auto", "true", "false"],
-                        help="channels_last_3d (auto: on CUDA only, as trainer.channels_last=auto)")
+    parser.add_argument("--channels-last", default="true", choices=["true", "false"],
+                        help="channels_last_3d memory format (trainer.channels_last; default true)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=5, help="default mode: timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
@@ -329,8 +328,7 @@ def main() -> None:
     precision = args.precision or "fp32"
     device = torch.device(args.device)
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    channels_last = resolve_channels_last(args.channels_last if args.channels_last == "auto" else args.channels_last == "true",
-                                          device)
+    channels_last = resolve_channels_last(args.channels_last == "true", device)
     rows = [compute_only(t, args.backbone, s, args.width, args.batch_size, precision, device, args.steps, args.warmup,
                          channels_last) for t in args.tasks for s in args.shapes]
     columns = list(rows[0])

@@ -1,5 +1,5 @@
 """Device, precision and speed defaults: trainer.precision=auto on CPUs with and without native bf16,
-channels_last=auto, fused AdamW on CUDA."""
+channels_last, fused AdamW on CUDA, the bf16 convolution guard."""
 
 from __future__ import annotations
 
@@ -56,11 +56,10 @@ def test_auto_precision_on_cuda_follows_the_gpu(monkeypatch):
     assert hardware.resolve_precision("auto", torch.device("cuda"))[:2] == ("fp16", torch.float16)
 
 
-def test_channels_last_auto_is_on_for_cuda_only():
-    assert hardware.resolve_channels_last("auto", torch.device("cuda")) is True
-    assert hardware.resolve_channels_last("auto", CPU) is False
+def test_channels_last_takes_a_boolean():
     assert hardware.resolve_channels_last(True, CPU) is True
-    with pytest.raises(ConfigError, match="trainer.channels_last='yes' is not one of auto, true, false"):
+    assert hardware.resolve_channels_last(False, torch.device("cuda")) is False
+    with pytest.raises(ConfigError, match="trainer.channels_last='yes' is not one of true, false"):
         hardware.resolve_channels_last("yes", CPU)
 
 

@@ -59,9 +59,9 @@ def _tiny(option, tmp_path, cache_dir, task="segmentation"):
     return summary
 
 
-def test_channels_last_run_completes(tmp_path, cache_dir):
-    summary = _tiny("trainer.channels_last=true", tmp_path, cache_dir)
-    assert summary["final_train"]["loss"] > 0
+def test_channels_first_run_completes(tmp_path, cache_dir):
+    summary = _tiny("trainer.channels_last=false", tmp_path, cache_dir)  # channels_last is the default
+    assert summary["final_train"]["loss"] > 0 and summary["channels_last"] is False
 
 
 def test_grad_checkpointing_run_completes(tmp_path, cache_dir):
