@@ -108,7 +108,7 @@ def test_explicit_residence_that_does_not_fit_is_refused_with_sizes(subjects, mo
     val_set = VolumeDataset(subject_list[8:], "segmentation", SHAPE, cache_dir)
     monkeypatch.setattr(R, "available_bytes", lambda where: 100_000)  # 0.1 MB free; the data need 1.6 MB
     with pytest.raises(ConfigError, match=r"data.resident=device: the training and validation volumes need "
-                                          r"0.00 GiB, more than data.resident_max_fraction=0.5 of the 0.00 GiB"):
+                                          r"1.6 MB, more than data.resident_max_fraction=0.5 of the 0.1 MB"):
         build_loaders(train_set, val_set, data_cfg("device"), torch.device("cpu"), seed=0, val_batch_size=2,
                       progress=False)
     with pytest.raises(ConfigError, match=r"data.resident='gpu' is not one of auto, device, host, off"):
@@ -213,3 +213,18 @@ def test_host_resident_batches_reach_the_gpu_equal(subjects):
     assert residence.device.type == "cpu"
     for a, b in zip(epoch_batches(cpu_loader, 0), epoch_batches(gpu_loader, 0)):
         assert b["image"].is_cuda and torch.equal(a["image"], b["image"].cpu())
+
+
+def test_unreadable_file_while_loading_into_memory_names_the_file(subjects, tmp_path):
+    import dataclasses
+    import shutil
+
+    subject_list, _ = subjects
+    broken = tmp_path / "broken_T1w.nii.gz"
+    shutil.copy(subject_list[0].image, broken)
+    broken.write_bytes(broken.read_bytes()[:200])  # truncated .gz, as a copy interrupted half-way
+    train = [dataclasses.replace(subject_list[0], image=broken), *subject_list[1:4]]
+    train_set = VolumeDataset(train, "segmentation", SHAPE, tmp_path / "cache")
+    val_set = VolumeDataset(subject_list[8:], "segmentation", SHAPE, tmp_path / "cache")
+    with pytest.raises(ConfigError, match=r"reading the volumes into memory: cannot read NIfTI file .*broken_T1w"):
+        build_loaders(train_set, val_set, data_cfg("auto", num_workers=0), torch.device("cpu"), 0, 2, progress=False)

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
 from brain3d.data.dataset import VolumeDataset
+from brain3d.data.nifti import NiftiReadError
 from brain3d.data.resident import (ResidentLoader, ResidentMemoryError, ResidentVolumes, estimated_bytes, gib,
                                    residence_candidates)
 from brain3d.data.sampling import ResumableBatchSampler
@@ -99,6 +100,9 @@ def build_loaders(train_set: VolumeDataset, val_set: VolumeDataset, data_cfg: Di
             train_store = ResidentVolumes(train_set, residence.device, residence.budget, progress, threads)
             val_store = ResidentVolumes(val_set, residence.device, residence.budget - train_store.nbytes, progress, threads)
             break
+        except NiftiReadError as err:  # only with data.check_data=false: the start-up check decodes every file
+            raise ConfigError(f"reading the volumes into memory: {err} (data.check_data=true finds every such file "
+                              f"before training; data.on_error=skip leaves them out)") from err
         except ResidentMemoryError as err:
             if requested != "auto":
                 raise ConfigError(f"data.resident={requested}: {err}") from err

@@ -78,7 +78,8 @@ def estimated_bytes(datasets: Sequence[VolumeDataset]) -> int | None:
 
 
 def gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
+    """A size for a log line: MB below a GiB, else GiB."""
+    return f"{n / 2**20:.1f} MB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
 
 
 @dataclass
