@@ -46,7 +46,7 @@ from brain3d.data.loaders import build_loaders, make_loader, shutdown_workers  #
 from brain3d.data.synthetic import make_synthetic_dataset, synthetic_cache_dir
 from brain3d.models.heads import check_segmentation_shape
 from brain3d.models.model import build_model, count_parameters
-from brain3d.preemption import EXIT_PREEMPTED, Preempted, StopRequest, ignore_stop_signals, stop_on_signals
+from brain3d.preemption import EXIT_PREEMPTED, Preempted, StopRequest, stop_on_signals
 from brain3d.sweep import in_multirun, record_job_error
 from brain3d.tensorboard_log import log_config, log_epoch, log_hparams, overlay_mid_slices
 

@@ -73,10 +73,12 @@ def make_model(task: str, backbone: str, width: float, device: torch.device, cha
 
 def make_optimizer(model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
     # configs/optimizer/adamw.yaml, with brain3d's fused kernel on CUDA
-    return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4, **({"fused": True} if device.type == "cuda" else {}))
+    fused = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4, **fused)
 
 
-def train_step(model, optimizer, scaler, loss_fn, image, target, task, device, amp_dtype, channels_last) -> torch.Tensor:
+def train_step(model, optimizer, scaler, loss_fn, image, target, task, device, amp_dtype,
+               channels_last) -> torch.Tensor:
     """One optimizer step as brain3d's loop takes it: autocast forward, float32 loss, backward, clipping."""
     with autocast(device, amp_dtype):
         logits = model(to_memory_format(image, channels_last))[task]
@@ -182,7 +184,8 @@ def monai_loaders(args, manifest: Path, run_dir: Path) -> list[tuple[str, object
     recipes = [("MONAI CacheDataset + DataLoader", Compose(deterministic + flips), False)]
     if device.type == "cuda":
         to_gpu = [ToDeviced(keys=["image", "label"], device=str(device))]
-        recipes.append(("MONAI GPU-cached (ToDeviced + ThreadDataLoader)", Compose(deterministic + to_gpu + flips), True))
+        gpu_recipe = Compose(deterministic + to_gpu + flips)
+        recipes.append(("MONAI GPU-cached (ToDeviced + ThreadDataLoader)", gpu_recipe, True))
     loaders = []
     for name, transform, gpu_cached in recipes:
         dataset = CacheDataset(files, transform=transform, cache_rate=1.0, num_workers=args.workers, progress=False)
@@ -294,7 +297,8 @@ def end_to_end(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--end-to-end", action="store_true", help="compare brain3d's loop (and MONAI's) to the compute step")
+    parser.add_argument("--end-to-end", action="store_true",
+                        help="compare brain3d's loop (and MONAI's) to the compute step")
     parser.add_argument("--tasks", nargs="+", default=["classification", "segmentation"], choices=sorted(HEADS),
                         help="default mode: the tasks to time")
     parser.add_argument("--task", default="segmentation", choices=["segmentation"], help="--end-to-end: the task")
@@ -314,7 +318,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="--end-to-end: data.num_workers / CacheDataset threads")
     parser.add_argument("--monai-workers", type=int, default=2, help="--end-to-end: MONAI DataLoader processes")
     parser.add_argument("--resident", nargs="+", default=["auto"], choices=["auto", "device", "host", "off"],
-                        help="--end-to-end: data.resident of brain3d's loop, one row each (the first is compared to MONAI)")
+                        help="--end-to-end: data.resident of brain3d's loop, one row each (the first is compared "
+                             "to MONAI)")
     parser.add_argument("--repeats", type=int, default=5, help="--end-to-end: turns of every loop (medians reported)")
     parser.add_argument("--no-monai", action="store_true", help="--end-to-end: skip the MONAI reference loops")
     parser.add_argument("--work-dir", default=None, help="--end-to-end: data and run folder (default: a new temp dir)")

@@ -22,4 +22,5 @@ def test_end_to_end_benchmark_prints_ceiling_loop_and_monai_rows(tmp_path):
     assert "MONAI CacheDataset + DataLoader" in rows
     ratio = float(rows["compute-only train step (ceiling)"].split("|")[2])
     assert ratio == 1.0
-    assert re.search(r"brain3d \(data.resident=auto: device\) / MONAI CacheDataset \+ DataLoader: \d+\.\d\dx", proc.stdout)
+    paired = r"brain3d \(data.resident=auto: device\) / MONAI CacheDataset \+ DataLoader: \d+\.\d\dx"
+    assert re.search(paired, proc.stdout)

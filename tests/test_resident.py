@@ -112,7 +112,7 @@ def test_explicit_residence_that_does_not_fit_is_refused_with_sizes(subjects, mo
         build_loaders(train_set, val_set, data_cfg("device"), torch.device("cpu"), seed=0, val_batch_size=2,
                       progress=False)
     with pytest.raises(ConfigError, match=r"data.resident='gpu' is not one of auto, device, host, off"):
-        build_loaders(train_set, val_set, data_cfg("gpu"), torch.device("cpu"), seed=0, val_batch_size=2, progress=False)
+        build_loaders(train_set, val_set, data_cfg("gpu"), torch.device("cpu"), 0, 2, progress=False)
 
 
 def test_auto_falls_back_to_workers_when_the_data_do_not_fit(subjects, monkeypatch, caplog):
@@ -167,7 +167,8 @@ def test_settled_loss_sum_equals_the_per_step_sum():
 
 def test_worker_path_and_resident_path_train_the_same_run(tmp_path, cache_dir):
     common = ["task=segmentation", *tiny_overrides(cache_dir), "trainer.max_epochs=2"]
-    run_train([*common, "data.resident=off", "data.num_workers=2", f"hydra.run.dir={tmp_path / 'workers'}"], cwd=tmp_path)
+    run_train([*common, "data.resident=off", "data.num_workers=2", f"hydra.run.dir={tmp_path / 'workers'}"],
+              cwd=tmp_path)
     proc = run_train([*common, "data.resident=auto", f"hydra.run.dir={tmp_path / 'resident'}"], cwd=tmp_path)
     log_text = (tmp_path / "resident" / "train.log").read_text()
     assert "held in host RAM, batches gathered by index" in log_text, proc.stdout

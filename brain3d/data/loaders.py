@@ -98,7 +98,8 @@ def build_loaders(train_set: VolumeDataset, val_set: VolumeDataset, data_cfg: Di
             break
         try:
             train_store = ResidentVolumes(train_set, residence.device, residence.budget, progress, threads)
-            val_store = ResidentVolumes(val_set, residence.device, residence.budget - train_store.nbytes, progress, threads)
+            val_budget = residence.budget - train_store.nbytes  # one budget for both
+            val_store = ResidentVolumes(val_set, residence.device, val_budget, progress, threads)
             break
         except NiftiReadError as err:  # only with data.check_data=false: the start-up check decodes every file
             raise ConfigError(f"reading the volumes into memory: {err} (data.check_data=true finds every such file "
@@ -112,7 +113,8 @@ def build_loaders(train_set: VolumeDataset, val_set: VolumeDataset, data_cfg: Di
     if residence.mode == "off":
         log.info("data: DataLoader with %d persistent worker process(es) over the %s (%s)", data_cfg.num_workers,
                  "disk cache" if train_set.cache_dir else "files", residence.reason)
-        train_loader = make_loader(train_set, data_cfg, device, shuffle=True, seed=seed, rank=rank, world_size=world_size)
+        train_loader = make_loader(train_set, data_cfg, device, shuffle=True, seed=seed, rank=rank,
+                                   world_size=world_size)
         val_loader = make_loader(val_set, data_cfg, device, shuffle=False, seed=seed, batch_size=val_batch_size)
         return train_loader, val_loader, residence
     on_device = residence.device.type == device.type
