@@ -360,6 +360,7 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> float:
     def after_optimizer_step(position: engine.EpochProgress) -> bool:
         step = epoch * steps_per_epoch + math.ceil(position.batches_done / accumulate)  # optimizer steps so far
         if log_every_n and step % log_every_n == 0:
+            position.settle()  # read back the losses still on the device (one sync, only on logging steps)
             log.info("step %d: epoch %d, batch %d/%d, train_loss=%.4g", step, epoch + 1, position.batches_done,
                      len(train_loader), position.loss_sum / max(position.volumes, 1))
         if step_sleep:
