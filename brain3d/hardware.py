@@ -86,12 +86,12 @@ def resolve_precision(name: str, device: torch.device) -> tuple[str, torch.dtype
     return name, PRECISIONS[name], reason
 
 
-def resolve_channels_last(value, device: torch.device) -> bool:
+def resolve_channels_last(value) -> bool:
     """``trainer.channels_last`` (default true): model and inputs in the ``channels_last_3d`` (N, D, H, W, C)
     memory format. Faster on both kinds of device measured: cuDNN's 3-D convolutions on tensor-core GPUs
     (117 -> 163 vol/s for the seed segmentation model at 128^3 on an H100), and oneDNN's on a 2-core AVX512-BF16
     CPU (seed segmentation model at 64^3: 1.25x at width 1, 1.3x (bf16) to 2x (fp32) at width 0.25;
-    README "Performance"). ``device`` is accepted for future per-device defaults."""
+    README "Performance")."""
     if isinstance(value, bool):
         return value
     raise ConfigError(f"trainer.channels_last={value!r} is not one of true, false")

@@ -34,15 +34,15 @@ from tqdm.auto import tqdm
 from brain3d import distributed as dist_utils
 from brain3d import engine
 from brain3d.errors import ConfigError
-from brain3d.hardware import (PRECISIONS, configure_backends, guard_cpu_bf16_convolutions,  # noqa: F401
-                              resolve_channels_last, resolve_device, resolve_precision)
+from brain3d.hardware import (configure_backends, guard_cpu_bf16_convolutions, resolve_channels_last, resolve_device,
+                              resolve_precision)
 from brain3d.evaluation import fit_bias_correction
 from brain3d.checkpoint import load_checkpoint, remove_stale_temp_files, resolve_resume_path, save_checkpoint
 from brain3d.data.manifest import ManifestError, load_manifest, split_subjects
 from brain3d.data.preprocess import validate_settings
 from brain3d.data.sources import source_manifest
 from brain3d.data.dataset import VolumeDataset
-from brain3d.data.loaders import build_loaders, make_loader, shutdown_workers  # noqa: F401  (make_loader: tests)
+from brain3d.data.loaders import build_loaders, shutdown_workers
 from brain3d.data.synthetic import make_synthetic_dataset, synthetic_cache_dir
 from brain3d.models.heads import check_segmentation_shape
 from brain3d.models.model import build_model, count_parameters
@@ -268,7 +268,7 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> float:
     log.info("model: backbone %s + head %s, %s parameters", cfg.backbone._target_, cfg.task.head._target_, f"{num_parameters:,}")
     if device.type == "cpu" and amp_dtype is torch.bfloat16:
         guard_cpu_bf16_convolutions(model)  # a oneDNN bf16 defect on 2-voxel-thin inputs (brain3d.hardware)
-    channels_last = resolve_channels_last(trainer_cfg.get("channels_last", True), device)
+    channels_last = resolve_channels_last(trainer_cfg.get("channels_last", True))
     if channels_last:  # (N, D, H, W, C) layout: faster convolutions with cuDNN on GPUs and oneDNN on CPUs
         model = model.to(memory_format=torch.channels_last_3d)
     if trainer_cfg.get("grad_checkpointing", False):

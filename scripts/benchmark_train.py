@@ -137,10 +137,10 @@ def brain3d_loop(args, work: Path, precision: str, channels_last: bool, resident
         f"data.batch_size={args.batch_size}", f"data.num_workers={args.workers}", f"data.cache_dir={work / 'cache'}",
         f"data.resident={resident}", f"trainer.max_epochs={args.epochs}", f"trainer.precision={precision}",
         f"trainer.channels_last={str(channels_last).lower()}", f"trainer.device={args.device}",
-        "trainer.progress=false", "trainer.log_images=false", f"+output_dir={work / 'brain3d_run'}",
+        "trainer.progress=false", "trainer.log_images=false",
     ]
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=[o for o in overrides if not o.startswith("+output_dir")])
+        cfg = compose("train", overrides=overrides)
     cfg.output_dir = str(work / "brain3d_run")
     device = torch.device(args.device)
     reset_peak(device)
@@ -235,7 +235,7 @@ def monai_loop(args, name: str, loader, precision: str, channels_last: bool) -> 
 def end_to_end(args) -> None:
     device = torch.device(args.device)
     precision, _, reason = resolve_precision(args.precision, device)
-    channels_last = resolve_channels_last(args.channels_last == "true", device)
+    channels_last = resolve_channels_last(args.channels_last == "true")
     size = args.shapes[0]
     logging.basicConfig(level=logging.WARNING)
     print(f"device {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
@@ -333,7 +333,7 @@ def main() -> None:
     precision = args.precision or "fp32"
     device = torch.device(args.device)
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    channels_last = resolve_channels_last(args.channels_last == "true", device)
+    channels_last = resolve_channels_last(args.channels_last == "true")
     rows = [compute_only(t, args.backbone, s, args.width, args.batch_size, precision, device, args.steps, args.warmup,
                          channels_last) for t in args.tasks for s in args.shapes]
     columns = list(rows[0])

@@ -18,7 +18,8 @@ from brain3d.data.dataset import VolumeDataset
 from brain3d.data.preprocess import validate_settings
 from brain3d.data.sampling import ResumableBatchSampler
 from brain3d.models.model import build_model
-from brain3d.train import build_loss, make_loader, read_manifest
+from brain3d.data.loaders import make_loader
+from brain3d.train import build_loss, read_manifest
 
 from tests.conftest import read_summary, tiny_overrides
 

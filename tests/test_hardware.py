@@ -57,10 +57,10 @@ def test_auto_precision_on_cuda_follows_the_gpu(monkeypatch):
 
 
 def test_channels_last_takes_a_boolean():
-    assert hardware.resolve_channels_last(True, CPU) is True
-    assert hardware.resolve_channels_last(False, torch.device("cuda")) is False
+    assert hardware.resolve_channels_last(True) is True
+    assert hardware.resolve_channels_last(False) is False
     with pytest.raises(ConfigError, match="trainer.channels_last='yes' is not one of true, false"):
-        hardware.resolve_channels_last("yes", CPU)
+        hardware.resolve_channels_last("yes")
 
 
 def test_adamw_is_fused_on_cuda_and_default_on_cpu():

@@ -18,7 +18,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sequential
 
 from brain3d.data.dataset import VolumeDataset
 from brain3d.data.nifti import NiftiReadError
-from brain3d.data.resident import (ResidentLoader, ResidentMemoryError, ResidentVolumes, estimated_bytes, gib,
+from brain3d.data.resident import (ResidentLoader, ResidentMemoryError, ResidentVolumes, estimated_bytes, size_text,
                                    residence_candidates)
 from brain3d.data.sampling import ResumableBatchSampler
 from brain3d.errors import ConfigError
@@ -119,7 +119,7 @@ def build_loaders(train_set: VolumeDataset, val_set: VolumeDataset, data_cfg: Di
         return train_loader, val_loader, residence
     on_device = residence.device.type == device.type
     log.info("data: %d + %d volumes (%s) held in %s, batches gathered by index%s (%s)", len(train_store),
-             len(val_store), gib(train_store.nbytes + val_store.nbytes),
+             len(val_store), size_text(train_store.nbytes + val_store.nbytes),
              "GPU memory" if residence.device.type == "cuda" else "host RAM",
              "" if on_device else ", copied to the GPU by a prefetch thread", residence.reason)
     to_device = None if on_device else device

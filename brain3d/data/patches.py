@@ -19,7 +19,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["sample_patch_start", "extract_patch", "foreground_coordinates", "sample_training_patch", "training_patch_start"]
+__all__ = ["sample_patch_start", "extract_patch", "foreground_coordinates", "mask_foreground_voxels",
+           "sample_training_patch", "training_patch_start"]
 
 
 def _as_patch_size(patch_size: Sequence[int] | int, ndim: int) -> tuple[int, ...]:
@@ -187,12 +188,20 @@ def sample_training_patch(
     spatial = tuple(image.shape[-3:])
     patch = _as_patch_size(patch_size, 3)
     if mask is None:  # no labels: the same draws as an empty mask (one decision, one start)
-        return extract_patch(image, training_patch_start(spatial, patch, rng, foreground_fraction, has_mask=False), patch), None
+        start = training_patch_start(spatial, patch, rng, foreground_fraction, has_mask=False)
+        return extract_patch(image, start, patch), None
     if mask.ndim < 3 or tuple(mask.shape[-3:]) != spatial:
         raise ValueError(f"image spatial shape {spatial} differs from mask spatial shape {tuple(mask.shape[-3:])}")
     start = training_patch_start(spatial, patch, rng, foreground_fraction, has_mask=True,
                                  foreground_coords=foreground_coords if foreground_coords is not None else mask)
     return extract_patch(image, start, patch), extract_patch(mask, start, patch)
+
+
+def mask_foreground_voxels(mask: np.ndarray) -> np.ndarray:
+    """(N, 3) coordinates, in voxel order, of every voxel of a (D, H, W) or (C, D, H, W) mask where any
+    channel is > 0 (all of them, unlike :func:`foreground_coordinates`, which may subsample)."""
+    mask = np.asarray(mask)
+    return np.argwhere((mask > 0).reshape(-1, *mask.shape[-3:]).any(axis=0))
 
 
 def training_patch_start(
@@ -215,6 +224,6 @@ def training_patch_start(
     coords = None
     if want_foreground:
         coords = np.asarray(foreground_coords) if foreground_coords is not None else None
-        if coords is not None and coords.ndim != 2:  # a mask: a voxel is foreground when any channel is > 0
-            coords = np.argwhere((coords > 0).reshape(-1, *spatial).any(axis=0))
+        if coords is not None and coords.ndim != 2:  # a mask
+            coords = mask_foreground_voxels(coords)
     return sample_patch_start(spatial, patch_size, rng, foreground_coords=coords, foreground=want_foreground)

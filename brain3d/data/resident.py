@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from brain3d.data.dataset import VolumeDataset, load_preprocessed
-from brain3d.data.patches import training_patch_start
+from brain3d.data.patches import mask_foreground_voxels, training_patch_start
 
 log = logging.getLogger("brain3d.data")
 
@@ -77,7 +77,7 @@ def estimated_bytes(datasets: Sequence[VolumeDataset]) -> int | None:
     return total
 
 
-def gib(n: float) -> str:
+def size_text(n: float) -> str:
     """A size for a log line: MB below a GiB, else GiB."""
     return f"{n / 2**20:.1f} MB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
 
@@ -112,7 +112,7 @@ def residence_candidates(requested: str, device: torch.device, needed: int | Non
     if requested == "off":
         return [off]
     modes = [requested] if requested != "auto" else (["device", "host"] if device.type == "cuda" else ["device"])
-    size = gib(needed) if needed is not None else "size known after loading"
+    size = size_text(needed) if needed is not None else "size known after loading"
     candidates, refused = [], []
     for mode in modes:
         where = device if mode == "device" else torch.device("cpu")
@@ -120,15 +120,15 @@ def residence_candidates(requested: str, device: torch.device, needed: int | Non
         budget = int(free * max_fraction)
         label = "GPU memory" if where.type == "cuda" else "host RAM"
         if needed is None or needed <= budget:
-            candidates.append(Residence(mode, where, budget, f"{size}, within {max_fraction:g} of the {gib(free)} "
-                                                             f"of free {label}"))
+            reason = f"{size}, within {max_fraction:g} of the {size_text(free)} of free {label}"
+            candidates.append(Residence(mode, where, budget, reason))
             continue
         if requested != "auto":
             raise ResidentMemoryError(
-                f"the training and validation volumes need {gib(needed)}, more than data.resident_max_fraction="
-                f"{max_fraction:g} of the {gib(free)} of free {label} ({gib(budget)}); use data.resident=auto "
-                f"(falls back), host or off, a smaller data.shape, or raise the fraction")
-        refused.append(f"{size} exceed {max_fraction:g} of the {gib(free)} of free {label}")
+                f"the training and validation volumes need {size_text(needed)}, more than data.resident_max_fraction="
+                f"{max_fraction:g} of the {size_text(free)} of free {label} ({size_text(budget)}); use "
+                f"data.resident=auto (falls back), host or off, a smaller data.shape, or raise the fraction")
+        refused.append(f"{size} exceed {max_fraction:g} of the {size_text(free)} of free {label}")
     off.reason = off.reason or "; ".join(refused)
     return candidates + ([off] if requested == "auto" else [])
 
@@ -181,13 +181,13 @@ class ResidentVolumes:
                 if budget is not None and self.nbytes > budget:
                     expected = self.nbytes / (index + 1) * len(dataset)
                     raise ResidentMemoryError(
-                        f"{len(dataset)} volumes need about {gib(expected)} in memory, more than the {gib(budget)} "
-                        f"allowed (data.resident_max_fraction of the free memory)")
+                        f"{len(dataset)} volumes need about {size_text(expected)} in memory, more than the "
+                        f"{size_text(budget)} allowed (data.resident_max_fraction of the free memory)")
                 self.images.append(image_t.to(device))
                 self.targets.append(target_t.to(device))
                 coords = None
                 if dataset.patch_size is not None and with_mask:
-                    coords = np.argwhere(np.asarray(mask) > 0).astype(np.int32)  # as the dataset finds them
+                    coords = mask_foreground_voxels(mask).astype(np.int32)  # as the dataset finds them
                 self.foreground.append(coords)
         finally:
             if pool is not None:
@@ -242,7 +242,6 @@ class ResidentLoader:
 
     def __init__(self, store: ResidentVolumes, batch_sampler, to_device: torch.device | None = None):
         self.store = store
-        self.dataset = store.dataset
         self.batch_sampler = batch_sampler
         self.to_device = to_device
 
