@@ -343,6 +343,8 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> float:
             "config": config_dict, "task": task.name, "head_name": task.name, "num_parameters": num_parameters,
             "class_names": manifest.class_names, "target_mean": task.target_mean, "target_std": task.target_std,
             "bias_correction": bias_correction,
+            # brain3d-predict warns about (and marks) subjects the model was trained on
+            "train_subject_ids": [s.subject_id for s in train_subjects],
         }
 
     def stop_now(where: str) -> None:
