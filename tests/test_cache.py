@@ -1,11 +1,13 @@
 """brain3d.data.cache and brain3d-preprocess: hits are memmaps of the same arrays, changed files or
-settings are never served stale, concurrent fillers leave one complete entry, fill_cache counts."""
+settings are never served stale, copies of a file share its entry, concurrent fillers leave one complete
+entry, fill_cache counts, BRAIN3D_CACHE_DIR sets the cache root."""
 
 from __future__ import annotations
 
 import json
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +19,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import brain3d.data.cache as cache
-from brain3d.data.cache import cache_key, cache_paths, cached_volume, ensure_cached
+from brain3d.data.cache import cache_key, cache_paths, cached_volume, default_cache_root, ensure_cached, file_identity
 from brain3d.data.nifti import load_mask, load_nifti_with_grid, save_nifti
 from brain3d.data.preprocess import preprocess_volume
 from brain3d.data.synthetic import make_phantom, make_synthetic_dataset
@@ -92,9 +94,92 @@ def test_rewritten_or_touched_file_is_not_served_stale(subject, tmp_path):
     new, _, _ = cached_volume(image_path, mask_path, SETTINGS, root)
     np.testing.assert_array_equal(new, _direct(image_path, mask_path, SETTINGS)[0])
     assert not np.array_equal(new, old)
-    # touching the mask alone (same content, new mtime) is a new key too
+    # touching the mask alone (same content, new mtime) keeps the key: keys follow content, not mtimes
     os.utime(mask_path, ns=(mtime + 2 * 10**9, mtime + 2 * 10**9))
-    assert ensure_cached(image_path, mask_path, SETTINGS, root)[1] is False
+    assert ensure_cached(image_path, mask_path, SETTINGS, root) == (new_key, True)
+
+
+def test_a_copy_elsewhere_has_the_same_key_and_is_a_hit(subject, tmp_path, monkeypatch):
+    """Data copied to a job's scratch (new path, new mtime) reuses the entries its original filled."""
+    image_path, mask_path = subject
+    root = tmp_path / "cache"
+    image, mask, _ = cached_volume(image_path, mask_path, SETTINGS, root)
+    key = cache_key(image_path, mask_path, SETTINGS)
+    scratch = tmp_path / "scratch" / "job1"
+    scratch.mkdir(parents=True)
+    image_copy, mask_copy = Path(shutil.copy(image_path, scratch)), Path(shutil.copy(mask_path, scratch))
+    later = image_path.stat().st_mtime_ns + 5 * 10**9
+    for p in (image_copy, mask_copy):
+        os.utime(p, ns=(later, later))  # a distinct mtime, whatever the filesystem's timestamp resolution
+    assert cache_key(image_copy, mask_copy, SETTINGS) == key
+    assert file_identity(image_copy) == file_identity(image_path)
+
+    def no_recompute(*args, **kwargs):
+        raise AssertionError("a copy must be served from the cache, not preprocessed again")
+
+    monkeypatch.setattr(cache, "preprocess_volume", no_recompute)
+    assert ensure_cached(image_copy, mask_copy, SETTINGS, root) == (key, True)
+    image2, mask2, _ = cached_volume(image_copy, mask_copy, SETTINGS, root)
+    np.testing.assert_array_equal(image2, image)
+    np.testing.assert_array_equal(mask2, mask)
+    assert len(list(root.rglob("*.json"))) == 1
+
+
+def _write_with_same_mtime(path: Path, data: bytes) -> None:
+    """Replace ``path`` by ``data`` keeping its mtime, as ``rsync -t`` does (temp file, then rename)."""
+    st = path.stat()
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(tmp, path)
+
+
+def test_a_changed_byte_or_size_is_another_key(tmp_path):
+    """Same path, same size, same mtime, one data byte changed at a sampled position: another key."""
+    volume = np.random.default_rng(3).normal(size=(48, 48, 48)).astype(np.float32)  # ~432 KiB: sampled
+    path = save_nifti(volume, np.diag([2.0, 2.0, 2.0, 1.0]), tmp_path / "big.nii")
+    original = path.read_bytes()
+    ranges = cache._sample_ranges(len(original))
+    assert len(ranges) > 2 and sum(length for _, length in ranges) < len(original) // 2  # not a full read
+    key = cache_key(path, None, SETTINGS)
+    offset = ranges[len(ranges) // 2][0] + 100  # inside an interior sample, far past the 352-byte header
+    changed = bytearray(original)
+    changed[offset] ^= 0xFF
+    _write_with_same_mtime(path, bytes(changed))
+    assert path.stat().st_size == len(original)
+    assert cache_key(path, None, SETTINGS) != key
+    _write_with_same_mtime(path, original)  # back to the original content: the original key
+    assert cache_key(path, None, SETTINGS) == key
+    _write_with_same_mtime(path, original + b"\0" * 16)  # another size
+    assert cache_key(path, None, SETTINGS) != key
+
+
+def test_identity_is_memoized_until_the_file_changes(subject, monkeypatch):
+    """A repeated key costs a stat, not a read; a touch re-reads (and keeps the identity)."""
+    image_path, _ = subject
+    reads = []
+    real = cache._content_hash
+    monkeypatch.setattr(cache, "_content_hash", lambda path, size: reads.append(path) or real(path, size))
+    cache._memo_identity.cache_clear()
+    first = file_identity(image_path)
+    assert file_identity(image_path) == first and len(reads) == 1
+    later = image_path.stat().st_mtime_ns + 10**9
+    os.utime(image_path, ns=(later, later))
+    assert file_identity(image_path) == first and len(reads) == 2
+
+
+@pytest.mark.parametrize("data", ["synthetic", "nifti", "bids", "msd"])
+def test_brain3d_cache_dir_sets_the_cache_root(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("BRAIN3D_CACHE_DIR", str(tmp_path / "scratch_cache"))
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"data={data}"])
+        overridden = compose("train", overrides=[f"data={data}", f"data.cache_dir={tmp_path / 'x'}"])
+    assert cfg.data.cache_dir == str(tmp_path / "scratch_cache") == str(default_cache_root())
+    assert overridden.data.cache_dir == str(tmp_path / "x")  # an explicit data.cache_dir still wins
+    monkeypatch.delenv("BRAIN3D_CACHE_DIR")
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"data={data}"])
+    assert Path(cfg.data.cache_dir).expanduser() == default_cache_root() == Path.home() / ".cache" / "brain3d"
 
 
 def test_changed_settings_are_another_entry(subject, tmp_path):

@@ -6,13 +6,31 @@ Layout (``key`` = :func:`cache_key`, 40 hex digits)::
     cache_dir/<key[:2]>/<key>.mask.npy    uint8 (only when a mask was given)
     cache_dir/<key[:2]>/<key>.json        PreprocessInfo, source identities, settings; written LAST
 
-**Keys.** The key is a sha1 over the resolved image path with its size and ``st_mtime_ns``, the same
-for the mask (or None), :func:`brain3d.data.preprocess.settings_hash` of the settings and
-:data:`CACHE_VERSION`. A rewritten or touched file (new size or mtime) or other settings therefore
-give another key and are never served stale; old entries simply stop being used (delete the folder to
-reclaim the space). A file rewritten with the same size *and* the same mtime to the nanosecond (only
-possible on purpose, e.g. ``cp -p``/``rsync -t`` of different content, or on filesystems with coarse
-timestamps within one tick) would not be noticed: change its mtime (``touch``) in that case.
+Training uses ``cache_dir = <data.cache_dir>/preprocessed``; the configs default ``data.cache_dir`` to
+``$BRAIN3D_CACHE_DIR``, else ``~/.cache/brain3d`` (:func:`default_cache_root` for code without a config).
+
+**Keys.** The key is a sha1 over the *content identity* (:func:`file_identity`) of the image and of the
+mask (or None), :func:`brain3d.data.preprocess.settings_hash` of the settings and :data:`CACHE_VERSION`.
+Neither the path nor the mtime is part of it, so data copied to another folder (``cp``, ``rsync``, a job's
+local scratch on a cluster) finds the entries its original filled; a ``touch`` keeps the key too. Other
+settings give another key; old entries simply stop being used (delete the folder to reclaim the space; it
+is always safe, the cache is rebuilt on demand).
+
+A content identity is the file size and a blake2b hash of a few sampled byte ranges: the whole file when
+it is at most 256 KiB, else its first 64 KiB (the NIfTI header and the start of the data), 16 chunks of
+4 KiB at evenly spaced fixed fractions of the rest and its last 4 KiB (:func:`_sample_ranges`) -- about
+132 KiB read per file, whatever its size. What is and isn't detected:
+
+* a changed size, header (affine, dtype, shape) or any sampled byte: always another key;
+* ``.nii.gz``: the last 4 KiB hold the gzip trailer, a CRC32 and the length of the *whole* uncompressed
+  data, so any change of the decompressed volume gives another key (bar a CRC32 collision);
+* uncompressed ``.nii``: a same-size edit that touches none of the sampled ranges (e.g. a few voxels
+  changed in place) is NOT noticed and the old entry is served; delete the entry (or the cache) then.
+
+Hashing reads ~18 ranges per file, so each process memoizes identities by ``(resolved path, device, inode,
+size, st_mtime_ns, st_ctime_ns)``: a repeated call costs one ``stat``. A change that keeps all six (only a
+rewrite in place within one tick of a coarse ctime clock) would be served from the memo until the process
+ends; any write, ``touch``, ``chmod`` or replace-by-rename (``rsync``, ``cp`` to a temp name) re-hashes.
 
 **Atomic, lock-free filling.** Every file is written to a unique temporary name in the same folder
 (``.<name>.tmp-<pid>-<random>``) and moved into place with :func:`os.replace`, which is atomic on POSIX
@@ -34,6 +52,7 @@ Runtime dependencies: numpy, nibabel (through :mod:`brain3d.data.nifti`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -49,16 +68,69 @@ import numpy as np
 from brain3d.data.nifti import load_mask, load_nifti_with_grid
 from brain3d.data.preprocess import PreprocessInfo, preprocess_volume, settings_hash, validate_settings
 
-__all__ = ["CACHE_VERSION", "CachePaths", "cache_key", "cache_paths", "ensure_cached", "cached_volume", "file_identity"]
+__all__ = ["CACHE_VERSION", "CachePaths", "cache_key", "cache_paths", "cached_volume", "default_cache_root",
+           "ensure_cached", "file_identity"]
 
 log = logging.getLogger("brain3d.cache")
 
-# Bump when the stored format or the preprocessing code changes what a key's content would be.
-CACHE_VERSION = 1
+# Bump when the stored format, the key's inputs or the preprocessing code change what a key's content would be.
+# 2: keys follow file content (size + sampled hash), no longer path + mtime.
+CACHE_VERSION = 2
+
+
+def default_cache_root() -> Path:
+    """The cache root for code without a config: ``$BRAIN3D_CACHE_DIR``, else ``~/.cache/brain3d``.
+
+    The configs' ``data.cache_dir`` reads the same variable (``${oc.env:BRAIN3D_CACHE_DIR,'~/.cache/brain3d'}``),
+    so one ``export`` moves everything (e.g. off a small home quota or onto a job's scratch). An empty value
+    counts as unset here, but ``oc.env`` passes it on as an empty ``data.cache_dir``: unset it instead.
+    """
+    return Path(os.environ.get("BRAIN3D_CACHE_DIR") or "~/.cache/brain3d").expanduser()
+
+
+# file_identity samples: files up to _WHOLE_LIMIT are hashed whole; larger ones by _HEAD bytes, _SAMPLES
+# chunks of _CHUNK bytes at fixed fractions of the rest and the last _CHUNK bytes.
+_WHOLE_LIMIT = 256 * 1024
+_HEAD = 64 * 1024
+_CHUNK = 4 * 1024
+_SAMPLES = 16
+_MEMO_SIZE = 65536
+
+
+def _sample_ranges(size: int) -> list[tuple[int, int]]:
+    """``(offset, length)`` of the byte ranges :func:`file_identity` hashes in a file of ``size`` bytes.
+
+    Fixed fractions of the size (not random offsets), so every process and every copy reads the same bytes.
+    """
+    if size <= _WHOLE_LIMIT:
+        return [(0, size)]
+    span = size - _HEAD - _CHUNK  # where the interior chunks may start
+    interior = [(_HEAD + span * (i + 1) // (_SAMPLES + 1), _CHUNK) for i in range(_SAMPLES)]
+    return [(0, _HEAD), *interior, (size - _CHUNK, _CHUNK)]
+
+
+def _content_hash(path: str, size: int) -> str:
+    """blake2b of the sampled ranges: a few reads per file, never the whole of a large one."""
+    digest = hashlib.blake2b(digest_size=20)
+    with open(path, "rb") as f:
+        for offset, length in _sample_ranges(size):
+            f.seek(offset)
+            digest.update(f.read(length))
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=_MEMO_SIZE)
+def _memo_identity(path: str, dev: int, ino: int, size: int, mtime_ns: int, ctime_ns: int) -> dict:
+    """The per-process memo behind :func:`file_identity`; the stat fields are its key (module docstring)."""
+    return {"size": size, "blake2b": _content_hash(path, size)}
 
 
 def file_identity(path: str | os.PathLike | None) -> dict | None:
-    """``{"path": resolved path, "size": bytes, "mtime_ns": ...}`` of a file; None for None.
+    """``{"size": bytes, "blake2b": hash of sampled ranges}``: what a file holds, not where; None for None.
+
+    The same for a copy anywhere (so copied data reuses the cache) and for a touched file; see the module
+    docstring for which edits are detected. Memoized per process by path and stat fields, so a repeated call
+    on an unchanged file costs one ``stat``.
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -67,7 +139,15 @@ def file_identity(path: str | os.PathLike | None) -> dict | None:
         return None
     resolved = Path(path).expanduser().resolve()
     st = resolved.stat()
-    return {"path": str(resolved), "size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
+    identity = _memo_identity(str(resolved), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return dict(identity)  # a copy: callers may not alter the memo
+
+
+def _source_record(path: str | os.PathLike | None, identity: dict | None) -> dict | None:
+    """What an entry's .json records of a source: its identity and the path it was first filled from."""
+    if identity is None:
+        return None
+    return {"path": str(Path(path).expanduser().resolve()), **identity}  # type: ignore[arg-type]
 
 
 def _key_from_identities(image_id: dict, mask_id: dict | None, settings: Mapping | Any) -> str:
@@ -150,8 +230,8 @@ def _build_entry(
     """Load, preprocess and store one subject; return the key it was stored under."""
     for attempt in range(3):
         image_id, mask_id = file_identity(image_path), file_identity(mask_path)
-        image_ras, ras_affine, grid = load_nifti_with_grid(image_id["path"])  # type: ignore[index]
-        mask_ras = load_mask(mask_id["path"])[0] if mask_id is not None else None
+        image_ras, ras_affine, grid = load_nifti_with_grid(Path(image_path).expanduser().resolve())
+        mask_ras = load_mask(Path(mask_path).expanduser().resolve())[0] if mask_path is not None else None
         # A file rewritten while it was read would store new content under the old identity: re-read.
         if file_identity(image_path) == image_id and file_identity(mask_path) == mask_id:
             break
@@ -168,8 +248,8 @@ def _build_entry(
         "key": key,
         "info": info.to_dict(),
         "has_mask": mask is not None,
-        "image": image_id,
-        "mask": mask_id,
+        "image": _source_record(image_path, image_id),
+        "mask": _source_record(mask_path, mask_id),
         "settings": validate_settings(settings),
         "settings_hash": settings_hash(settings),
         "input_voxel_size_mm": [float(v) for v in grid.voxel_size_mm],
