@@ -9,7 +9,9 @@ rewritten); this module adds
 - R^2, mean bias, the linear brain-age bias correction and a regression report,
 - per-subject segmentation metrics on whole volumes in physical units: Dice, IoU,
   95th-percentile Hausdorff distance in mm (same values as MONAI's
-  ``HausdorffDistanceMetric(percentile=95)`` called with ``spacing=``), volumes in ml
+  ``HausdorffDistanceMetric(percentile=95)`` called with ``spacing=`` whenever both
+  masks are non-empty; a missed or spurious lesion counts as the image diagonal, see
+  :func:`segmentation_case_metrics`), volumes in ml
   and lesion-wise detection counts (ATLAS-style connected components), and a
   segmentation report over subjects.
 
@@ -461,6 +463,15 @@ def _edges(mask: np.ndarray) -> np.ndarray:
     return mask ^ ndimage.binary_erosion(mask)
 
 
+def _image_diagonal_mm(shape: Sequence[int], spacing: np.ndarray) -> float:
+    """Diagonal of the volume's extent in mm, ``sqrt(sum((shape_i * spacing_i)^2))``.
+
+    No distance between two voxels of the volume can exceed it, so it is the worst
+    possible HD95 of a subject; used when exactly one mask is empty.
+    """
+    return float(np.sqrt(np.sum((np.asarray(shape, dtype=np.float64) * spacing) ** 2)))
+
+
 def _hd95_mm(pred: np.ndarray, true: np.ndarray, spacing: np.ndarray) -> float:
     """Symmetric 95th-percentile Hausdorff distance in mm between two (X, Y, Z) bool masks.
 
@@ -470,13 +481,15 @@ def _hd95_mm(pred: np.ndarray, true: np.ndarray, spacing: np.ndarray) -> float:
     nearest edge voxel of the other, the 95th percentile (linear interpolation, as
     ``torch.quantile``) of each direction, and the larger of the two.
 
-    Both empty -> 0.0; exactly one empty -> nan (MONAI gives nan / inf there).
+    Both empty -> 0.0. Exactly one empty -> the image diagonal in mm (the worst case;
+    MONAI gives nan / inf there): a nan would be dropped from the mean over subjects,
+    which flatters a model that misses lesions entirely.
     """
     pred_any, true_any = bool(pred.any()), bool(true.any())
     if not pred_any and not true_any:
         return 0.0
     if pred_any != true_any:
-        return float("nan")
+        return _image_diagonal_mm(pred.shape, spacing)
     # Crop to the bounding box of the union plus a 1-voxel margin (clipped to the array).
     # Every edge voxel lies in the box, so the nearest-edge distances are unchanged, and
     # the margin (or the array border, where border_value=0 applies) keeps the erosion exact.
@@ -503,8 +516,11 @@ def segmentation_case_metrics(
     Conventions for empty masks:
 
     - both empty: ``dice = iou = 1``, ``hd95_mm = 0``, ``lesion_f1 = 1``;
-    - exactly one empty: ``dice = iou = 0``, ``hd95_mm = nan`` (no surface to measure
-      a distance to; MONAI returns inf / nan), ``lesion_f1 = 0``.
+    - exactly one empty (a lesion missed entirely, or predicted where there is none):
+      ``dice = iou = 0``, ``lesion_f1 = 0`` and ``hd95_mm`` = the worst case, the image
+      diagonal ``sqrt(sum((shape_i * spacing_i)^2))`` in mm, with ``hd95_worst_case = 1``.
+      There is no surface to measure a distance to (MONAI returns inf / nan), but a
+      nan would drop the subject from the mean HD95 and flatter a model that misses.
 
     Args:
         pred_mask: (X, Y, Z) binary prediction (bool or 0/1).
@@ -517,7 +533,8 @@ def segmentation_case_metrics(
     Returns:
         ``{"dice", "iou", "hd95_mm", "pred_volume_ml", "true_volume_ml",
         "abs_volume_diff_ml"}`` as floats and ``{"lesion_tp", "lesion_fp", "lesion_fn",
-        "num_true_lesions", "num_pred_lesions"}`` as ints, plus float ``"lesion_f1"``.
+        "num_true_lesions", "num_pred_lesions"}`` as ints, plus float ``"lesion_f1"`` and
+        int ``"hd95_worst_case"`` (1 when ``hd95_mm`` is the worst-case diagonal, else 0).
         Volumes use ``prod(spacing_mm)`` mm^3 per voxel, 1 ml = 1000 mm^3.
 
     Raises:
@@ -557,6 +574,7 @@ def segmentation_case_metrics(
         "dice": dice,
         "iou": iou,
         "hd95_mm": _hd95_mm(pred, true, spacing),
+        "hd95_worst_case": int(bool(pred.any()) != bool(true.any())),
         "pred_volume_ml": pred_ml,
         "true_volume_ml": true_ml,
         "abs_volume_diff_ml": abs(pred_ml - true_ml),
@@ -567,6 +585,10 @@ def segmentation_case_metrics(
         "num_true_lesions": int(n_true),
         "num_pred_lesions": int(n_pred),
     }
+
+
+# Per-subject 0/1 flags that the report counts (under the mapped key) instead of averaging.
+_COUNTED_FLAGS = {"hd95_worst_case": "hd95_worst_case_subjects"}
 
 
 def _is_number(value: Any) -> bool:
@@ -594,8 +616,11 @@ def segmentation_report(
 
     Returns:
         ``{"n": N}``, then for every numeric key of the rows the mean over subjects
-        ignoring NaN (e.g. ``hd95_mm`` of subjects with one empty mask) as
-        ``{"value", "ci_low", "ci_high"}`` (bootstrap of the NaN-mean), then
+        ignoring NaN as ``{"value", "ci_low", "ci_high"}`` (bootstrap of the NaN-mean;
+        the mean ``hd95_mm`` includes the worst-case diagonal of subjects with exactly
+        one empty mask), then ``"hd95_worst_case_subjects"`` (int, how many subjects
+        got that worst case; the 0/1 ``hd95_worst_case`` flag is counted, not averaged;
+        0 when the rows have no such flag), then
         ``"lesion_tp_total"``, ``"lesion_fp_total"``, ``"lesion_fn_total"`` (ints) and
         ``"lesion_f1_pooled" = 2 TP / (2 TP + FP + FN)`` from the totals (1.0 when all
         totals are 0).
@@ -626,8 +651,12 @@ def segmentation_report(
 
     report: dict[str, Any] = {"n": len(case_rows)}
     for key in keys:
+        if key in _COUNTED_FLAGS:
+            continue
         column = np.array([float(row[key]) for row in case_rows], dtype=np.float64)  # (N,)
         report[key] = _with_ci(_nan_mean, column, num_samples=num_samples, seed=seed)
+    for flag, count_key in _COUNTED_FLAGS.items():
+        report[count_key] = int(sum(int(row[flag]) for row in case_rows)) if flag in keys else 0
     totals = {k: int(round(sum(float(row[k]) for row in case_rows))) for k in ("lesion_tp", "lesion_fp", "lesion_fn")}
     report["lesion_tp_total"] = totals["lesion_tp"]
     report["lesion_fp_total"] = totals["lesion_fp"]

@@ -236,15 +236,32 @@ def test_both_empty():
 
 
 def test_empty_prediction_with_lesions():
-    _, true = _lesion_example()
+    _, true = _lesion_example()  # (20, 20, 20)
     m = segmentation_case_metrics(np.zeros_like(true), true, (1.0, 1.0, 1.0))
     assert m["dice"] == 0.0 and m["iou"] == 0.0
-    assert math.isnan(m["hd95_mm"])
+    assert m["hd95_mm"] == pytest.approx(math.sqrt(3 * 20.0**2))  # worst case: the image diagonal
+    assert m["hd95_worst_case"] == 1
     assert m["lesion_fn"] == 3 and m["lesion_tp"] == 0 and m["lesion_fp"] == 0
     assert m["lesion_f1"] == 0.0
     # and the reverse: prediction only
     m = segmentation_case_metrics(true, np.zeros_like(true), (1.0, 1.0, 1.0))
-    assert m["lesion_fp"] == 3 and math.isnan(m["hd95_mm"])
+    assert m["lesion_fp"] == 3 and m["hd95_mm"] == pytest.approx(math.sqrt(3 * 20.0**2))
+    assert m["hd95_worst_case"] == 1
+
+
+def test_missed_lesion_hd95_is_the_image_diagonal_in_mm():
+    true = np.zeros((10, 20, 30), dtype=bool)
+    true[4:6, 4:6, 4:6] = True
+    # extent 10*1.5 = 15 mm, 20*1 = 20 mm, 30*2 = 60 mm -> sqrt(225 + 400 + 3600) = 65 mm
+    m = segmentation_case_metrics(np.zeros_like(true), true, (1.5, 1.0, 2.0))
+    assert m["hd95_mm"] == pytest.approx(65.0)
+    assert m["hd95_worst_case"] == 1
+    # a hit, however poor, is measured and not flagged; both empty stays 0 and not flagged
+    pred = np.zeros_like(true)
+    pred[5, 5, 5] = True
+    assert segmentation_case_metrics(pred, true, (1.5, 1.0, 2.0))["hd95_worst_case"] == 0
+    empty = segmentation_case_metrics(np.zeros_like(true), np.zeros_like(true), (1.5, 1.0, 2.0))
+    assert empty["hd95_mm"] == 0.0 and empty["hd95_worst_case"] == 0
 
 
 def test_segmentation_case_metrics_validation():
@@ -275,8 +292,11 @@ def test_segmentation_report():
     assert "subject" not in rep
     assert set(rep["dice"]) == CI_KEYS
     assert rep["dice"]["value"] == pytest.approx((rows[0]["dice"] + 0.0 + 1.0) / 3)
-    # hd95 of s2 is nan and is left out of the mean
-    assert rep["hd95_mm"]["value"] == pytest.approx((rows[0]["hd95_mm"] + 0.0) / 2)
+    # s2 missed every lesion: its hd95 is the worst case (image diagonal), counted in the mean
+    assert rows[1]["hd95_mm"] == pytest.approx(math.sqrt(3 * 20.0**2))
+    assert rep["hd95_mm"]["value"] == pytest.approx((rows[0]["hd95_mm"] + math.sqrt(3 * 20.0**2) + 0.0) / 3)
+    assert rep["hd95_worst_case_subjects"] == 1 and isinstance(rep["hd95_worst_case_subjects"], int)
+    assert "hd95_worst_case" not in rep  # the flag is counted, not averaged
     assert rep["lesion_tp_total"] == 2 + 0 + 3
     assert rep["lesion_fp_total"] == 1
     assert rep["lesion_fn_total"] == 1 + 3 + 0
