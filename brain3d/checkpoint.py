@@ -1,4 +1,4 @@
-"""Checkpoints: atomic save, safe load, and where ``trainer.resume`` points.
+"""Checkpoints: atomic save, safe load, where ``trainer.resume`` points, and which config keys a resume may change.
 
 A checkpoint holds only tensors and plain Python values (the config as a plain dict), so it loads with
 ``torch.load(..., weights_only=True)``: opening a checkpoint never runs code.
@@ -77,3 +77,41 @@ def remove_stale_temp_files(checkpoint_dir: Path) -> None:
     if checkpoint_dir.is_dir():
         for tmp in checkpoint_dir.glob(".*.pt.*.tmp"):
             tmp.unlink(missing_ok=True)
+
+
+# Keys a resumed run may change: where and how fast it runs, how long, what it logs. Everything else (model,
+# task, loss, data and its split, preprocessing, augmentation, optimizer, schedule kind) defines the run: a
+# resume with other values would continue some other run's weights under a config that does not describe them.
+RESUME_FREE_KEYS = (
+    "output_dir", "trainer.resume", "trainer.max_epochs", "trainer.epochs_per_run", "trainer.progress",
+    "trainer.progress_interval_s", "trainer.device", "trainer.precision", "trainer.log_images",
+    "trainer.checkpoint_every_n_steps", "trainer.log_every_n_steps", "trainer.compile", "trainer.channels_last",
+    "trainer.cudnn_benchmark", "trainer.grad_checkpointing", "trainer.sync_batchnorm", "trainer.sw_overlap",
+    "trainer.sw_batch_size", "trainer.sw_device", "trainer.debug_step_sleep", "data.cache_dir", "data.cache",
+    "data.num_workers", "data.resident", "data.resident_max_fraction", "data.check_data", "data.manifest",
+    "data.root", "data.mask_root", "data.on_error",
+)
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay values (compared whole)."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def config_differences(saved: dict, current: dict, free_keys=RESUME_FREE_KEYS) -> list[tuple[str, Any, Any]]:
+    """``(key, saved value, current value)`` for every dotted key whose value differs between two plain config
+    dicts, leaving out ``free_keys`` and the keys below them. A key missing on one side reads as ``<absent>``."""
+    old, new = _flatten(saved), _flatten(current)
+    differences = []
+    for key in sorted(set(old) | set(new)):
+        if any(key == free or key.startswith(free + ".") for free in free_keys):
+            continue
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if a != b:
+            differences.append((key, a, b))
+    return differences

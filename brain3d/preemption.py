@@ -1,7 +1,9 @@
-"""Preemption: SIGTERM / SIGUSR1 ask the trainer to stop cleanly; it exits with ``EXIT_PREEMPTED``.
+"""Preemption: SIGTERM / SIGUSR1 / SIGUSR2 ask the trainer to stop cleanly; it exits with ``EXIT_PREEMPTED``.
+SIGINT (Ctrl-C, or ``kill -INT``) does the same once training has started and exits with ``EXIT_INTERRUPTED``;
+a second SIGINT exits at once (the last saved checkpoint stays intact: saves are atomic).
 
 Cluster schedulers (SLURM, Kubernetes, spot instances) send SIGTERM, or a chosen signal such as SIGUSR1
-(``sbatch --signal=USR1@120``), some time before they kill a job. The handler only sets a flag: the
+(``sbatch --signal=USR1@120``; the submitit launcher sends SIGUSR2), some time before they kill a job. The handler only sets a flag: the
 training loop checks it after each optimizer step, writes ``checkpoints/last.pt`` with its position in the
 epoch, and the process exits with 75 (EX_TEMPFAIL, "try again later"), so a wrapper script can tell
 "preempted, requeue me" from success (0) and from a user error (2). The same command with
@@ -12,10 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 from typing import Iterator
 
 EXIT_PREEMPTED = 75  # os.EX_TEMPFAIL: a temporary failure, the run can be continued
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 
 
 class Preempted(Exception):
@@ -28,19 +32,31 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
+        # False until the training loop runs: before that there is nothing to save, and SIGINT stops at once.
+        self.armed = False
 
     @property
     def requested(self) -> bool:
         return self.signal_name is not None
 
+    @property
+    def exit_code(self) -> int:
+        return EXIT_INTERRUPTED if self.signal_name == "SIGINT" else EXIT_PREEMPTED
+
     def _handle(self, signum, frame) -> None:
-        if self.signal_name is None:  # a second signal while stopping changes nothing
-            self.signal_name = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if name == "SIGINT" and (not self.armed or self.signal_name is not None):
+            raise KeyboardInterrupt  # before training, or a second Ctrl-C: leave now
+        if self.signal_name is None:  # a second stop signal while stopping changes nothing
+            self.signal_name = name
+            if name == "SIGINT":
+                print("\nbrain3d: Ctrl-C: stopping after this step to save checkpoints/last.pt "
+                      "(press Ctrl-C again to exit at once)", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[StopRequest]:
-    """Within the block, SIGTERM and SIGUSR1 set the yielded :class:`StopRequest` instead of killing the
+    """Within the block, SIGTERM, SIGUSR1, SIGUSR2 and (once armed) SIGINT set the yielded :class:`StopRequest` instead of killing the
     process; the previous handlers are restored on exit."""
     request = StopRequest()
     previous = {sig: signal.signal(sig, request._handle) for sig in STOP_SIGNALS}

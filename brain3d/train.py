@@ -12,9 +12,11 @@ recorded and returns NaN instead of stopping the others (brain3d.sweep).
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
+import os
 import random
 import resource
 import sys
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 import numpy as np
 import torch
@@ -33,11 +36,14 @@ from tqdm.auto import tqdm
 
 from brain3d import distributed as dist_utils
 from brain3d import engine
+from brain3d.cli import config_dir, groups_help, report_user_error, run_command
 from brain3d.errors import ConfigError
 from brain3d.hardware import (configure_backends, guard_cpu_bf16_convolutions, resolve_channels_last, resolve_device,
                               resolve_precision)
 from brain3d.evaluation import fit_bias_correction
-from brain3d.checkpoint import load_checkpoint, remove_stale_temp_files, resolve_resume_path, save_checkpoint
+from brain3d.checkpoint import (config_differences, load_checkpoint, remove_stale_temp_files, resolve_resume_path,
+                                save_checkpoint)
+from brain3d.data.cache import default_cache_root
 from brain3d.data.manifest import ManifestError, load_manifest, split_subjects
 from brain3d.data.preprocess import validate_settings
 from brain3d.data.sources import source_manifest
@@ -46,7 +52,7 @@ from brain3d.data.loaders import build_loaders, shutdown_workers
 from brain3d.data.synthetic import make_synthetic_dataset, synthetic_cache_dir
 from brain3d.models.heads import check_segmentation_shape
 from brain3d.models.model import build_model, count_parameters
-from brain3d.preemption import EXIT_PREEMPTED, Preempted, StopRequest, stop_on_signals
+from brain3d.preemption import EXIT_INTERRUPTED, Preempted, StopRequest, stop_on_signals
 from brain3d.sweep import in_multirun, record_job_error
 from brain3d.tensorboard_log import log_config, log_epoch, log_hparams, overlay_mid_slices
 
@@ -66,10 +72,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_manifest(data_cfg: DictConfig) -> Path:
+def prepare_manifest(data_cfg: DictConfig, task_name: str | None = None, require_targets: bool = True) -> Path:
     """``data.source``: synthetic -> generate (once, cached) the built-in phantoms; nifti -> ``data.manifest``."""
     if data_cfg.source == "synthetic":
-        root = Path(str(data_cfg.cache_dir)).expanduser() / "synthetic"
+        if data_cfg.get("manifest"):
+            # data.manifest on the default data=synthetic would be ignored: refuse rather than train on phantoms
+            raise ConfigError(f"data.manifest={data_cfg.manifest} is set, but data=synthetic (the default) trains on "
+                              "built-in phantoms and ignores it; add data=nifti to train on your manifest")
+        root = cache_root(data_cfg) / "synthetic"
         out_dir = synthetic_cache_dir(root, data_cfg.num_subjects, tuple(data_cfg.shape), data_cfg.seed)
         return make_synthetic_dataset(out_dir, data_cfg.num_subjects, tuple(data_cfg.shape), data_cfg.seed)
     if data_cfg.source == "nifti":
@@ -77,8 +87,12 @@ def prepare_manifest(data_cfg: DictConfig) -> Path:
             raise ConfigError("data=nifti needs data.manifest=PATH (a CSV or TSV, one row per subject)")
         return Path(str(data_cfg.manifest)).expanduser()
     if data_cfg.source in ("bids", "msd"):
+        if data_cfg.get("manifest"):
+            raise ConfigError(f"data.manifest={data_cfg.manifest} is set, but data={data_cfg.source} builds its manifest "
+                              f"from data.root; use data=nifti to train on your manifest")
         try:
-            return source_manifest(data_cfg)  # a regular manifest written from the folder's layout
+            # a regular manifest written from the folder's layout (BIDS: participants.tsv only where targets are needed)
+            return source_manifest(data_cfg, task=task_name, require_targets=require_targets)
         except ValueError as err:
             raise ConfigError(f"data={data_cfg.source}: {err}") from err
     raise ConfigError(f"data.source={data_cfg.source!r} is not one of synthetic, nifti, bids, msd")
@@ -94,12 +108,20 @@ def read_manifest(data_cfg: DictConfig, task_name: str, **overrides):
         on_error=data_cfg.get("on_error", "raise"), mask_values=data_cfg.get("mask_values", "binary"),
         affine_tolerance=data_cfg.get("affine_tolerance", 1e-3),
     )
-    return load_manifest(prepare_manifest(data_cfg), task_name, **{**kwargs, **overrides})
+    manifest_path = prepare_manifest(data_cfg, task_name, overrides.get("require_targets", True))
+    return load_manifest(manifest_path, task_name, **{**kwargs, **overrides})
+
+
+def cache_root(data_cfg: DictConfig) -> Path:
+    """``data.cache_dir`` (configs/data: ``$BRAIN3D_CACHE_DIR``, else ``~/.cache/brain3d``); when it is empty or
+    absent, the same default (brain3d.data.cache.default_cache_root)."""
+    value = data_cfg.get("cache_dir")
+    return Path(str(value)).expanduser() if value else default_cache_root()
 
 
 def preprocessed_cache_dir(data_cfg: DictConfig) -> Path:
     """Where preprocessed volumes are kept (memory-mapped .npy): ``<data.cache_dir>/preprocessed``."""
-    return Path(str(data_cfg.get("cache_dir") or "~/.cache/brain3d")).expanduser() / "preprocessed"
+    return cache_root(data_cfg) / "preprocessed"
 
 
 def check_input_geometry(task_name: str, settings: dict, patch_size) -> None:
@@ -175,12 +197,78 @@ def fit_bias_correction_or_none(val_outputs: dict) -> dict | None:
         return None
 
 
-def train(cfg: DictConfig, stop: StopRequest | None = None) -> float:
+def write_history_csv(history: list[dict], path: Path) -> None:
+    """``metrics.csv``: one row per epoch (the columns of summary.json's history), rewritten whole after each
+    epoch through a temp file and a rename, so a reader never sees half a table and a resumed run's table
+    holds every epoch once."""
+    columns = list(dict.fromkeys(key for record in history for key in record))
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, path)
+
+
+def load_resume_state(path: Path, config_dict: dict, device: torch.device) -> dict:
+    """The checkpoint ``trainer.resume`` points to, after checking that it was written by this same run.
+
+    Raises:
+        ConfigError: the file cannot be read, or its config differs from this one in a key that defines the
+            run (model, task, loss, data and split, preprocessing, optimizer...; checkpoint.RESUME_FREE_KEYS
+            lists the keys a resume may change), naming each such key with both values.
+    """
+    try:
+        state = load_checkpoint(path, map_location=device)
+    except ValueError as err:
+        raise ConfigError(f"trainer.resume: {err}") from err
+    differences = config_differences(state["config"], config_dict)
+    if differences:
+        listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in differences[:8])
+        more = f" (and {len(differences) - 8} more)" if len(differences) > 8 else ""
+        raise ConfigError(
+            f"trainer.resume: {path} was trained with another configuration: {listed}{more}. A resume continues "
+            "the same run: set these back, or start a new run in another folder without trainer.resume")
+    return state
+
+
+def load_model_weights(model: torch.nn.Module, weights: dict, path: Path) -> None:
+    """``model.load_state_dict`` with one line instead of torch's list of every mismatching tensor."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        raise ConfigError(f"trainer.resume: the weights in {path} do not fit this model "
+                          f"({len(lines) - 1} problems, first: {lines[1] if len(lines) > 1 else lines[0]})") from err
+
+
+def restore_scheduler(scheduler, optimizer: torch.optim.Optimizer, state: dict, max_epochs: int) -> None:
+    """Restore the scheduler's position (steps taken) but keep the schedule just built for this run's
+    ``trainer.max_epochs``: a finished run continued with more epochs follows the schedule planned for the
+    new length (with the saved one, ``poly`` would hold the learning rate at 0 for the whole extension), and
+    the optimizer's learning rate is set to that schedule's value at the current step."""
+    saved = dict(state["scheduler"])
+    if "lr_lambdas" in saved:  # LambdaLR: the schedule's own settings (total_steps); the fresh ones stay
+        saved["lr_lambdas"] = [None] * len(saved["lr_lambdas"])
+    scheduler.load_state_dict(saved)
+    saved_epochs = state["config"]["trainer"]["max_epochs"]
+    if saved_epochs != max_epochs and hasattr(scheduler, "lr_lambdas"):
+        old_lr = optimizer.param_groups[0]["lr"]
+        for group, base_lr, schedule in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base_lr * schedule(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+        log.warning("trainer.max_epochs %s -> %s: the learning-rate schedule is planned anew for %s epochs; "
+                    "the learning rate continues at %.3g (it was %.3g)", saved_epochs, max_epochs, max_epochs,
+                    optimizer.param_groups[0]["lr"], old_lr)
+
+
+def train(cfg: DictConfig, stop: StopRequest | None = None, record_config=None) -> float:
     """Train one model as ``cfg`` says; return the best value of the monitored validation metric.
 
-    ``stop`` (set by SIGTERM / SIGUSR1 in ``main``): when it is requested, the run finishes the current
-    optimizer step, saves ``checkpoints/last.pt`` with its position in the epoch and raises
-    :class:`~brain3d.preemption.Preempted`.
+    ``stop`` (set by SIGTERM / SIGUSR1 / SIGUSR2 / SIGINT in ``main``): when it is requested, the run finishes
+    the current optimizer step, saves ``checkpoints/last.pt`` with its position in the epoch and raises
+    :class:`~brain3d.preemption.Preempted`. ``record_config`` (``main``: write the run's ``.hydra/`` files) is
+    called once the resume check has passed, so nothing in the run folder changes before that.
     """
     stop = stop or StopRequest()
     if cfg.task.name not in TASKS:
@@ -218,6 +306,12 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> float:
     patch_size = tuple(data_cfg.patch_size) if data_cfg.get("patch_size") else None
     check_input_geometry(cfg.task.name, settings, patch_size)
     resume_path = resolve_resume_path(trainer_cfg.resume, run_dir)
+    config_dict = OmegaConf.to_container(cfg, resolve=True)
+    # A resume is checked against the checkpoint's config before anything is written (record_config: the
+    # run's .hydra/ files), so a refused resume leaves the run folder as it was.
+    resume_state = load_resume_state(resume_path, config_dict, device) if resume_path is not None else None
+    if record_config is not None and main_rank:
+        record_config()
     log.info("run folder %s | device %s | precision %s (%s)", run_dir, device, precision, precision_reason)
 
     # ---- data: check every row once, up front, then split by subject --------------------------------
@@ -299,12 +393,13 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> float:
     start_epoch = 0
     resume_position = engine.EpochProgress()  # batches of start_epoch already trained (a mid-epoch checkpoint)
     bias_correction = None  # regression: refitted on each epoch's validation predictions
-    if resume_path is not None:
-        state = load_checkpoint(resume_path, map_location=device)
-        model.load_state_dict(state["model"])
+    if resume_state is not None:
+        state = resume_state
+        load_model_weights(model, state["model"], resume_path)
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        restore_scheduler(scheduler, optimizer, state, trainer_cfg.max_epochs)
+        if state["scaler"] and scaler.is_enabled():  # empty when saved by a run in another precision than fp16
+            scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"])
         if device.type == "cuda" and state["rng"].get("cuda"):
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -313,10 +408,10 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> float:
         bias_correction = state.get("bias_correction")
         if distributed and not main_rank:  # the saved running loss is rank 0's: count it once, not once per rank
             resume_position.loss_sum, resume_position.volumes = 0.0, 0
-        log.info("resumed from %s at epoch %d%s", resume_path, start_epoch,
-                 f", batch {resume_position.batches_done}/{len(train_loader)}" if resume_position.batches_done else "")
-
-    config_dict = OmegaConf.to_container(cfg, resolve=True)
+        # Worded as the stop message was ("stopped at epoch 2, after batch 3/6" / "at the end of epoch 2").
+        where = (f"epoch {start_epoch + 1}, after batch {resume_position.batches_done}/{len(train_loader)}"
+                 if resume_position.batches_done else f"the end of epoch {start_epoch}")
+        log.info("resumed from %s at %s", resume_path, where)
     checkpoint_dir = run_dir / "checkpoints"
     last_path, best_path = checkpoint_dir / "last.pt", checkpoint_dir / "best.pt"
     if main_rank:
@@ -348,10 +443,10 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> float:
         }
 
     def stop_now(where: str) -> None:
-        """After last.pt is saved: leave with Preempted (main exits with EXIT_PREEMPTED)."""
+        """After last.pt is saved: leave with Preempted (main exits with stop.exit_code: 75, or 130 for SIGINT)."""
         writer.close()
         log.warning("%s received: stopped at %s and saved %s; the same command with trainer.resume=auto continues "
-                    "(exit code %d)", stop.signal_name, where, last_path, EXIT_PREEMPTED)
+                    "(exit code %d)", stop.signal_name, where, last_path, stop.exit_code)
         raise Preempted(f"stopped by {stop.signal_name} at {where}")
 
     # Called by the engine after every optimizer step (no gradients pending, so the state is complete).
@@ -381,6 +476,7 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> float:
         end_epoch = min(end_epoch, start_epoch + int(trainer_cfg.epochs_per_run))
     epochs = tqdm(range(start_epoch, end_epoch), desc="epochs", initial=start_epoch,
                   total=trainer_cfg.max_epochs, disable=not trainer_cfg.progress, dynamic_ncols=True)
+    stop.armed = True  # from here a Ctrl-C finishes the step and saves last.pt (a second one exits at once)
     for epoch in epochs:
         # The epoch's shuffle order, and its patch seeds: they travel with the indices, to persistent workers too.
         train_loader.batch_sampler.set_epoch(epoch, shuffle_seed=trainer_cfg.seed * 100_003 + epoch)
@@ -413,6 +509,8 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> float:
                   "train_data_wait_fraction": train_stats["data_wait_fraction"]}
         history.append(record)
         log_epoch(writer, record, epoch + 1)
+        if main_rank:
+            write_history_csv(history, run_dir / "metrics.csv")  # the table so far: a killed run leaves it
         preview = val_outputs.get("preview")
         if preview is not None and trainer_cfg.log_images:
             panel = overlay_mid_slices(preview["image"], preview["target"], preview["probability"])
@@ -513,31 +611,59 @@ def _quiet_secondary_rank(own_dir: Path, run_dir: Path) -> None:
             shutil.rmtree(own_dir, ignore_errors=True)
 
 
-def _config_dir() -> str:
-    """configs/ ships inside the installed package as brain3d/configs; in a source checkout it is ../configs."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "configs", here.parent / "configs"):
-        if (candidate / "train.yaml").is_file():
-            return str(candidate)
-    raise RuntimeError(f"brain3d configs not found next to {here}")
-
-
 # InstantiationException: a config value refused by the class it builds (e.g. backbone.norm=batc); Hydra's
 # message names the _target_, the key and the class's own ValueError.
 USER_ERRORS = (ConfigError, ManifestError, FileNotFoundError, engine.NonFiniteLossError, InstantiationException)
 
 
-@hydra.main(version_base="1.3", config_path=_config_dir(), config_name="train")
-def main(cfg: DictConfig) -> float:
+def record_hydra_config(cfg: DictConfig, run_dir: Path) -> None:
+    """Write the run's ``.hydra/`` files (config.yaml, hydra.yaml, overrides.yaml) as Hydra would; train.yaml
+    sets ``hydra.output_subdir: null`` so that Hydra itself does not, and train() calls this only after a
+    resume was checked, so a refused resume leaves the run's recorded config as it was."""
+    hydra_cfg = HydraConfig.get()
+    out = run_dir / ".hydra"
+    out.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, out / "config.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": OmegaConf.to_container(hydra_cfg)}), out / "hydra.yaml")
+    OmegaConf.save(hydra_cfg.overrides.task, out / "overrides.yaml")
+
+
+HELP = f"""brain3d-train: train a 3D CNN on brain MRI volumes (classification, regression or segmentation).
+
+Every setting comes from the config groups below (configs/ in the package); pick an option with
+group=option and change any value with group.key=value. `-m` runs every combination of comma-separated values.
+Without data=..., it trains on built-in synthetic phantoms, so it runs with no data at all.
+
+Config groups:
+{groups_help("train")}
+
+Examples:
+  brain3d-train                                              # sex from synthetic T1 phantoms, CPU or GPU
+  brain3d-train task=regression data=nifti data.manifest=study.csv data.target_col=age
+  brain3d-train task=segmentation data=bids data.root=/data/bids data.mask_suffix=mask data.mask_root=derivatives/lesions
+  brain3d-train task=segmentation data.patch_size=[48,48,48] trainer.max_epochs=40 trainer.resume=auto
+  brain3d-train -m task=regression data.num_folds=5 data.fold=0,1,2,3,4 hydra.sweep.dir=runs/cv
+
+Show the composed config: brain3d-train --cfg job [overrides]; Hydra's own options: brain3d-train --hydra-help.
+Writes to outputs/<task>/<date>/<time>/ (hydra.run.dir=DIR): checkpoints/, tensorboard/, metrics.csv, summary.json.
+Exit status: 0 done, 2 a mistake in the command, config or data, 75 stopped by a signal (resume with
+trainer.resume=auto), 130 interrupted (Ctrl-C)."""
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+def hydra_main(cfg: DictConfig) -> float:
+    stop = None
     try:
-        with stop_on_signals() as stop:  # SIGTERM / SIGUSR1: checkpoint, then exit 75 (brain3d.preemption)
-            return train(cfg, stop)
+        with stop_on_signals() as stop:  # SIGTERM / SIGUSR1 / SIGUSR2 / SIGINT: checkpoint, then exit 75 (130)
+            return train(cfg, stop, record_config=lambda: record_hydra_config(cfg, Path(cfg.output_dir)))
     except Preempted:
-        sys.exit(EXIT_PREEMPTED)  # train() logged where it stopped and what to run next
+        sys.exit(stop.exit_code)  # train() logged where it stopped and what to run next
+    except KeyboardInterrupt:  # Ctrl-C before training started, or a second one while stopping
+        print("brain3d-train: interrupted; checkpoints/last.pt (if any) holds the last saved state", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     except USER_ERRORS as err:
-        # A user's mistake: one clear message and a non-zero exit, not a traceback.
-        log.error("%s", err)
-        print(f"brain3d-train: error: {err}", file=sys.stderr)
+        # A user's mistake: one clear message and exit status 2, not a traceback.
+        report_user_error("brain3d-train", err)
         if in_multirun():
             return failed_job(cfg, err)
         sys.exit(2)
@@ -556,6 +682,15 @@ def failed_job(cfg: DictConfig, err: Exception) -> float:
     record as a failed trial."""
     record_job_error(cfg.output_dir, err)
     return float("nan")
+
+
+def main() -> None:
+    """``brain3d-train``: --help, the command-line check (brain3d.cli), then Hydra."""
+    run_command(hydra_main, "brain3d-train", "train", HELP)
+
+
+# predict / preprocess used to import it from here
+_config_dir = config_dir
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from brain3d import engine
 from brain3d.checkpoint import load_checkpoint
 from brain3d.data.sampling import ResumableBatchSampler, iter_from
 from brain3d.losses import MSELoss
-from brain3d.preemption import EXIT_PREEMPTED, stop_on_signals
+from brain3d.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, stop_on_signals
 from brain3d.schedulers import warmup_schedule
 
 from tests.conftest import read_summary, run_train, tiny_overrides
@@ -123,11 +123,13 @@ def test_stop_signals_set_the_flag_and_handlers_are_restored():
     assert signal.getsignal(signal.SIGUSR1) is before
 
 
-def start_train(args, cwd):
+def start_train(args, cwd, new_session=False):
+    """``brain3d-train`` in the background; ``new_session``: in a process group of its own (as a terminal's
+    foreground job, which Ctrl-C signals as a whole)."""
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONUNBUFFERED": "1"}
     env.pop("CI", None)
     return subprocess.Popen([sys.executable, "-m", "brain3d.train", *args], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=new_session)
 
 
 def wait_for_line(proc, marker, timeout=120):
@@ -160,7 +162,7 @@ def test_sigterm_mid_epoch_then_resume_auto_gives_the_same_weights(tmp_path, cac
     assert not (parted / "summary.json").exists()
 
     proc = run_train([*common, "trainer.resume=auto", f"hydra.run.dir={parted}"], cwd=tmp_path)
-    assert "at epoch 1, batch 2/4" in proc.stdout
+    assert "resumed from" in proc.stdout and "at epoch 2, after batch 2/4" in proc.stdout  # as the stop said
     w1 = load_checkpoint(straight / "checkpoints" / "last.pt")["model"]
     w2 = load_checkpoint(parted / "checkpoints" / "last.pt")["model"]
     for name in w1:
@@ -197,3 +199,71 @@ def test_sigkill_at_random_moments_never_leaves_an_unloadable_last_pt(tmp_path, 
             steps_done.append(state["epoch"] * 4 + (state["epoch_progress"] or {}).get("batches_done", 0))
     assert steps_done and steps_done == sorted(steps_done)  # each process continued from the last one
     assert not (run_dir / "summary.json").exists()  # every process was killed while training
+
+
+def test_sigusr2_stops_like_sigusr1():
+    """The submitit launcher sends SIGUSR2 before a job's time runs out."""
+    with stop_on_signals() as stop:
+        os.kill(os.getpid(), signal.SIGUSR2)
+        time.sleep(0.05)
+        assert stop.requested and stop.signal_name == "SIGUSR2" and stop.exit_code == EXIT_PREEMPTED
+
+
+def _children(pid: int) -> set[int]:
+    path = f"/proc/{pid}/task/{pid}/children"
+    return {int(p) for p in open(path).read().split()} if os.path.exists(path) else set()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+def test_ctrl_c_saves_the_epoch_in_progress_and_leaves_no_worker_behind(tmp_path, cache_dir):
+    """Ctrl-C signals the whole foreground process group: the DataLoader workers ignore it, the main process
+    finishes the step, saves last.pt mid-epoch 1, says how to resume and exits 130; its workers go with it."""
+    run_dir = tmp_path / "run"
+    args = ["task=classification", *tiny_overrides(cache_dir), "data.resident=off", "data.num_workers=2",
+            "trainer.max_epochs=3", "trainer.log_every_n_steps=1", "+trainer.debug_step_sleep=1.0",
+            f"hydra.run.dir={run_dir}"]
+    proc = start_train(args, cwd=tmp_path, new_session=True)
+    wait_for_line(proc, "step 1:")
+    workers = _children(proc.pid)
+    assert len(workers) >= 2, workers  # the DataLoader worker processes
+    os.killpg(proc.pid, signal.SIGINT)
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == EXIT_INTERRUPTED == 130, output
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
+    assert "SIGINT received: stopped at epoch 1, after batch" in output and "trainer.resume=auto" in output
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert state["epoch"] == 0 and state["epoch_progress"]["batches_done"] >= 1
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in workers)
+
+
+def test_sigint_to_the_main_process_only_stops_and_a_second_one_exits_at_once(tmp_path, cache_dir):
+    """``kill -INT PID`` (the main process only, as some schedulers send it): the same clean stop; a second
+    SIGINT while the step finishes exits at once, without a traceback."""
+    args = ["task=classification", *tiny_overrides(cache_dir), "data.resident=off", "data.num_workers=2",
+            "trainer.max_epochs=3", "trainer.log_every_n_steps=1", "+trainer.debug_step_sleep=2.0"]
+    proc = start_train([*args, f"hydra.run.dir={tmp_path / 'once'}"], cwd=tmp_path)
+    wait_for_line(proc, "step 1:")
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == EXIT_INTERRUPTED and "Traceback" not in output, output
+    assert (tmp_path / "once" / "checkpoints" / "last.pt").is_file()
+
+    proc = start_train([*args, f"hydra.run.dir={tmp_path / 'twice'}"], cwd=tmp_path)
+    wait_for_line(proc, "step 1:")
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == EXIT_INTERRUPTED and "Traceback" not in output, output
+    assert time.monotonic() - started < 10 and "interrupted" in output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import nibabel as nib
@@ -145,3 +146,53 @@ def test_fixed_seed_repeats_history_and_resnet_serves_segmentation(tmp_path, cac
     assert a == b
     state = torch.load(tmp_path / "a" / "checkpoints" / "last.pt", weights_only=True)
     assert state["config"]["backbone"]["_target_"].endswith("ResNetBackbone")
+
+
+def test_data_manifest_without_data_nifti_is_refused(tmp_path, cache_dir):
+    """data.manifest on the default data=synthetic used to train on the phantoms and exit 0."""
+    proc = run_train(["task=classification", *tiny_overrides(cache_dir), f"data.manifest={tmp_path / 'study.tsv'}",
+                      f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "add data=nifti" in proc.stderr
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_resume_with_more_epochs_follows_the_longer_schedule_and_metrics_csv_keeps_every_epoch(tmp_path, cache_dir):
+    """A finished poly run (lr 0 at its end) continued to 4 epochs gets the lr a 4-epoch run has at epoch 3."""
+    common = ["task=classification", *tiny_overrides(cache_dir), "scheduler=poly"]
+    straight, extended = tmp_path / "straight", tmp_path / "extended"
+    run_train([*common, "trainer.max_epochs=4", f"hydra.run.dir={straight}"], cwd=tmp_path)
+    run_train([*common, "trainer.max_epochs=2", f"hydra.run.dir={extended}"], cwd=tmp_path)
+    assert read_summary(extended)["history"][-1]["lr"] == pytest.approx(0.0, abs=1e-12)
+    proc = run_train([*common, "trainer.max_epochs=4", "trainer.resume=auto", f"hydra.run.dir={extended}"], cwd=tmp_path)
+    assert "planned anew for 4 epochs" in proc.stdout + (extended / "train.log").read_text()
+    lr_straight = [h["lr"] for h in read_summary(straight)["history"]]
+    lr_extended = [h["lr"] for h in read_summary(extended)["history"]]
+    assert lr_extended[2] > 0 and lr_extended[2:] == pytest.approx(lr_straight[2:], rel=1e-9)
+
+    with open(extended / "metrics.csv", newline="") as f:  # one row per epoch, over both processes
+        rows = list(csv.DictReader(f))
+    history = read_summary(extended)["history"]
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    for row, record in zip(rows, history):
+        assert float(row["val_loss"]) == pytest.approx(record["val_loss"]) and float(row["lr"]) == pytest.approx(record["lr"])
+
+
+def test_resume_with_another_model_is_refused_before_anything_is_written(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    common = ["task=regression", *tiny_overrides(cache_dir), "trainer.max_epochs=1", f"hydra.run.dir={run_dir}"]
+    run_train(common, cwd=tmp_path)
+    recorded = (run_dir / ".hydra" / "config.yaml").read_text()
+    last = run_dir / "checkpoints" / "last.pt"
+    stamp = last.stat().st_mtime_ns
+    proc = run_train([*common, "backbone.width=0.25", "optimizer.lr=0.01", "trainer.resume=auto"], cwd=tmp_path,
+                     check=False)
+    assert proc.returncode == 2
+    error_lines = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert len(error_lines) == 1, proc.stderr
+    assert "backbone.width: 0.125 -> 0.25" in error_lines[0] and "optimizer.lr: 0.001 -> 0.01" in error_lines[0]
+    assert "size mismatch" not in proc.stdout + proc.stderr
+    assert (run_dir / ".hydra" / "config.yaml").read_text() == recorded and last.stat().st_mtime_ns == stamp
+    # values a resume may change (where and how it runs) pass the check
+    run_train([*common, "trainer.max_epochs=2", "data.num_workers=0", "trainer.resume=auto"], cwd=tmp_path)
+    assert read_summary(run_dir)["epochs_completed"] == 2
