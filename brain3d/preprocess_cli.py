@@ -1,10 +1,11 @@
 """``brain3d-preprocess``: fill the preprocessed-volume cache for a whole manifest, ahead of training.
 
-It is a Hydra app on the *training* config (``configs/train.yaml``), so it takes exactly the groups and
-overrides a training run takes and fills exactly the entries that run will read::
+It is a Hydra app on the *training* config (``configs/preprocess_data.yaml`` composes ``configs/train.yaml``
+and adds ``preprocess_workers``), so it takes exactly the groups and overrides a training run takes and fills
+exactly the entries that run will read::
 
     brain3d-preprocess task=segmentation data=nifti data.manifest=/data/study/manifest.csv preprocess=spacing
-    brain3d-preprocess data=nifti data.manifest=... +num_workers=8     # default: os.cpu_count() processes
+    brain3d-preprocess data=nifti data.manifest=... preprocess_workers=8   # default auto: the usable CPUs
 
 Settings come from ``cfg.preprocess`` (see :mod:`brain3d.data.preprocess`), the cache folder is
 ``<data.cache_dir>/preprocessed`` (``~/.cache/brain3d/preprocessed`` when the data group has no
@@ -34,6 +35,39 @@ from brain3d.data.preprocess import validate_settings
 from brain3d.train import ConfigError, _config_dir, preprocessed_cache_dir, read_manifest
 
 log = logging.getLogger("brain3d.preprocess")
+AUTO_WORKERS = "auto"
+
+
+def _usable_cpus() -> int:
+    """The CPUs this process may run on: the affinity mask where the platform has one (a container or a batch
+    job's CPU set is often smaller than the machine, which ``os.cpu_count()`` reports), else ``os.cpu_count()``."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def resolve_workers(cfg: DictConfig, num_jobs: int) -> int:
+    """Worker processes for ``num_jobs`` subjects: ``cfg.preprocess_workers`` (``auto`` or an integer >= 1), at
+    most one per subject (an idle process costs a fork and its imports) and at least one.
+
+    ``cfg.num_workers`` (the undeclared ``+num_workers=N`` of earlier versions) still wins when given, with a
+    warning, so existing scripts keep their worker count instead of silently falling back to ``auto``.
+
+    Raises:
+        ConfigError: a value that is neither ``auto`` nor a positive integer.
+    """
+    key, value = "preprocess_workers", cfg.get("preprocess_workers", AUTO_WORKERS)
+    if cfg.get("num_workers") is not None:
+        key, value = "num_workers", cfg.num_workers
+        log.warning("+num_workers=%s is deprecated: use preprocess_workers=%s", value, value)
+    if value is None or value == AUTO_WORKERS:
+        workers = _usable_cpus()
+    elif isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        workers = value
+    else:
+        raise ConfigError(f"{key}={value!r}: expected {AUTO_WORKERS} (one process per usable CPU) or an integer >= 1")
+    return max(1, min(workers, num_jobs))
+
 
 def _init_worker() -> None:
     # One volume per process at a time: parallelism comes from the processes, not torch's threads.
@@ -58,14 +92,15 @@ def fill_cache(cfg: DictConfig) -> dict:
     """Preprocess every subject of the run's manifest into the cache.
 
     Args:
-        cfg: the composed training config with a ``preprocess`` node (``cfg.num_workers``, optional:
-            worker processes, default ``os.cpu_count()``; ``cfg.trainer.progress``: the tqdm bar).
+        cfg: the composed ``preprocess_data`` config (a training config with a ``preprocess`` node;
+            ``cfg.preprocess_workers``: worker processes, see :func:`resolve_workers`; ``cfg.trainer.progress``:
+            the tqdm bar).
 
     Returns:
         ``{"subjects": n, "hits": h, "misses": m, "seconds": s}``.
 
     Raises:
-        ConfigError: no ``preprocess`` node, or invalid preprocessing settings.
+        ConfigError: no ``preprocess`` node, invalid preprocessing settings or an invalid worker count.
         ManifestError: the manifest cannot be read (files are not decoded here: ``check_data=False``).
     """
     start = time.perf_counter()
@@ -79,13 +114,14 @@ def fill_cache(cfg: DictConfig) -> dict:
     manifest = read_manifest(cfg.data, cfg.task.name, check_data=False, require_targets=False)
     manifest_path = manifest.path
     jobs = [(str(s.image), str(s.mask) if s.mask is not None else None) for s in manifest.subjects]
-    workers = max(1, min(int(cfg.get("num_workers") or os.cpu_count() or 1), len(jobs)))
+    workers = resolve_workers(cfg, len(jobs))
     progress = bool(cfg.get("trainer", {}).get("progress", True))
     log.info("%s: %d subjects -> %s (%d worker processes)", manifest_path, len(jobs), cache_dir, workers)
     hits = 0
     with ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context(), initializer=_init_worker) as pool:
         futures = {pool.submit(_fill_one, image, mask, settings, str(cache_dir)): image for image, mask in jobs}
-        bar = tqdm(as_completed(futures), total=len(futures), desc="preprocess", disable=not progress, dynamic_ncols=True)
+        bar = tqdm(as_completed(futures), total=len(futures), desc="preprocess", disable=not progress,
+                   dynamic_ncols=True)
         for future in bar:
             hits += bool(future.result())
             bar.set_postfix(hits=hits)

@@ -9,7 +9,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from brain3d.train import build_loss, ConfigError
+from brain3d.data.preprocess import validate_settings
+from brain3d.train import build_loss, check_input_geometry, ConfigError
 
 from tests.conftest import CONFIG_DIR
 
@@ -56,3 +57,28 @@ def test_every_option_instantiates():
 def test_misfit_loss_is_refused_with_valid_list():
     with pytest.raises(ConfigError, match="valid losses for regression: l1, mse, huber"):
         build_loss(compose_train(["task=regression", "loss=bce"]))
+
+
+def test_experiment_lesion_patches_sets_patch_training_for_segmentation():
+    cfg = compose_train(["experiment=lesion_patches"])
+    assert (cfg.task.name, cfg.loss.name, cfg.preprocess.mode) == ("segmentation", "dice_bce", "spacing")
+    assert list(cfg.data.patch_size) == [96, 96, 96] and cfg.data.shape is None and cfg.preprocess.shape is None
+    assert cfg.data.batch_size == 2
+    overridden = compose_train(["experiment=lesion_patches", "data.patch_size=[64,64,64]", "loss=dice"])
+    assert list(overridden.data.patch_size) == [64, 64, 64] and overridden.loss.name == "dice"  # the command line wins
+
+
+def test_experiment_brain_age_sets_regression_with_l1():
+    cfg = compose_train(["experiment=brain_age"])
+    assert (cfg.task.name, cfg.loss.name, cfg.data.target_col) == ("regression", "l1", "age")
+    assert cfg.augment.affine_prob == 0.2  # augment=light
+    assert compose_train(["experiment=brain_age", "loss=huber"]).loss.name == "huber"
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_every_experiment_composes_into_a_runnable_config(experiment):
+    """Each preset composes, its loss fits its task and its shapes pass the checks made before any data is read."""
+    cfg = compose_train([f"experiment={experiment}"])
+    assert isinstance(build_loss(cfg), torch.nn.Module)
+    check_input_geometry(cfg.task.name, validate_settings(cfg.preprocess), cfg.data.patch_size)
+    instantiate(cfg.augment)

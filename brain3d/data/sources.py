@@ -2,7 +2,7 @@
 
 - :func:`bids_manifest`: a BIDS folder (``participants.tsv`` + ``sub-*/[ses-*/]anat/*_<suffix>.nii[.gz]``),
   one row per image (per subject and session), grouped by participant so that the sessions of one
-  participant never straddle train and val.
+  participant never straddle train and val. participants.tsv is optional when the task needs no target.
 - :func:`msd_manifest`: a Medical Segmentation Decathlon folder (``dataset.json`` with a "training" list of
   image / label pairs, as nnU-Net v1 and MONAI's ``load_decathlon_datalist`` read it).
 - :func:`source_manifest`: the one call ``train.prepare_manifest`` needs for ``data.source`` bids / msd: writes
@@ -25,7 +25,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from brain3d.data.manifest import _is_missing, read_rows
+from brain3d.data.manifest import TASK_TARGET_COLS, _is_missing, read_rows
 
 __all__ = ["bids_manifest", "msd_manifest", "source_manifest", "SOURCES", "MANIFEST_VERSION"]
 
@@ -91,12 +91,14 @@ def _split_name(name: str, suffix: str, extension: Sequence[str]) -> tuple[str, 
     return None
 
 
-def _find_images(participant_dir: Path, pid: str, suffix: str, extension: Sequence[str]) -> list[tuple[str, str | None, Path]]:
+def _find_images(participant_dir: Path, pid: str, suffix: str,
+                 extension: Sequence[str]) -> list[tuple[str, str | None, Path]]:
     """(entity prefix, session or None, path) of every ``[ses-*/]anat/<pid>_*_<suffix><ext>``; for one prefix
     stored with several extensions, the first in ``extension`` wins."""
     folders: list[tuple[str | None, Path]] = [(None, participant_dir / "anat")]
     if participant_dir.is_dir():
-        folders += [(d.name, d / "anat") for d in sorted(participant_dir.iterdir()) if d.is_dir() and d.name.startswith("ses-")]
+        folders += [(d.name, d / "anat") for d in sorted(participant_dir.iterdir())
+                    if d.is_dir() and d.name.startswith("ses-")]
     found: dict[str, tuple[int, str | None, Path]] = {}
     for session, folder in folders:
         if not folder.is_dir():
@@ -112,7 +114,8 @@ def _find_images(participant_dir: Path, pid: str, suffix: str, extension: Sequen
     return [(prefix, session, path) for prefix, (_, session, path) in sorted(found.items())]
 
 
-def _mask_index(folder: Path, mask_suffix: str, extension: Sequence[str], recursive: bool) -> dict[str, list[tuple[str, Path]]]:
+def _mask_index(folder: Path, mask_suffix: str, extension: Sequence[str],
+                recursive: bool) -> dict[str, list[tuple[str, Path]]]:
     """Mask files under ``folder`` by participant: {pid: [(name without _<mask_suffix><ext>, path), ...]}."""
     best: dict[tuple[Path, str], tuple[int, Path]] = {}  # one file per folder and name: the preferred extension
     if not folder.is_dir():
@@ -148,6 +151,80 @@ def _match_mask(prefix: str, candidates: list[tuple[str, Path]]) -> list[Path]:
     return sorted(matches)
 
 
+def _read_participants(tsv: Path) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """participants.tsv -> ({"sub-<label>": its row}, target columns), checked: the rows are the subjects of the
+    manifest and the other columns its targets, so a missing id column, no rows, a duplicate id or a column named
+    like one the manifest writes would give a wrong manifest rather than a visible error later."""
+    columns, rows = read_rows(tsv)
+    if "participant_id" not in columns:
+        raise ValueError(f"{tsv}: no participant_id column; its columns are {columns}")
+    if not rows:
+        raise ValueError(f"{tsv} lists no participants")
+    reserved = [c for c in columns if c in BIDS_COLUMNS and c != "participant_id"]
+    if reserved:
+        raise ValueError(f"{tsv}: column(s) {reserved} clash with the manifest's own columns {list(BIDS_COLUMNS)}; "
+                         f"rename them")
+    participants: dict[str, dict[str, str]] = {}
+    for i, r in enumerate(rows, start=1):
+        pid = r.get("participant_id", "")
+        if _is_missing(pid):
+            raise ValueError(f"{tsv}: row {i} has an empty participant_id")
+        pid = pid if pid.startswith("sub-") else f"sub-{pid}"
+        if pid in participants:
+            raise ValueError(f"{tsv}: participant {pid!r} is listed twice (row {i})")
+        participants[pid] = r
+    return participants, [c for c in columns if c != "participant_id" and c]
+
+
+def _participants_from_folders(root: Path) -> dict[str, dict[str, str]]:
+    """The participants of a dataset without participants.tsv: its ``sub-*`` folders, in name order, with no
+    targets (BIDS only RECOMMENDS participants.tsv, and segmentation or prediction need no subject-level value)."""
+    pids = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name.startswith("sub-"))
+    if not pids:
+        raise ValueError(f"{root}: no participants.tsv and no sub-* folder: not a BIDS dataset")
+    return {pid: {"participant_id": pid} for pid in pids}
+
+
+def _no_participants_message(tsv: Path, target_col: str | None) -> str:
+    """Why a missing participants.tsv stops this run: the targets live there (naming the column when known)."""
+    needed = f"the target column {target_col!r} (data.target_col)" if target_col else "the targets (sex, age, ...)"
+    return (f"{tsv} not found: this task needs {needed}, which a BIDS dataset lists per participant in "
+            f"participants.tsv (participant_id + one column per target); segmentation and prediction run without it")
+
+
+def _load_participants(root: Path, tsv: Path, required: bool,
+                       target_col: str | None) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """The participants and target columns of the dataset: participants.tsv when it exists (every ``sub-*``
+    folder must be listed: an unlisted one is usually a typo or a forgotten row, and would silently drop out),
+    else the ``sub-*`` folders when ``required`` is False, else the error naming participants.tsv."""
+    if tsv.is_file():
+        participants, target_cols = _read_participants(tsv)
+        unlisted = sorted(d.name for d in root.iterdir()
+                          if d.is_dir() and d.name.startswith("sub-") and d.name not in participants)
+        if unlisted:
+            raise ValueError(f"{root}: {len(unlisted)} subject folder(s) not listed in {tsv}: {_listing(unlisted)}")
+        return participants, target_cols
+    if required:
+        raise ValueError(_no_participants_message(tsv, target_col))
+    return _participants_from_folders(root), []
+
+
+def _read_sessions(path: Path) -> tuple[list[str], dict[str, dict[str, str]]]:
+    """``sub-<label>_sessions.tsv`` -> (its value columns, {"ses-<label>": row}); no file or no session_id
+    column: nothing (the file is optional in BIDS, and without session_id its rows cannot be matched)."""
+    if not path.is_file():
+        return [], {}
+    columns, rows = read_rows(path)
+    if "session_id" not in columns:
+        return [], {}
+    clash = [c for c in columns if c in BIDS_COLUMNS]
+    if clash:
+        raise ValueError(f"{path}: column(s) {clash} clash with the manifest's own columns")
+    sessions = {r["session_id"] if r["session_id"].startswith("ses-") else f"ses-{r['session_id']}": r
+                for r in rows if not _is_missing(r.get("session_id"))}
+    return [c for c in columns if c != "session_id" and c], sessions
+
+
 def bids_manifest(
     root: str | os.PathLike,
     out_path: str | os.PathLike,
@@ -155,6 +232,8 @@ def bids_manifest(
     mask_suffix: str | None = None,
     mask_root: str | os.PathLike | None = None,
     extension: Sequence[str] = (".nii.gz", ".nii"),
+    require_participants: bool = True,
+    target_col: str | None = None,
 ) -> Path:
     """Write the manifest of a BIDS dataset: one row per image of ``suffix`` (per subject and session).
 
@@ -162,6 +241,8 @@ def bids_manifest(
     missing and stays "n/a", which the manifest reader reports as an empty target) and
     ``root/sub-*/[ses-*/]anat/*_<suffix>.nii[.gz]``. ``sub-<label>/sub-<label>_sessions.tsv``, when present, adds
     per-session columns (e.g. age at each session) that override the participant's value for that session.
+    Without participants.tsv (``require_participants=False``: a task that needs no subject-level target), the
+    participants are the ``sub-*`` folders and the manifest has no target columns (sessions.tsv still adds its own).
 
     Columns written: ``subject_id`` (the file's entity prefix: ``sub-01_ses-1`` with sessions, ``sub-01``
     without, ``sub-01_ses-1_run-2`` when a session holds several runs), ``participant_id`` (the GROUP of the
@@ -184,12 +265,16 @@ def bids_manifest(
         mask_suffix: the mask suffix; None: no mask column.
         mask_root: where the masks are (a derivatives folder); None: next to the images.
         extension: the file extensions accepted, in order of preference (when one image is stored twice).
+        require_participants: a missing participants.tsv is an error (the default: targets are read from it);
+            False: the ``sub-*`` folders are the participants.
+        target_col: the target column the caller needs, only to name it in the missing-participants.tsv error.
 
     Returns:
         ``out_path``.
 
     Raises:
-        ValueError: ``root`` is not a folder or has no participants.tsv; participants.tsv has no
+        ValueError: ``root`` is not a folder, or has no participants.tsv while ``require_participants``, or
+            (without participants.tsv) no ``sub-*`` folder; participants.tsv has no
             participant_id column, no rows or a duplicate id, or a column named like one the manifest writes;
             a ``sub-*`` folder is not listed in participants.tsv; a listed participant has no image (all listed
             together); an image matches several masks.
@@ -198,35 +283,10 @@ def bids_manifest(
     out_path = Path(out_path).expanduser()
     if not root.is_dir():
         raise ValueError(f"BIDS root {root} is not a folder")
-    tsv = root / "participants.tsv"
-    if not tsv.is_file():
-        raise ValueError(f"{tsv} not found: a BIDS dataset lists its participants and their targets (sex, age, ...) "
-                         f"in participants.tsv")
     if mask_suffix is not None and mask_suffix == suffix:
         raise ValueError(f"the mask suffix {mask_suffix!r} is the image suffix")
-    columns, rows = read_rows(tsv)
-    if "participant_id" not in columns:
-        raise ValueError(f"{tsv}: no participant_id column; its columns are {columns}")
-    if not rows:
-        raise ValueError(f"{tsv} lists no participants")
-    reserved = [c for c in columns if c in BIDS_COLUMNS and c != "participant_id"]
-    if reserved:
-        raise ValueError(f"{tsv}: column(s) {reserved} clash with the manifest's own columns {list(BIDS_COLUMNS)}; "
-                         f"rename them")
-    target_cols = [c for c in columns if c != "participant_id" and c]
-
-    participants: dict[str, dict[str, str]] = {}
-    for i, r in enumerate(rows, start=1):
-        pid = r.get("participant_id", "")
-        if _is_missing(pid):
-            raise ValueError(f"{tsv}: row {i} has an empty participant_id")
-        pid = pid if pid.startswith("sub-") else f"sub-{pid}"
-        if pid in participants:
-            raise ValueError(f"{tsv}: participant {pid!r} is listed twice (row {i})")
-        participants[pid] = r
-    unlisted = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name.startswith("sub-") and d.name not in participants)
-    if unlisted:
-        raise ValueError(f"{root}: {len(unlisted)} subject folder(s) not listed in {tsv}: {_listing(unlisted)}")
+    tsv = root / "participants.tsv"
+    participants, target_cols = _load_participants(root, tsv, require_participants, target_col)
 
     masks_by_pid: dict[str, list[tuple[str, Path]]] | None = None
     if mask_suffix is not None and mask_root is not None:
@@ -244,17 +304,8 @@ def bids_manifest(
         if not images:
             missing.append(pid)
             continue
-        sessions: dict[str, dict[str, str]] = {}
-        sessions_tsv = root / pid / f"{pid}_sessions.tsv"
-        if sessions_tsv.is_file():
-            s_cols, s_rows = read_rows(sessions_tsv)
-            if "session_id" in s_cols:
-                clash = [c for c in s_cols if c in BIDS_COLUMNS]
-                if clash:
-                    raise ValueError(f"{sessions_tsv}: column(s) {clash} clash with the manifest's own columns")
-                target_cols += [c for c in s_cols if c != "session_id" and c and c not in target_cols]
-                sessions = {r["session_id"] if r["session_id"].startswith("ses-") else f"ses-{r['session_id']}": r
-                            for r in s_rows if not _is_missing(r.get("session_id"))}
+        s_cols, sessions = _read_sessions(root / pid / f"{pid}_sessions.tsv")
+        target_cols += [c for c in s_cols if c not in target_cols]
         for prefix, session, image in images:
             row = {c: v for c, v in prow.items() if c != "participant_id"}
             if session in sessions:
@@ -269,16 +320,19 @@ def bids_manifest(
                 row["mask"] = str(_abs(found[0])) if len(found) == 1 else ""
             out_rows.append(row)
     if missing:
+        listed_in, fix = ((tsv, "remove them from participants.tsv") if tsv.is_file()
+                          else (f"{root} (its sub-* folders; no participants.tsv)", "remove those folders"))
         raise ValueError(
-            f"{len(missing)} participant(s) of {tsv} have no image {root}/<participant>/[ses-*/]anat/*_{suffix}"
-            f"{{{','.join(extension)}}}: {_listing(missing)} (remove them from participants.tsv or fix data.suffix)"
+            f"{len(missing)} participant(s) of {listed_in} have no image {root}/<participant>/[ses-*/]anat/*_{suffix}"
+            f"{{{','.join(extension)}}}: {_listing(missing)} ({fix} or fix data.suffix)"
         )
     if ambiguous:
         raise ValueError(f"{len(ambiguous)} image(s) match several '{mask_suffix}' masks: {_listing(ambiguous)}")
 
     header = list(BIDS_COLUMNS[:4]) + (["mask"] if mask_suffix is not None else []) + target_cols
     missing_value = {c: "n/a" for c in target_cols}  # a target a participant lacks (e.g. a sessions.tsv column)
-    return _write_csv_atomic(out_path, header, ([r.get(c) or missing_value.get(c, "") for c in header] for r in out_rows))
+    cells = ([r.get(c) or missing_value.get(c, "") for c in header] for r in out_rows)
+    return _write_csv_atomic(out_path, header, cells)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -374,30 +428,48 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
-def source_manifest(data_cfg: Any) -> Path:
+def _needs_participants(data_cfg: Any, task: str | None, require_targets: bool) -> tuple[bool, str | None]:
+    """(is participants.tsv required, the target column to name when it is missing). Without a task (callers
+    that predate the argument) it is required, as it always was; segmentation reads masks and prediction
+    (``require_targets=False``) reads no target, so neither needs it."""
+    if task is None:
+        return True, None
+    if task not in TASK_TARGET_COLS or not require_targets:
+        return False, None
+    return True, str(_get(data_cfg, "target_col", TASK_TARGET_COLS[task]))
+
+
+def source_manifest(data_cfg: Any, task: str | None = None, require_targets: bool = True) -> Path:
     """The manifest for ``data.source`` bids or msd, written to ``<data.cache_dir>/manifests/<hash>.csv``.
 
     The hash covers the source, the absolute root and the settings (bids: suffix, mask_suffix, mask_root; msd:
     label_threshold) and :data:`MANIFEST_VERSION`, so each dataset and setting has its own file. The manifest is
     rewritten on every call (scanning a dataset is cheap next to training; a cached one would miss new or
     removed files); runs that write the same one concurrently each replace it atomically with the same content.
+    ``task`` and ``require_targets`` only decide whether a BIDS dataset may lack participants.tsv (they do not
+    change what is written for a given dataset, so they are not part of the hash).
 
     Args:
         data_cfg: the ``data`` config (a DictConfig or a mapping): ``source``, ``root`` (required),
             ``cache_dir`` (default ~/.cache/brain3d), and the source's settings.
+        task: the task the manifest is for; None: participants.tsv is required (the behaviour before ``task``).
+            With a task, a BIDS dataset without participants.tsv is read for segmentation.
+        require_targets: False (prediction): no task needs participants.tsv.
 
     Returns:
         The manifest path.
 
     Raises:
-        ValueError: a source other than bids / msd, no ``data.root``, or what the source raises.
+        ValueError: a source other than bids / msd, no ``data.root``, or what the source raises (for bids, a
+            missing participants.tsv names the target column the task needs).
     """
     source = _get(data_cfg, "source")
     if source not in SOURCES:
         raise ValueError(f"data.source={source!r}: source_manifest handles {', '.join(SOURCES)}")
     root_value = _get(data_cfg, "root")
     if not root_value:
-        raise ValueError(f"data={source} needs data.root=PATH (the {'BIDS dataset' if source == 'bids' else 'MSD task'} folder)")
+        what = "BIDS dataset" if source == "bids" else "MSD task"
+        raise ValueError(f"data={source} needs data.root=PATH (the {what} folder)")
     root = _abs(Path(str(root_value)).expanduser())
     if source == "bids":
         mask_root = _get(data_cfg, "mask_root")
@@ -412,6 +484,7 @@ def source_manifest(data_cfg: Any) -> Path:
     digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
     out_path = Path(str(_get(data_cfg, "cache_dir", "~/.cache/brain3d"))).expanduser() / "manifests" / f"{digest}.csv"
     if source == "bids":
+        required, target_col = _needs_participants(data_cfg, task, require_targets)
         return bids_manifest(root, out_path, suffix=settings["suffix"], mask_suffix=settings["mask_suffix"],
-                             mask_root=settings["mask_root"])
+                             mask_root=settings["mask_root"], require_participants=required, target_col=target_col)
     return msd_manifest(root, out_path, label_threshold=settings["label_threshold"])
