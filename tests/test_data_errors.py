@@ -64,7 +64,8 @@ def test_clean_nifti_manifest_trains_and_records_label_mapping(dataset, tmp_path
 
 
 def test_every_problem_reported_together_before_training(dataset, tmp_path):
-    # row 2: missing image; row 3: truncated .gz; row 4: not NIfTI; row 5: empty target; row 6: mask shape differs
+    # line 3: missing image; line 4: truncated .gz; line 5: not NIfTI; line 6: empty target; line 7: mask shape differs
+    # (line 1 is the header, line 2 the good sub-00)
     truncated = dataset / "sub-02_T1w.nii.gz"
     data = truncated.read_bytes()
     truncated.write_bytes(data[: len(data) // 2])
@@ -80,13 +81,16 @@ def test_every_problem_reported_together_before_training(dataset, tmp_path):
         err = proc.stderr
         assert "Traceback" not in err
         assert str(manifest) in err
-        assert "row 2 (sub-01), column 'image': image file not found" in err
-        assert "row 3 (sub-02), column 'image'" in err and "sub-02_T1w.nii.gz" in err
-        assert "row 4 (sub-03), column 'image'" in err and "sub-03_T1w.nii.gz" in err
+        assert "line 3 (sub-01), column 'image': image file not found" in err
+        assert "line 4 (sub-02), column 'image': truncated or damaged NIfTI file (EOFError: " in err
+        assert f"{dataset / 'sub-02_T1w.nii.gz'}" in err
+        assert ("line 5 (sub-03), column 'image': not a NIfTI file (gzip-compressed text starting 'this is not a "
+                "nifti filethis is not a ni'): ") in err and f"{dataset / 'sub-03_T1w.nii.gz'}" in err
         if task == "regression":
-            assert "row 5 (sub-04), column 'age': empty target" in err
+            assert "line 6 (sub-04), column 'age': empty target" in err
         else:
-            assert "row 6 (sub-05), column 'mask': mask shape (32, 32, 16) differs from image shape (32, 32, 32)" in err
+            assert ("line 7 (sub-05), column 'mask': mask shape (32, 32, 16) differs from image shape "
+                    "(32, 32, 32)") in err
         assert not (run_dir / "checkpoints").exists(), "nothing may be trained on a bad dataset"
 
 
@@ -108,7 +112,7 @@ def test_unknown_group_option_lists_valid_ones(tmp_path):
     proc = run_train(["task=segmentaton"], cwd=tmp_path, check=False)
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
-    assert "task/segmentaton" in out
+    assert "segmentaton" in out
     for option in ("classification", "regression", "segmentation"):
         assert option in out
 

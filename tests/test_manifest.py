@@ -36,8 +36,8 @@ def test_label_problems_are_reported(images):
     csv.write_text("subject_id,image,age\ns0,img/s0.nii.gz,old\ns0,img/s1.nii.gz,30\n")
     with pytest.raises(ManifestError) as err:
         load_manifest(csv, "regression")
-    assert "row 1 (s0), column 'age': 'old' is not a finite number" in str(err.value)
-    assert "row 2, column 'subject_id': subject id 's0' already used in row 1" in str(err.value)
+    assert "line 2 (s0), column 'age': 'old' is not a finite number" in str(err.value)  # line 1: the header
+    assert "line 3 (s0), column 'subject_id': subject id 's0' is already used on line 2" in str(err.value)
     assert err.value.problems and len(err.value.problems) == 2
 
 

@@ -134,6 +134,45 @@ def test_unreadable_files_raise_nifti_read_error(tmp_path):
         read_header_shape(missing)
 
 
+def _message(fn, path) -> str:
+    with pytest.raises(NiftiReadError) as exc:
+        fn(path)
+    return str(exc.value)
+
+
+def test_not_nifti_files_are_told_apart_from_damaged_ones(tmp_path):
+    """A renamed non-image says "not a NIfTI file (what it is)"; a NIfTI (or gzip) file that fails is damaged."""
+    good = _write(tmp_path / "good.nii.gz", np.random.default_rng(0).random((16, 16, 16)).astype(np.float32), np.eye(4))
+    plain = _write(tmp_path / "plain.nii", np.ones((16, 16, 16), np.float32), np.eye(4))
+    files = {
+        "notes.nii.gz": (b"this is not a nifti file\n" * 20, "not a NIfTI file (text starting 'this is not a nifti "
+                                                              "file this is not a n'): "),
+        "notes.nii": (b"age,sex\n30,F\n", "not a NIfTI file (text starting 'age,sex 30,F'): "),
+        "scan.nii.gz": (b"\x89PNG\r\n\x1a\n" + bytes(100), "not a NIfTI file (a PNG image): "),
+        "random.nii": (bytes(range(256)) * 4, "not a NIfTI file (no NIfTI header; the first bytes are 00 01 02 03 "),
+        "empty.nii.gz": (b"", "not a NIfTI file (the file is empty): "),
+        "lfs.nii.gz": (b"version https://git-lfs.github.com/spec/v1\noid sha256:0\n",
+                       "not a NIfTI file (a Git LFS pointer; run git lfs pull): "),
+        "trunc.nii.gz": (good.read_bytes()[: len(good.read_bytes()) // 2],
+                         "truncated or damaged NIfTI file (EOFError: Compressed file ended before the end-of-stream "),
+        "trunc_gzip.nii.gz": (good.read_bytes()[:30], "truncated or damaged gzip file (EOFError: "),
+        "trunc.nii": (plain.read_bytes()[:100], "truncated or damaged NIfTI file (the NIfTI-1 header is cut short: "
+                                                "100 of 348 bytes): "),
+        "trunc_data.nii": (plain.read_bytes()[:2000], "truncated or damaged NIfTI file (OSError: Expected 16384 bytes"),
+        "uncompressed.nii.gz": (plain.read_bytes(), "a NIfTI file that is not gzip-compressed although its name ends "
+                                                    "in .gz (rename it .nii): "),
+    }
+    for name, (content, want) in files.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        msg = _message(load_nifti, path)
+        assert msg.startswith(want), (name, msg)
+        assert msg.endswith(f"): {path}") and "\n" not in msg
+        if not name.startswith("trunc"):
+            assert _message(read_header_shape, path) == msg  # the header alone tells
+    assert "not a gzip" not in _message(load_nifti, tmp_path / "notes.nii.gz")
+
+
 def test_resize_volume():
     rng = np.random.default_rng(0)
     vol = rng.random((8, 9, 10)).astype(np.float32)

@@ -228,5 +228,5 @@ def test_unreadable_file_while_loading_into_memory_names_the_file(subjects, tmp_
     train = [dataclasses.replace(subject_list[0], image=broken), *subject_list[1:4]]
     train_set = VolumeDataset(train, "segmentation", SHAPE, tmp_path / "cache")
     val_set = VolumeDataset(subject_list[8:], "segmentation", SHAPE, tmp_path / "cache")
-    with pytest.raises(ConfigError, match=r"reading the volumes into memory: cannot read NIfTI file .*broken_T1w"):
+    with pytest.raises(ConfigError, match=r"reading the volumes into memory: truncated or damaged .*broken_T1w"):
         build_loaders(train_set, val_set, data_cfg("auto", num_workers=0), torch.device("cpu"), 0, 2, progress=False)

@@ -78,8 +78,8 @@ def test_bids_rows_ids_groups_targets_and_masks(bids, tmp_path):
     assert all(s.mask is not None for s in seg.subjects)
     with pytest.raises(ManifestError) as err:  # "n/a" is a missing target
         load_manifest(out, "regression", group_col="participant_id")
-    assert err.value.problems == ["row 3 (sub-02_ses-1), column 'age': empty target",
-                                  "row 4 (sub-02_ses-2), column 'age': empty target"]
+    assert err.value.problems == ["line 4 (sub-02_ses-1), column 'age': empty target",
+                                  "line 5 (sub-02_ses-2), column 'age': empty target"]
 
 
 def test_bids_masks_next_to_images_and_missing_mask_left_empty(bids, tmp_path):
@@ -114,6 +114,65 @@ def test_bids_layout_problems_name_the_path(bids, tmp_path):
         bids_manifest(bids, tmp_path / "m.csv")
     assert not (tmp_path / "m.csv").exists()  # nothing half-written
 
+
+
+@pytest.fixture
+def bids_no_tsv(tmp_path) -> Path:
+    """A BIDS tree without participants.tsv: sub-01, sub-02 (no sessions), lesion masks in derivatives/lesions."""
+    root = tmp_path / "bids_no_tsv"
+    for sub in ("sub-02", "sub-01"):
+        write_image(root / sub / "anat" / f"{sub}_T1w.nii.gz")
+        write_mask(root / "derivatives" / "lesions" / sub / "anat" / f"{sub}_label-lesion_mask.nii.gz")
+    return root
+
+
+def bids_cfg(root: Path, cache: Path, **values):
+    cfg = OmegaConf.load(CONFIG_DIR / "data" / "bids.yaml")
+    cfg.root, cfg.cache_dir, cfg.mask_suffix, cfg.mask_root = str(root), str(cache), "mask", "derivatives/lesions"
+    for key, value in values.items():
+        cfg[key] = value
+    return cfg
+
+
+def test_bids_without_participants_tsv_for_segmentation(bids_no_tsv, tmp_path):
+    cfg = bids_cfg(bids_no_tsv, tmp_path / "cache")
+    out = source_manifest(cfg, task="segmentation")
+    rows = read_csv(out)
+    assert list(rows[0]) == ["subject_id", "participant_id", "session", "image", "mask"]  # no target columns
+    assert [r["subject_id"] for r in rows] == ["sub-01", "sub-02"]  # the sub-* folders, in name order
+    assert rows[1]["mask"] == str(bids_no_tsv / "derivatives/lesions/sub-02/anat/sub-02_label-lesion_mask.nii.gz")
+    manifest = load_manifest(out, "segmentation", group_col=cfg.group_col)
+    assert [s.group for s in manifest.subjects] == ["sub-01", "sub-02"] and all(s.mask for s in manifest.subjects)
+    # prediction reads no target: any task goes without participants.tsv
+    predict = load_manifest(source_manifest(cfg, task="classification", require_targets=False), "classification",
+                            require_targets=False)
+    assert len(predict.subjects) == 2
+
+
+@pytest.mark.parametrize("task,target_col,column", [("classification", None, "sex"), ("regression", "score", "score")])
+def test_bids_without_participants_tsv_needs_it_for_a_target(bids_no_tsv, tmp_path, task, target_col, column):
+    cfg = bids_cfg(bids_no_tsv, tmp_path / "cache", target_col=target_col)
+    tsv = bids_no_tsv / "participants.tsv"
+    with pytest.raises(ValueError, match=rf"{tsv} not found: this task needs the target column '{column}'"):
+        source_manifest(cfg, task=task)
+    with pytest.raises(ValueError, match=f"{tsv} not found"):  # no task given: required, as before
+        source_manifest(cfg)
+    assert not (tmp_path / "cache" / "manifests").exists() or not list((tmp_path / "cache" / "manifests").iterdir())
+
+
+def test_bids_without_participants_tsv_layout_problems(bids_no_tsv, tmp_path):
+    (bids_no_tsv / "sub-03" / "anat").mkdir(parents=True)  # a folder without a T1w
+    with pytest.raises(ValueError, match=r"1 participant\(s\) of .*no participants.tsv.* have no image .*: sub-03 "
+                                         r"\(remove those folders"):
+        bids_manifest(bids_no_tsv, tmp_path / "m.csv", require_participants=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="no participants.tsv and no sub-\\* folder"):
+        bids_manifest(empty, tmp_path / "m.csv", require_participants=False)
+    (bids_no_tsv / "sub-03").rename(tmp_path / "sub-03")
+    (bids_no_tsv / "participants.tsv").write_text("participant_id\tsex\nsub-01\tF\n")  # present: it is read
+    with pytest.raises(ValueError, match=r"subject folder\(s\) not listed in .*participants.tsv: sub-02"):
+        bids_manifest(bids_no_tsv, tmp_path / "m.csv", require_participants=False)
 
 def grouped(n_groups: int, per_group: int, labels=None) -> list[Subject]:
     subs = []
@@ -192,7 +251,7 @@ def test_msd_manifest_absolute_paths_sidecar_and_loading(msd, tmp_path):
     assert [s.mask.name for s in manifest.subjects] == [f"hippocampus_{i:03d}.nii.gz" for i in range(3)]
 
     write_mask(msd / "labelsTr" / "hippocampus_001.nii.gz", values=(0, 1, 2))  # a real MSD label map
-    with pytest.raises(ManifestError, match=r"row 2 \(hippocampus_001\), column 'mask': .*values \[0, 1, 2\]"):
+    with pytest.raises(ManifestError, match=r"line 3 \(hippocampus_001\), column 'mask': .*values \[0, 1, 2\]"):
         load_manifest(out, "segmentation")
     assert len(load_manifest(out, "segmentation", mask_values="labels").subjects) == 3  # foreground = label > 0
 

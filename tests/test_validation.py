@@ -54,15 +54,16 @@ def test_every_new_problem_in_one_error_with_row_and_column(bad_manifest, tmp_pa
     with pytest.raises(ManifestError) as err:
         load_manifest(bad_manifest, "segmentation")
     problems = err.value.problems
-    expected = [
-        f"row 2 (s02), column 'image': image has 1 NaN voxel(s) out of 512: {tmp_path / 's02.nii.gz'}",
-        f"row 3 (s03), column 'image': {tmp_path / 's03.nii.gz'}: expected a 3-D volume, got a 4-D file with 3 volumes "
-        f"(shape (8, 8, 8, 3))",
-        "row 4 (s04), column 'mask': mask affine differs from image affine: the same voxel is 2 mm apart "
+    expected = [  # named by the file's line: the header is line 1, data row k is line k + 1
+        f"line 3 (s02), column 'image': image has 1 NaN voxel(s) out of 512: {tmp_path / 's02.nii.gz'}",
+        f"line 4 (s03), column 'image': {tmp_path / 's03.nii.gz'}: expected a 3-D volume, got a 4-D file with 3 "
+        f"volumes (shape (8, 8, 8, 3))",
+        "line 5 (s04), column 'mask': mask affine differs from image affine: the same voxel is 2 mm apart "
         "(data.affine_tolerance=0.001 mm)",
-        "row 5 (s05), column 'mask': a binary segmentation mask must hold only 0 and 1, found 3 distinct values [0, 1, 2]",
-        "row 6 (s06_ses-1), column 'split': group 's06' (column 'group') is in both train (rows 6) and val (rows 7)",
-        "row 7 (s06_ses-2), column 'split': group 's06' (column 'group') is in both train (rows 6) and val (rows 7)",
+        "line 6 (s05), column 'mask': a binary segmentation mask must hold only 0 and 1, found 3 distinct values "
+        "[0, 1, 2]",
+        "line 7 (s06_ses-1), column 'split': group 's06' (column 'group') is in both train (lines 7) and val (lines 8)",
+        "line 8 (s06_ses-2), column 'split': group 's06' (column 'group') is in both train (lines 7) and val (lines 8)",
     ]
     assert len(problems) == len(expected), problems
     for want, got in zip(expected, problems):
@@ -73,10 +74,21 @@ def test_every_new_problem_in_one_error_with_row_and_column(bad_manifest, tmp_pa
 def test_on_error_skip_keeps_the_good_subjects_and_lists_the_others(bad_manifest):
     manifest = load_manifest(bad_manifest, "segmentation", on_error="skip")
     assert [s.subject_id for s in manifest.subjects] == ["s01", "s08"]
-    assert [(e["row"], e["subject_id"]) for e in manifest.skipped] == [
-        (2, "s02"), (3, "s03"), (4, "s04"), (5, "s05"), (6, "s06_ses-1"), (7, "s06_ses-2")]
+    assert [(e["row"], e["line"], e["subject_id"]) for e in manifest.skipped] == [
+        (2, 3, "s02"), (3, 4, "s03"), (4, 5, "s04"), (5, 6, "s05"), (6, 7, "s06_ses-1"), (7, 8, "s06_ses-2")]
     assert "NaN" in manifest.skipped[0]["problems"][0] and "3 volumes" in manifest.skipped[1]["problems"][0]
-    assert all(len(e["problems"]) == 1 for e in manifest.skipped)
+    assert all(len(e["problems"]) == len(e["reasons"]) == 1 for e in manifest.skipped)
+
+
+def test_skipped_reasons_do_not_repeat_the_line_and_id(bad_manifest, tmp_path):
+    """A skip warning ("skipped line 3 (s02): <reasons>") must not say the line and id twice."""
+    skipped = load_manifest(bad_manifest, "segmentation", on_error="skip").skipped
+    assert skipped[0]["reasons"] == [f"column 'image': image has 1 NaN voxel(s) out of 512: {tmp_path / 's02.nii.gz'}"]
+    for e in skipped:
+        for problem, reason in zip(e["problems"], e["reasons"]):
+            assert problem == f"line {e['line']} ({e['subject_id']}), {reason}"
+            assert reason.startswith("column ") and "line " not in reason.split(":")[0]
+            assert f"({e['subject_id']})" not in reason
 
 
 def test_skip_still_raises_for_manifest_problems_and_when_nothing_is_left(bad_manifest, tmp_path):
@@ -94,8 +106,8 @@ def test_checks_that_need_data_are_skipped_without_check_data(bad_manifest):
     with pytest.raises(ManifestError) as err:
         load_manifest(bad_manifest, "segmentation", check_data=False)
     assert [p.split(":")[0] for p in err.value.problems] == [
-        "row 3 (s03), column 'image'", "row 4 (s04), column 'mask'",
-        "row 6 (s06_ses-1), column 'split'", "row 7 (s06_ses-2), column 'split'"]
+        "line 4 (s03), column 'image'", "line 5 (s04), column 'mask'",
+        "line 7 (s06_ses-1), column 'split'", "line 8 (s06_ses-2), column 'split'"]
 
 
 def test_same_grid_in_another_orientation_and_a_singleton_4th_dim_are_fine(tmp_path):
@@ -116,7 +128,7 @@ def test_label_maps_and_group_that_is_the_target(tmp_path):
                     f"b,{image(tmp_path / 'b.nii.gz')},{mask(tmp_path / 'bm.nii.gz', (0, 0.5), dtype=np.float32)}\n")
     with pytest.raises(ManifestError) as err:
         load_manifest(path, "segmentation", mask_values="labels")
-    assert err.value.problems == [f"row 2 (b), column 'mask': a label mask must hold non-negative integers, found 1 "
+    assert err.value.problems == [f"line 3 (b), column 'mask': a label mask must hold non-negative integers, found 1 "
                                   f"other distinct values [0.5] in {tmp_path / 'bm.nii.gz'}"]
     path.write_text(f"subject_id,image,group\na,a.nii.gz,patient\nb,b.nii.gz,control\n")
     with pytest.raises(ManifestError, match="column 'group' is both the target"):
@@ -134,11 +146,57 @@ def test_parallel_header_pass_over_many_files(tmp_path):
     path.write_text("subject_id,image,age\n" + "".join(f"s{i:03d},s{i:03d}.nii.gz,{20 + i % 50}\n" for i in range(n)))
     with pytest.raises(ManifestError) as err:
         load_manifest(path, "regression", check_data=False, num_threads=4)
-    assert len(err.value.problems) == 1 and err.value.problems[0].startswith(
-        f"row 151 (s150), column 'image': cannot read NIfTI file {tmp_path / 's150.nii.gz'}")
+    assert err.value.problems == [
+        f"line 152 (s150), column 'image': not a NIfTI file (text starting 'not a nifti'): {tmp_path / 's150.nii.gz'}"]
     manifest = load_manifest(path, "regression", check_data=False, num_threads=4, on_error="skip")
-    assert len(manifest.subjects) == n - 1 and manifest.skipped[0]["row"] == 151
+    assert len(manifest.subjects) == n - 1 and (manifest.skipped[0]["row"], manifest.skipped[0]["line"]) == (151, 152)
     infos = _read_headers([tmp_path / f"s{i:03d}.nii.gz" for i in range(n)], num_threads=4)
     assert sum(isinstance(x, str) for x in infos) == 1 and infos[0].shape == (4, 4, 4)
     with pytest.raises(NiftiReadError):
         read_header_info(tmp_path / "missing.nii.gz")
+
+
+def test_lines_are_the_files_lines_with_blank_lines_and_quoted_line_breaks(tmp_path):
+    """Messages name the line an editor shows: blank lines and a quoted cell spanning lines are counted."""
+    image(tmp_path / "a.nii.gz")
+    (tmp_path / "notes.nii.gz").write_text("subject notes, not an image\n")
+    path = tmp_path / "m.csv"
+    path.write_text('subject_id,image,age,comment\n'  # line 1
+                    'a,a.nii.gz,30,"two\nlines"\n'  # lines 2-3
+                    '\n'  # line 4, blank
+                    'b,missing.nii.gz,31,\n'  # line 5
+                    ',a.nii.gz,32,\n'  # line 6: no id
+                    'c,notes.nii.gz,33,\n'  # line 7
+                    'a,a.nii.gz,x,\n'  # line 8
+                    'd,a.nii.gz,34,,extra,cells,,\n')  # line 9: empty surplus cells are ignored
+    with pytest.raises(ManifestError) as err:
+        load_manifest(path, "regression")
+    assert err.value.problems == [
+        f"line 5 (b), column 'image': image file not found: {tmp_path / 'missing.nii.gz'}",
+        "line 6, column 'subject_id': empty subject id",
+        f"line 7 (c), column 'image': not a NIfTI file (text starting 'subject notes, not an image'): "
+        f"{tmp_path / 'notes.nii.gz'}",
+        "line 8 (a), column 'subject_id': subject id 'a' is already used on line 2",
+        "line 8 (a), column 'age': 'x' is not a finite number",
+        "line 9 (d), 2 cell(s) beyond the header's 4 columns: ['extra', 'cells'] (a value with the delimiter in it "
+        "must be quoted)",
+    ]
+    skipped = load_manifest(path, "regression", on_error="skip").skipped
+    assert [(e["row"], e["line"], e["subject_id"]) for e in skipped] == [
+        (2, 5, "b"), (3, 6, ""), (4, 7, "c"), (5, 8, "a"), (6, 9, "d")]
+    assert skipped[1]["reasons"] == ["column 'subject_id': empty subject id"]
+
+
+def test_truncated_gzip_is_reported_as_truncated_not_as_not_nifti(tmp_path):
+    image(tmp_path / "a.nii.gz", np.random.default_rng(0).random(SHAPE).astype(np.float32))
+    blob = (tmp_path / "a.nii.gz").read_bytes()
+    (tmp_path / "cut.nii.gz").write_bytes(blob[: len(blob) // 2])  # the header is intact: found by the data pass
+    (tmp_path / "b.nii.gz").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(600))  # a PNG renamed .nii.gz
+    path = tmp_path / "m.csv"
+    path.write_text("subject_id,image,age\na,a.nii.gz,30\ncut,cut.nii.gz,31\nb,b.nii.gz,32\n")
+    with pytest.raises(ManifestError) as err:
+        load_manifest(path, "regression")
+    cut, png = err.value.problems
+    assert cut.startswith("line 3 (cut), column 'image': truncated or damaged NIfTI file (EOFError: ")
+    assert cut.endswith(f"): {tmp_path / 'cut.nii.gz'}") and "not a NIfTI" not in cut
+    assert png == f"line 4 (b), column 'image': not a NIfTI file (a PNG image): {tmp_path / 'b.nii.gz'}"

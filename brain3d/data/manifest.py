@@ -1,14 +1,14 @@
 """Manifest: one row per subject (id, image, targets, mask), checked once at start-up, then split.
 
 Every problem in the manifest is collected and reported together in one :class:`ManifestError`, naming
-the file, the row and the column, before any training starts: a bad file found after three hours of
-training is the failure this module exists to prevent.
+the file, the line (as an editor numbers them: the header is line 1) and the column, before any training starts:
+a bad file found after three hours of training is the failure this module exists to prevent.
 
-Checks, per row: id (empty, duplicate), image / mask paths (empty, missing), target (empty, not a label, not a
-finite number), split value; from the headers (read in parallel): not NIfTI, not 3-D (a 4-D file says how many
-volumes it holds), mask shape and mask affine vs the image's; with ``check_data``, from the decoded data (in
-parallel): truncated files, NaN / Inf image voxels, mask values other than 0/1. Across rows: a group (or subject
-id) with rows in both train and val of the split column.
+Checks, per row: cells beyond the header's columns, id (empty, duplicate), image / mask paths (empty, missing),
+target (empty, not a label, not a finite number), split value; from the headers (read in parallel): not NIfTI,
+not 3-D (a 4-D file says how many volumes it holds), mask shape and mask affine vs the image's; with
+``check_data``, from the decoded data (in parallel): truncated files, NaN / Inf image voxels, mask values other
+than 0/1. Across rows: a group (or subject id) with rows in both train and val of the split column.
 
 ``on_error="skip"`` drops the rows that have problems (listed in :attr:`Manifest.skipped`) instead of raising;
 problems of the manifest as a whole (missing columns, no rows, a bad label set) always raise.
@@ -19,24 +19,20 @@ from __future__ import annotations
 import csv
 import math
 import os
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from nibabel.filebasedimages import ImageFileError
 
-from brain3d.data.nifti import NiftiReadError, load_nifti
+from brain3d.data.nifti import _READ_ERRORS, NiftiReadError, _read_error, load_nifti
 
 MISSING_VALUES = {"", "n/a", "na", "nan", "none", "null"}  # BIDS writes "n/a"
 TASK_TARGET_COLS = {"classification": "sex", "regression": "age"}
 SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val"}
 ON_ERROR = ("raise", "skip")
 MASK_VALUES = ("binary", "labels")
-# What nibabel / gzip / zlib raise for missing, non-NIfTI or damaged files (as brain3d.data.nifti catches).
-_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, ImageFileError, nib.spatialimages.HeaderDataError)
 
 
 class ManifestError(ValueError):
@@ -60,6 +56,7 @@ class Subject:
     split: str | None = None
     group: str | None = None  # rows of one group (e.g. sessions of one participant) never straddle train and val;
     #                           None: the subject is its own group (keyed by subject_id)
+    line: int | None = None  # the file's line the row starts on (header: line 1), as messages name it
 
 
 @dataclass
@@ -73,18 +70,45 @@ class Manifest:
     class_names: list[str] | None = None  # classification: class index -> original label; [1] is positive
     columns: list[str] = field(default_factory=list)
     has_targets: bool = True  # False when prediction reads a manifest without target / mask column
-    # on_error="skip": the rows left out, as {"row": int, "subject_id": str, "problems": [str, ...]}.
+    # on_error="skip": the rows left out, as {"row": int (data row), "line": int (the file's line), "subject_id": str
+    # ("" when empty), "problems": [str, ...] (as ManifestError lists them: "line 3 (sub-02), column 'image': ..."),
+    # "reasons": [str, ...] (the same without the "line 3 (sub-02), " prefix)}.
     skipped: list[dict] = field(default_factory=list)
 
 
 def read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     """Read a CSV or TSV (by extension; .tsv is tab-separated, as BIDS participants.tsv)."""
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    columns, rows, _, _ = read_table(path)
     return columns, rows
+
+
+def read_table(path: Path) -> tuple[list[str], list[dict[str, str]], list[int], list[list[str]]]:
+    """:func:`read_rows` plus, per row, the file's line it starts on and its non-empty cells beyond the header's.
+
+    Lines are counted as an editor numbers them: the header is line 1 (when it is the first line), blank lines
+    (skipped, as ``csv.DictReader`` skips them) count, and a quoted cell spanning lines moves the next rows down.
+    Cells are stripped; a short row gets "" for its missing cells; surplus cells are not put in the row's dict.
+    """
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    columns: list[str] | None = None
+    rows: list[dict[str, str]] = []
+    lines: list[int] = []
+    extra: list[list[str]] = []
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        read = 0  # lines consumed so far
+        for cells in reader:
+            start, read = read + 1, reader.line_num
+            if not cells:  # a blank line
+                continue
+            cells = [c.strip() for c in cells]
+            if columns is None:
+                columns = cells
+                continue
+            rows.append({col: (cells[k] if k < len(cells) else "") for k, col in enumerate(columns)})
+            lines.append(start)
+            extra.append([c for c in cells[len(columns):] if c])
+    return columns or [], rows, lines, extra
 
 
 def _is_missing(value: str | None) -> bool:
@@ -113,14 +137,14 @@ def _resolve(base: Path, value: str) -> Path:
     return path if path.is_absolute() else (base / path)
 
 
-def _existing_file(row: dict, col: str, kind: str, where: str, base: Path, problems: list[str]) -> Path | None:
+def _existing_file(row: dict, col: str, kind: str, base: Path, problems: list[str]) -> Path | None:
     """The row's ``col`` path resolved against ``base`` when it names an existing file; else a problem and None."""
     if _is_missing(row.get(col)):
-        problems.append(f"{where}, column {col!r}: empty {kind} path")
+        problems.append(f"column {col!r}: empty {kind} path")
         return None
     path = _resolve(base, row[col])
     if not path.is_file():
-        problems.append(f"{where}, column {col!r}: {kind} file not found: {path}")
+        problems.append(f"column {col!r}: {kind} file not found: {path}")
         return None
     return path
 
@@ -156,8 +180,7 @@ def read_header_info(path: str | os.PathLike) -> HeaderInfo:
         disk_shape = tuple(int(n) for n in img.shape)
         affine = np.asarray(img.affine, dtype=np.float64)
     except _READ_ERRORS as exc:
-        reason = " ".join(str(exc).split()) or "no details"  # the format of brain3d.data.nifti's errors
-        raise NiftiReadError(f"cannot read NIfTI file {path}: {type(exc).__name__}: {reason}") from exc
+        raise _read_error(path, exc) from exc  # the messages of brain3d.data.nifti ("not a NIfTI file ...")
     num_volumes = int(np.prod(disk_shape[3:], dtype=np.int64)) if len(disk_shape) > 3 else 1
     if len(disk_shape) >= 4 and num_volumes > 1:
         raise ValueError(
@@ -210,8 +233,7 @@ def _read_raw(path: Path) -> np.ndarray:
     try:
         return np.asanyarray(nib.load(str(path)).dataobj)
     except _READ_ERRORS as exc:
-        reason = " ".join(str(exc).split()) or "no details"
-        raise NiftiReadError(f"cannot read NIfTI file {path}: {type(exc).__name__}: {reason}") from exc
+        raise _read_error(path, exc) from exc
 
 
 def _format_values(values: np.ndarray, limit: int = 5) -> str:
@@ -301,7 +323,8 @@ def load_manifest(
             values other than 0/1); headers are always read.
         num_threads: threads for the header pass and the decode check (file I/O and zlib release the GIL).
         require_targets: False for prediction: a missing target (or mask) column is allowed and then
-            ``Subject.target`` / ``Subject.mask`` stay None; a column that is present is still checked.
+            ``Subject.target`` / ``Subject.mask`` stay None; so is an empty cell of that column (the row is
+            predicted, not evaluated); a value that is present is still checked.
         class_names: a known label mapping (a checkpoint's) to use instead of deriving one from the rows.
         group_col: optional column naming the unit that must not straddle train and val (e.g. the participant
             of several sessions); used when the column exists; an empty cell makes the row its own group.
@@ -316,7 +339,8 @@ def load_manifest(
             (``load_mask``: value > 0.5) then trains on every label > 0 as one foreground.
 
     Raises:
-        ManifestError: every problem found, each naming the row and column.
+        ManifestError: every problem found, each naming the file's line (the header is line 1), the row's
+            subject id and the column: "line 3 (sub-02), column 'image': image file not found: ...".
         ValueError: a bad ``on_error`` or ``mask_values``.
     """
     if on_error not in ON_ERROR:
@@ -326,7 +350,7 @@ def load_manifest(
     path = Path(path).expanduser()
     if not path.is_file():
         raise ManifestError(path, [f"manifest file not found: {path}"])
-    columns, rows = read_rows(path)
+    columns, rows, lines, extra_cells = read_table(path)
     base = path.parent
     problems: list[str] = []  # problems of the manifest as a whole: always raise
 
@@ -364,73 +388,79 @@ def load_manifest(
 
     # Pass 1, per row, no file opened: ids, paths, targets, split values.
     subjects: list[Subject] = []
-    row_problems: list[list[str]] = []  # row_problems[i - 1]: the problems of data row i
-    seen_ids: dict[str, int] = {}
-    for i, r in enumerate(rows, start=1):
+    # row_problems[i - 1]: the problems of data row i, without the "line N (id), " prefix added at the end
+    row_problems: list[list[str]] = []
+    seen_ids: dict[str, int] = {}  # subject id -> the line of its first row
+    for i, (r, line, extra) in enumerate(zip(rows, lines, extra_cells), start=1):
         mine: list[str] = []
         row_problems.append(mine)
-        where = f"row {i}"
+        if extra:
+            mine.append(f"{len(extra)} cell(s) beyond the header's {len(columns)} columns: {extra} (a value with "
+                        f"the delimiter in it must be quoted)")
         sid = r.get(id_col, "")
         if _is_missing(sid):
-            mine.append(f"{where}, column {id_col!r}: empty subject id")
-            sid = f"<row {i}>"
+            mine.append(f"column {id_col!r}: empty subject id")
+            sid = ""  # the row cannot be used: it is reported (or skipped) by its line alone
         elif sid in seen_ids:
-            mine.append(f"{where}, column {id_col!r}: subject id {sid!r} already used in row {seen_ids[sid]}")
-        seen_ids.setdefault(sid, i)
-        where = f"row {i} ({sid})"
+            mine.append(f"column {id_col!r}: subject id {sid!r} is already used on line {seen_ids[sid]}")
+        else:
+            seen_ids[sid] = line
 
-        image = _existing_file(r, image_col, "image", where, base, mine)
+        image = _existing_file(r, image_col, "image", base, mine)
 
         target = None
         if task in TASK_TARGET_COLS and has_targets:
             raw = r.get(target_col)
             if _is_missing(raw):
-                mine.append(f"{where}, column {target_col!r}: empty target")
+                if require_targets:  # prediction: an empty target only means this row is not evaluated
+                    mine.append(f"column {target_col!r}: empty target")
             elif task == "classification":
                 if class_names and class_names != ["0", "1"]:
                     target = float(class_names.index(raw)) if raw in class_names else None
                 elif raw in {"0", "1", "0.0", "1.0"}:
                     target = float(raw)
                 if target is None and class_names:
-                    mine.append(f"{where}, column {target_col!r}: label {raw!r} is not one of {class_names}")
+                    mine.append(f"column {target_col!r}: label {raw!r} is not one of {class_names}")
             else:
                 try:
                     target = float(raw)
                 except ValueError:
                     target = None
                 if target is None or not math.isfinite(target):
-                    mine.append(f"{where}, column {target_col!r}: {raw!r} is not a finite number")
+                    mine.append(f"column {target_col!r}: {raw!r} is not a finite number")
                     target = None
 
-        mask = _existing_file(r, mask_col, "mask", where, base, mine) if task == "segmentation" and has_targets else None
+        mask = None
+        if task == "segmentation" and has_targets and (require_targets or not _is_missing(r.get(mask_col))):
+            mask = _existing_file(r, mask_col, "mask", base, mine)
 
         split = None
         if split_col in columns and not _is_missing(r.get(split_col)):
             split = SPLIT_NAMES.get(r[split_col].lower())
             if split is None:
-                mine.append(f"{where}, column {split_col!r}: {r[split_col]!r} is not one of train, val")
+                mine.append(f"column {split_col!r}: {r[split_col]!r} is not one of train, val")
 
         group = r.get(group_col) if use_groups else None
         group = None if _is_missing(group) else group
-        subjects.append(Subject(sid, image, i, target, mask, split, group))
+        subjects.append(Subject(sid, image, i, target, mask, split, group, line))
 
     # Pass 2, the headers, in parallel: not NIfTI, not one 3-D volume, mask shape / grid vs the image's.
     jobs = [(s, col, p) for s in subjects for col, p in ((image_col, s.image), (mask_col, s.mask)) if p is not None]
     infos = dict(zip(((s.row, col) for s, col, _ in jobs), _read_headers([p for _, _, p in jobs], num_threads)))
     for s in subjects:
-        mine, where = row_problems[s.row - 1], f"row {s.row} ({s.subject_id})"
+        mine = row_problems[s.row - 1]
         header: dict[str, HeaderInfo | None] = {}
         for col, p in ((image_col, s.image), (mask_col, s.mask)):
             info = infos.get((s.row, col)) if p is not None else None
             if isinstance(info, str):
-                mine.append(f"{where}, column {col!r}: {info}")
+                mine.append(f"column {col!r}: {info}")
                 info = None
             header[col] = info
         image_info, mask_info = header[image_col], header[mask_col]
         if image_info and mask_info:
             if image_info.shape != mask_info.shape:
                 mine.append(
-                    f"{where}, column {mask_col!r}: mask shape {mask_info.shape} differs from image shape "
+                    f"column {mask_col!r}: mask shape {mask_info.shape} differs from image shape "
                     f"{image_info.shape} ({s.mask} vs {s.image})"
                 )
                 mask_info = None
@@ -438,7 +468,7 @@ def load_manifest(
                 distance = affine_distance_mm(image_info, mask_info)
                 if not distance <= affine_tolerance:  # NaN affines fail too
                     mine.append(
-                        f"{where}, column {mask_col!r}: mask affine differs from image affine: the same voxel is "
+                        f"column {mask_col!r}: mask affine differs from image affine: the same voxel is "
                         f"{distance:.4g} mm apart (data.affine_tolerance={affine_tolerance:g} mm) "
                         f"({s.mask} vs {s.image})"
                     )
@@ -452,18 +482,18 @@ def load_manifest(
     if split_col in columns:
         members: dict[str, list[Subject]] = {}
         for s in subjects:
-            if s.split is not None:
+            if s.split is not None and (s.group is not None or s.subject_id):  # no id: already reported
                 members.setdefault(_group_key(s), []).append(s)
         for key, group_rows in members.items():
             sides = {s.split for s in group_rows}
             if len(sides) < 2:
                 continue
-            by_side = {side: ", ".join(str(s.row) for s in group_rows if s.split == side) for side in ("train", "val")}
+            by_side = {side: ", ".join(str(s.line) for s in group_rows if s.split == side) for side in ("train", "val")}
             what = f"group {key!r} (column {group_col!r})" if group_rows[0].group is not None else f"subject {key!r}"
             for s in group_rows:
                 row_problems[s.row - 1].append(
-                    f"row {s.row} ({s.subject_id}), column {split_col!r}: {what} is in both train (rows "
-                    f"{by_side['train']}) and val (rows {by_side['val']}); all its rows must be on one side"
+                    f"column {split_col!r}: {what} is in both train (lines {by_side['train']}) and val (lines "
+                    f"{by_side['val']}); all its rows must be on one side"
                 )
 
     if check_data:
@@ -477,12 +507,16 @@ def load_manifest(
         with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
             results = list(pool.map(decode, decode_jobs))
         for (s, col, _, _), errs in zip(decode_jobs, results):
-            row_problems[s.row - 1].extend(f"row {s.row} ({s.subject_id}), column {col!r}: {e}" for e in errs)
+            row_problems[s.row - 1].extend(f"column {col!r}: {e}" for e in errs)
 
-    all_problems = problems + [p for mine in row_problems for p in mine]
+    # Each problem named by the file's line and the row's subject id: "line 3 (sub-02), column 'image': ...".
+    located = [[f"line {s.line}{f' ({s.subject_id})' if s.subject_id else ''}, {p}" for p in row_problems[s.row - 1]]
+               for s in subjects]
+    all_problems = problems + [p for mine in located for p in mine]
     if problems or (all_problems and on_error == "raise"):
         raise ManifestError(path, all_problems)
-    skipped = [{"row": s.row, "subject_id": s.subject_id, "problems": list(row_problems[s.row - 1])}
+    skipped = [{"row": s.row, "line": s.line, "subject_id": s.subject_id, "problems": located[s.row - 1],
+                "reasons": list(row_problems[s.row - 1])}
                for s in subjects if row_problems[s.row - 1]]
     subjects = [s for s in subjects if not row_problems[s.row - 1]]
     if not subjects:

@@ -9,6 +9,7 @@ Runtime dependencies: numpy, nibabel, torch (no scipy).
 
 from __future__ import annotations
 
+import gzip
 import os
 import zlib
 from dataclasses import dataclass
@@ -44,10 +45,92 @@ class NiftiReadError(ValueError):
     """A file could not be read as a NIfTI volume (missing, not NIfTI, truncated...)."""
 
 
+_GZIP_MAGIC = b"\x1f\x8b"
+_SNIFF_BYTES = 544  # a NIfTI-2 header is 540 bytes, a NIfTI-1 header 348
+_HEADER_SIZES = {348: "NIfTI-1", 540: "NIfTI-2"}  # sizeof_hdr, the header's first int32
+_SIGNATURES = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+               (b"%PDF", "a PDF document"), (b"PK\x03\x04", "a zip archive"), (b"\x89HDF", "an HDF5 file"),
+               (b"NRRD", "an NRRD file"), (b"version https://git-lfs", "a Git LFS pointer; run git lfs pull"))
+
+
+def _header_size(head: bytes) -> int | None:
+    """348 or 540 when ``head`` starts like a NIfTI-1 / NIfTI-2 header (either byte order), else None."""
+    if len(head) < 4:
+        return None
+    for order in ("little", "big"):
+        size = int.from_bytes(head[:4], order)
+        if size in _HEADER_SIZES:
+            return size
+    return None
+
+
+def _describe(head: bytes) -> str:
+    """What the first bytes of a file that has no NIfTI header look like, in a few words."""
+    for magic, name in _SIGNATURES:
+        if head.startswith(magic):
+            return name
+    if head[128:132] == b"DICM":
+        return "a DICOM file; convert it to NIfTI first, e.g. with dcm2niix"
+    for cut in range(4):  # a multi-byte character may be cut at the end of the sample
+        try:
+            text = head[: len(head) - cut].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if all(c.isprintable() or c in "\t\r\n" for c in text):
+            first = " ".join(text.split())[:40]
+            return f"text starting {first!r}" if first else "blank text"
+        break
+    return f"no NIfTI header; the first bytes are {head[:8].hex(' ')}"
+
+
+def _diagnose(path: Path, exc: BaseException) -> str | None:
+    """Why ``path`` cannot be read, from its first bytes: a one-line message naming the file, or None (e.g. a
+    missing file) to report nibabel's own error. A file with gzip's magic bytes or a NIfTI header that still fails
+    is truncated or damaged; one with neither is not a NIfTI file."""
+    detail = f"{type(exc).__name__}: {' '.join(str(exc).split()) or 'no details'}"
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(_SNIFF_BYTES)
+    except OSError:
+        return None
+    if not raw:
+        return f"not a NIfTI file (the file is empty): {path}"
+    compressed = raw.startswith(_GZIP_MAGIC)
+    head = raw
+    if compressed:
+        try:
+            with gzip.open(path, "rb") as f:
+                head = f.read(_SNIFF_BYTES)
+        except (OSError, EOFError, zlib.error) as gz_exc:
+            reason = " ".join(str(gz_exc).split()) or "no details"
+            return f"truncated or damaged gzip file ({type(gz_exc).__name__}: {reason}): {path}"
+    size = _header_size(head)
+    name = path.name.lower()
+    if size is None:
+        if not (name.endswith((".nii", ".nii.gz")) or isinstance(exc, ImageFileError)):
+            return None  # another format nibabel reads (.mgz, .hdr/.img...): nibabel's message says more
+        what = _describe(head)
+        if compressed:
+            what = f"gzip-compressed {what}" if head else "an empty gzip file"
+        return f"not a NIfTI file ({what}): {path}"
+    if len(head) < size:
+        return (f"truncated or damaged NIfTI file (the {_HEADER_SIZES[size]} header is cut short: {len(head)} of "
+                f"{size} bytes): {path}")
+    if name.endswith(".gz") and not compressed:
+        return f"a NIfTI file that is not gzip-compressed although its name ends in .gz (rename it .nii): {path}"
+    if name.endswith(".nii") and compressed:
+        return f"a gzip-compressed NIfTI file whose name ends in .nii (rename it .nii.gz): {path}"
+    return f"truncated or damaged NIfTI file ({detail}): {path}"
+
+
 def _read_error(path: Path, exc: BaseException) -> NiftiReadError:
-    # One line: "cannot read NIfTI file <path>: <ExcType>: <reason>".
-    reason = " ".join(str(exc).split()) or "no details"
-    return NiftiReadError(f"cannot read NIfTI file {path}: {type(exc).__name__}: {reason}")
+    """One line naming the file: "not a NIfTI file (<what it is>): <path>", "truncated or damaged ... file (<why>):
+    <path>", else "cannot read NIfTI file <path>: <ExcType>: <reason>" (e.g. a missing file)."""
+    message = _diagnose(Path(path), exc)
+    if message is None:
+        reason = " ".join(str(exc).split()) or "no details"
+        message = f"cannot read NIfTI file {path}: {type(exc).__name__}: {reason}"
+    return NiftiReadError(message)
 
 
 def _open(path: str | os.PathLike) -> tuple[Path, nib.spatialimages.SpatialImage]:

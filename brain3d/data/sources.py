@@ -168,10 +168,10 @@ def _read_participants(tsv: Path) -> tuple[dict[str, dict[str, str]], list[str]]
     for i, r in enumerate(rows, start=1):
         pid = r.get("participant_id", "")
         if _is_missing(pid):
-            raise ValueError(f"{tsv}: row {i} has an empty participant_id")
+            raise ValueError(f"{tsv}: line {i + 1} has an empty participant_id")
         pid = pid if pid.startswith("sub-") else f"sub-{pid}"
         if pid in participants:
-            raise ValueError(f"{tsv}: participant {pid!r} is listed twice (row {i})")
+            raise ValueError(f"{tsv}: participant {pid!r} is listed twice (line {i + 1})")
         participants[pid] = r
     return participants, [c for c in columns if c != "participant_id" and c]
 
