@@ -322,7 +322,7 @@ def train(cfg: DictConfig, stop: StopRequest | None = None, record_config=None) 
         dist_utils.barrier()
     manifest_path = manifest.path
     for skipped in manifest.skipped:  # data.on_error=skip
-        log.warning("skipped row %s (%s): %s", skipped["row"], skipped["subject_id"], "; ".join(skipped["problems"]))
+        log.warning("skipped line %s (%s): %s", skipped["line"], skipped["subject_id"] or "no id", "; ".join(skipped["reasons"]))
     train_subjects, val_subjects = split_subjects(
         manifest.subjects, data_cfg.val_fraction, data_cfg.split_seed, stratify=cfg.task.name == "classification",
         num_folds=data_cfg.num_folds, fold=data_cfg.fold,

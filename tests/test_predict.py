@@ -171,3 +171,154 @@ def test_predict_errors_are_clear(trained, tmp_path):
     proc = run_predict([f"checkpoint=[{runs['segmentation'] / 'checkpoints' / 'last.pt'},{runs['regression'] / 'checkpoints' / 'last.pt'}]",
                         f"data.manifest={manifest}", f"output_dir={tmp_path / 'o'}"], cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "an ensemble needs checkpoints of one task" in proc.stderr
+
+
+# --- column defaults, missing metrics, the training split, partial targets, skipped rows, 4-D inputs -----------
+
+
+def predict_here(overrides: list[str]) -> dict:
+    """``predict(cfg)`` in this process with configs/predict.yaml composed as the CLI would (fast, and caplog sees
+    the log records)."""
+    from hydra import compose, initialize_config_dir
+
+    from brain3d.predict import predict
+    from brain3d.train import _config_dir
+
+    with initialize_config_dir(config_dir=_config_dir(), version_base="1.3"):
+        cfg = compose(config_name="predict",
+                      overrides=["progress=false", "bootstrap_samples=20", "device=cpu", *overrides])
+    return predict(cfg)
+
+
+def write_manifest(path: Path, rows: list[dict]) -> Path:
+    """A CSV with the union of the rows' keys as columns."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def synthetic_rows(manifest: Path, n: int) -> list[dict]:
+    """The first ``n`` rows of the synthetic manifest with absolute paths (so a manifest elsewhere finds them)."""
+    rows = list(csv.DictReader(open(manifest)))[:n]
+    return [{**r, "image": str(manifest.parent / r["image"]), "mask": str(manifest.parent / r["mask"])} for r in rows]
+
+
+def test_columns_default_to_the_checkpoints(trained, tmp_path):
+    """A model trained on target column 'sex_at_birth' is evaluated on it without repeating data.target_col."""
+    from brain3d.checkpoint import load_checkpoint, save_checkpoint
+
+    runs, manifest = trained
+    state = load_checkpoint(runs["classification"] / "checkpoints" / "last.pt", map_location="cpu")
+    state["config"]["data"]["target_col"] = "sex_at_birth"
+    ckpt = save_checkpoint(state, tmp_path / "renamed.pt")
+    rows = [{"subject_id": r["subject_id"], "image": r["image"], "sex_at_birth": r["sex"]}
+            for r in synthetic_rows(manifest, 4)]
+    data = write_manifest(tmp_path / "m.csv", rows)
+    metrics = predict_here([f"checkpoint={ckpt}", f"data.manifest={data}", f"output_dir={tmp_path / 'a'}"])
+    assert metrics["n"] == 4 and (tmp_path / "a" / "metrics.json").exists()
+    # an explicit data.target_col wins over the checkpoint's
+    assert predict_here([f"checkpoint={ckpt}", f"data.manifest={data}", f"output_dir={tmp_path / 'b'}",
+                         "data.target_col=sex"]) == {}
+
+
+def test_no_metrics_json_says_why(trained, tmp_path, caplog):
+    runs, manifest = trained
+    ckpt = runs["segmentation"] / "checkpoints" / "last.pt"
+    rows = synthetic_rows(manifest, 2)
+    no_column = write_manifest(tmp_path / "no_mask.csv", [{k: r[k] for k in ("subject_id", "image")} for r in rows])
+    empty = write_manifest(tmp_path / "empty_mask.csv", [{**r, "mask": ""} for r in rows])
+    with caplog.at_level("WARNING", logger="brain3d.predict"):
+        predict_here([f"checkpoint={ckpt}", f"data.manifest={no_column}", f"output_dir={tmp_path / 'a'}"])
+        predict_here([f"checkpoint={ckpt}", f"data.manifest={empty}", f"output_dir={tmp_path / 'b'}"])
+    assert not (tmp_path / "a" / "metrics.json").exists() and not (tmp_path / "b" / "metrics.json").exists()
+    warnings = [r.getMessage() for r in caplog.records if "no metrics.json" in r.getMessage()]
+    assert len(warnings) == 2, caplog.text
+    assert "no column 'mask'" in warnings[0] and "checkpoint" in warnings[0]
+    assert "column 'mask'" in warnings[1] and "empty in every row" in warnings[1]
+
+
+def test_subjects_of_the_training_split_are_marked(trained, tmp_path, caplog):
+    from brain3d.checkpoint import load_checkpoint
+
+    runs, manifest = trained
+    ckpt = runs["regression"] / "checkpoints" / "last.pt"
+    seen = set(load_checkpoint(ckpt, map_location="cpu")["train_subject_ids"])
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING", logger="brain3d.predict"):
+        metrics = predict_here([f"checkpoint={ckpt}", f"data.manifest={manifest}", f"output_dir={out}"])
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert 0 < len(seen) < len(rows)
+    assert {r["subject_id"] for r in rows if r["in_training_split"] == "true"} == seen
+    assert {r["in_training_split"] for r in rows} == {"true", "false"}
+    assert metrics["num_in_training_split"] == len(seen)
+    assert json.loads((out / "metrics.json").read_text())["num_in_training_split"] == len(seen)
+    assert all(r["in_training_split"] in ("true", "false") for r in csv.DictReader(open(out / "metrics.csv")))
+    assert any(f"{len(seen)} of {len(rows)} subjects" in r.getMessage() and "training split" in r.getMessage()
+               for r in caplog.records), caplog.text
+
+
+def test_a_row_with_an_empty_target_is_predicted(trained, tmp_path):
+    runs, manifest = trained
+    rows = synthetic_rows(manifest, 3)
+    rows[1]["age"] = ""
+    data = write_manifest(tmp_path / "m.csv", rows)
+    out = tmp_path / "out"
+    metrics = predict_here([f"checkpoint={runs['regression'] / 'checkpoints' / 'last.pt'}", f"data.manifest={data}",
+                            f"output_dir={out}"])
+    predictions = list(csv.DictReader(open(out / "predictions.csv")))
+    assert [r["subject_id"] for r in predictions] == [r["subject_id"] for r in rows]
+    assert predictions[1]["target"] == "" and predictions[1]["prediction"] != ""
+    assert metrics["n"] == 2  # metrics over the rows that have a target
+
+
+def test_on_error_skip_logs_every_skipped_row(trained, tmp_path, caplog):
+    runs, manifest = trained
+    rows = synthetic_rows(manifest, 4)
+    rows[1]["image"] = str(tmp_path / "missing_1.nii.gz")
+    rows[3]["image"] = str(tmp_path / "missing_3.nii.gz")
+    data = write_manifest(tmp_path / "m.csv", rows)
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING", logger="brain3d.predict"):
+        predict_here([f"checkpoint={runs['classification'] / 'checkpoints' / 'last.pt'}", f"data.manifest={data}",
+                      f"output_dir={out}", "data.on_error=skip"])
+    assert len(list(csv.DictReader(open(out / "predictions.csv")))) == 2
+    skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped line")]
+    assert len(skipped) == 2, caplog.text
+    assert rows[1]["subject_id"] in skipped[0] and "missing_1" in skipped[0]
+    assert rows[3]["subject_id"] in skipped[1] and "missing_3" in skipped[1]
+    assert "skipped line 3 (" in skipped[0] and "line 3" not in skipped[0].split("): ", 1)[1]  # no repeated prefix
+
+
+def test_a_4d_input_with_a_singleton_4th_axis_gets_4d_outputs(trained, tmp_path):
+    runs, manifest = trained
+    row = synthetic_rows(manifest, 1)[0]
+    for col in ("image", "mask"):
+        img = reoriented(nib.load(row[col]), "LAS")
+        data = np.asanyarray(img.dataobj)[..., None]  # (X, Y, Z, 1)
+        nib.save(nib.Nifti1Image(data, img.affine, img.header), tmp_path / f"4d_{col}.nii.gz")
+    source = nib.load(tmp_path / "4d_image.nii.gz")
+    assert len(source.shape) == 4 and source.shape[3] == 1
+    data = write_manifest(tmp_path / "m.csv", [{**row, "image": "4d_image.nii.gz", "mask": "4d_mask.nii.gz"}])
+    out = tmp_path / "out"
+    predict_here([f"checkpoint={runs['segmentation'] / 'checkpoints' / 'last.pt'}", f"data.manifest={data}",
+                  f"output_dir={out}"])
+    for kind in ("prob", "mask"):
+        written = nib.load(out / f"{row['subject_id']}_{kind}.nii.gz")
+        assert written.shape == source.shape, kind
+        np.testing.assert_allclose(written.affine, source.affine, atol=1e-5)
+
+
+def test_predictions_keep_the_manifests_id_column_name(trained, tmp_path):
+    runs, manifest = trained
+    rows = [{"participant_id": r["subject_id"], "image": r["image"], "age": r["age"]}
+            for r in synthetic_rows(manifest, 2)]
+    data = write_manifest(tmp_path / "participants.csv", rows)
+    out = tmp_path / "out"
+    predict_here([f"checkpoint={runs['regression'] / 'checkpoints' / 'last.pt'}", f"data.manifest={data}",
+                  f"output_dir={out}"])
+    for name in ("predictions.csv", "metrics.csv"):
+        with open(out / name) as f:
+            header = next(csv.reader(f))
+        assert header[0] == "participant_id", (name, header)
