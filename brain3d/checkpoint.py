@@ -105,10 +105,12 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 def config_differences(saved: dict, current: dict, free_keys=RESUME_FREE_KEYS) -> list[tuple[str, Any, Any]]:
     """``(key, saved value, current value)`` for every dotted key whose value differs between two plain config
-    dicts, leaving out ``free_keys`` and the keys below them. A key missing on one side reads as ``<absent>``."""
+    dicts, leaving out ``free_keys`` and the keys below them. A key the current config lacks reads as
+    ``<absent>``; keys only the current config has are left out (added by a newer brain3d, whose defaults keep
+    the old behaviour, so a run started before an upgrade still resumes)."""
     old, new = _flatten(saved), _flatten(current)
     differences = []
-    for key in sorted(set(old) | set(new)):
+    for key in sorted(old):
         if any(key == free or key.startswith(free + ".") for free in free_keys):
             continue
         a, b = old.get(key, "<absent>"), new.get(key, "<absent>")

@@ -156,14 +156,21 @@ def run_command(hydra_main: Callable[[], object], command: str, config_name: str
     hydra_main()
 
 
+def _group_defaults(root: Path, config_name: str) -> dict:
+    """``{group: default option}`` from a config's defaults list, following configs it extends (``- train``)."""
+    defaults = {}
+    for entry in OmegaConf.load(root / f"{config_name}.yaml").get("defaults", []):
+        if isinstance(entry, str) and entry != "_self_" and (root / f"{entry}.yaml").is_file():
+            defaults.update(_group_defaults(root, entry))
+        elif isinstance(entry, (dict, DictConfig)):
+            defaults.update({str(key): value for key, value in entry.items()})
+    return defaults
+
+
 def groups_help(config_name: str = "train", groups: tuple[str, ...] | None = None) -> str:
     """``  task        classification (default) | regression | segmentation`` per config group."""
     root = Path(config_dir())
-    defaults = {}
-    for entry in OmegaConf.load(root / f"{config_name}.yaml").get("defaults", []):
-        if isinstance(entry, (dict, DictConfig)):
-            for key, value in entry.items():
-                defaults[str(key)] = value
+    defaults = _group_defaults(root, config_name)
     names = groups or tuple(sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != "hydra"
                                    and not p.name.startswith("_")))
     lines = []
@@ -181,8 +188,29 @@ def keys_help(config_name: str) -> str:
     """The top-level keys of configs/<config_name>.yaml with their comments, as written there."""
     lines = []
     for line in (Path(config_dir()) / f"{config_name}.yaml").read_text().splitlines():
-        if re.match(r"^[a-z_]+:", line) and not line.startswith(("defaults:", "hydra:")):
+        if re.match(r"^[a-z_]+: *[^ #]", line) and not line.startswith(("defaults:", "hydra:")):
             lines.append("  " + line)
         elif line.startswith(" " * 20) and lines and "#" in line and not line.strip().startswith("-"):
             lines.append("  " + line)  # a comment continued on the next line
     return "\n".join(lines)
+
+
+def progress_mode(value) -> str:
+    """``trainer.progress`` (and predict's ``progress``) -> ``"bars"``, ``"lines"`` or ``"off"``.
+
+    auto (default): tqdm bars when stderr is a terminal, else plain log lines every
+    ``trainer.progress_interval_s`` (a SLURM log or ``> file`` would fill with a bar's escape codes);
+    true / bars: always bars; lines: always lines; false / off: neither (the per-epoch line stays).
+    """
+    text = str(value).lower()
+    if text == "auto":
+        return "bars" if sys.stderr.isatty() else "lines"
+    if text in ("true", "bars", "1"):
+        return "bars"
+    if text == "lines":
+        return "lines"
+    if text in ("false", "off", "none", "0"):
+        return "off"
+    from brain3d.errors import ConfigError
+
+    raise ConfigError(f"progress={value!r} is not one of auto, true (bars), lines, false")

@@ -8,6 +8,7 @@ applied here only where probabilities are needed (metrics, previews).
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from tqdm.auto import tqdm
 from brain3d import metrics as M
 from brain3d.data.sampling import iter_from
 from brain3d.sliding_window import sliding_window_inference
+
+log = logging.getLogger("brain3d.engine")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -135,6 +138,7 @@ def train_one_epoch(
     after_optimizer_step: Callable[[EpochProgress], bool] | None = None,
     channels_last: bool = False,
     sync_every: int | None = None,
+    log_every_s: float | None = None,
 ) -> dict:
     """One pass over ``loader``; returns ``{"loss", "lr", "volumes_per_second", "data_wait_fraction"}``
     and ``"stopped"`` / ``"position"`` (an :class:`EpochProgress`; see below).
@@ -157,6 +161,9 @@ def train_one_epoch(
     ``progress.settle()`` / ``progress.to_dict()`` is called (checkpoints); a non-finite loss is reported
     then, naming the step where it first appeared. The GPU thus runs ahead of the host instead of waiting.
 
+    ``log_every_s`` (``trainer.progress=lines``, or auto when the output is not a terminal): a plain log line
+    with the batch, loss, speed and time left every that many seconds, instead of a tqdm bar.
+
     Raises:
         NonFiniteLossError: a NaN/Inf loss, naming the epoch, step and subject ids of the batch.
     """
@@ -170,6 +177,7 @@ def train_one_epoch(
     start = time.perf_counter() - state.seconds  # throughput counts the time of the earlier process too
     batches = iter_from(loader, first_step)  # skips the done batches without loading them where it can
     stopped = False
+    loop_start = last_line = time.perf_counter()  # this process's part of the epoch (for the time left)
     bar = tqdm(range(first_step, num_batches), desc=f"epoch {epoch} train", leave=False, disable=not progress,
                dynamic_ncols=True, initial=first_step, total=num_batches)
     for step in bar:
@@ -201,6 +209,10 @@ def train_one_epoch(
             elapsed = time.perf_counter() - start
             bar.set_postfix(loss=f"{state.last_loss:.4f}", vol_s=f"{state.volumes / max(elapsed, 1e-9):.2f}",
                             refresh=False)
+        if log_every_s and time.perf_counter() - last_line >= log_every_s:
+            last_line = time.perf_counter()
+            seconds_per_batch = (last_line - loop_start) / (step + 1 - first_step)
+            log_progress_line(state, epoch, last_line - start, seconds_per_batch * (num_batches - step - 1))
         if steps_optimizer:
             if gradient_clip_norm:
                 scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
@@ -226,6 +238,15 @@ def train_one_epoch(
         "stopped": stopped,
         "position": state,
     }
+
+
+def log_progress_line(state: EpochProgress, epoch: int, elapsed_s: float, left_s: float) -> None:
+    """``epoch 3: batch 120/400, train_loss=0.4512, 2.1 vol/s, about 2m13s left in the epoch``."""
+    state.settle()  # one read-back of the pending losses (every log_every_s seconds, so it costs nothing)
+    left = int(left_s)
+    log.info("epoch %d: batch %d/%d, train_loss=%.4g, %.2f vol/s, about %dm%02ds left in the epoch", epoch,
+             state.batches_done, state.num_batches, state.loss_sum / max(state.volumes, 1),
+             state.volumes / max(elapsed_s, 1e-9), left // 60, left % 60)
 
 
 def _forward(model: torch.nn.Module, image: torch.Tensor, head: str, device: torch.device, amp_dtype,

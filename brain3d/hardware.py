@@ -11,6 +11,7 @@ slower, so auto stays fp32. Every choice comes back with the reason, which the r
 from __future__ import annotations
 
 import functools
+import logging
 import platform
 import subprocess
 from pathlib import Path
@@ -18,6 +19,8 @@ from pathlib import Path
 import torch
 
 from brain3d.errors import ConfigError
+
+log = logging.getLogger("brain3d.hardware")
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 # CPU feature flags (Linux /proc/cpuinfo names) that mean bf16 arithmetic in hardware.
@@ -83,6 +86,9 @@ def resolve_precision(name: str, device: torch.device) -> tuple[str, torch.dtype
         reason = "set by trainer.precision"
     if name not in PRECISIONS:
         raise ConfigError(f"trainer.precision={name!r} is not one of auto, {', '.join(PRECISIONS)}")
+    if name == "fp16" and device.type == "cpu":
+        log.warning("trainer.precision=fp16 on a CPU: CPUs have no fast fp16 convolutions, so this runs slower than "
+                    "fp32; use trainer.precision=auto (bf16 where the CPU has bf16 instructions, else fp32)")
     return name, PRECISIONS[name], reason
 
 

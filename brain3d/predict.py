@@ -34,7 +34,8 @@ from brain3d.saliency import grad_cam
 from brain3d.sliding_window import sliding_window_inference
 from brain3d.errors import ConfigError
 from brain3d.hardware import resolve_device, resolve_precision
-from brain3d.train import _config_dir, read_manifest
+from brain3d.cli import config_dir, keys_help, progress_mode, report_user_error, run_command
+from brain3d.train import read_manifest
 
 log = logging.getLogger("brain3d.predict")
 
@@ -173,7 +174,7 @@ def predict(cfg: DictConfig) -> dict:
     patch_size = train_config["data"].get("patch_size")
 
     rows, case_rows = [], []
-    for subject in tqdm(manifest.subjects, desc="predict", disable=not cfg.progress, dynamic_ncols=True):
+    for subject in tqdm(manifest.subjects, desc="predict", disable=progress_mode(cfg.progress) != "bars", dynamic_ncols=True):
         image_ras, _, grid = load_nifti_with_grid(subject.image)
         image, _, info = preprocess_volume(image_ras, grid.voxel_size_mm, settings)
         x = torch.from_numpy(image)[None, None]  # (1, 1, D, H, W); stays on the CPU for sliding windows
@@ -281,15 +282,43 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 USER_ERRORS = (ConfigError, ManifestError, FileNotFoundError, ValueError)
 
+HELP = f"""brain3d-predict: predict with brain3d-train checkpoints; write the results on each input scan's own grid.
 
-@hydra.main(version_base="1.3", config_path=_config_dir(), config_name="predict")
-def main(cfg: DictConfig) -> None:
+The checkpoint alone defines the model, the preprocessing, the class names and the target scaling; this command
+only needs which scans to read and where to write. With targets (or masks) in the manifest it also writes
+metrics.json (95% bootstrap intervals) and metrics.csv (one row per subject).
+
+Reads:
+{keys_help("predict")}
+  data=nifti (default) | bids | msd | synthetic, as in brain3d-train; data.manifest=PATH (CSV or TSV),
+  data.on_error=raise|skip; data.*_col: columns (null: the ones the checkpoint was trained with)
+
+Examples:
+  brain3d-predict checkpoint=outputs/segmentation/2026-12-01/10-00-00/checkpoints/best.pt data.manifest=new.csv output_dir=preds
+  brain3d-predict checkpoint=run/checkpoints/best.pt data.manifest=test.tsv output_dir=preds tta=true
+  brain3d-predict checkpoint=[cv/0/checkpoints/best.pt,cv/1/checkpoints/best.pt] data.manifest=test.csv output_dir=ens
+  brain3d-predict checkpoint=age/checkpoints/best.pt data.manifest=test.csv output_dir=preds saliency=gradcam
+  brain3d-predict checkpoint=run/checkpoints/best.pt data=bids data.root=/data/bids output_dir=preds
+
+Writes: predictions.csv; segmentation <id>_prob.nii.gz and <id>_mask.nii.gz; metrics.json / metrics.csv with targets.
+Exit status: 0 done, 2 a mistake in the command, config or data."""
+
+REQUIRED = {"checkpoint": "checkpoint=PATH (a best.pt or last.pt written by brain3d-train; [A,B] for an ensemble)",
+            "output_dir": "output_dir=DIR (where predictions, masks and metrics are written)"}
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="predict")
+def hydra_main(cfg: DictConfig) -> None:
     try:
         predict(cfg)
     except USER_ERRORS as err:
-        log.error("%s", err)
-        print(f"brain3d-predict: error: {err}", file=sys.stderr)
+        report_user_error("brain3d-predict", err)
         sys.exit(2)
+
+
+def main() -> None:
+    """``brain3d-predict``: --help, the command-line check (brain3d.cli), then Hydra."""
+    run_command(hydra_main, "brain3d-predict", "predict", HELP, required=REQUIRED)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import traceback
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("brain3d.sweep")
 
@@ -42,12 +43,45 @@ def record_job_error(job_dir: str | Path, err: BaseException) -> Path:
     return path
 
 
+SWEPT_KEYS_ENV = "BRAIN3D_SWEPT_KEYS"  # set by SweepSummary.on_multirun_start, read by swept_dirname
+
+
+def swept_keys(task_overrides, sweeper_params=None) -> list[str]:
+    """The keys a sweep varies: command-line overrides with several values (``a,b``, ``range(..)``, ``glob(..)``)
+    and the sweeper's own ``params`` (e.g. Optuna's search space)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    keys = []
+    for override in OverridesParser.create().parse_overrides([str(o) for o in task_overrides]):
+        if override.is_sweep_override():
+            keys.append(override.key_or_group)
+    return keys + [str(k) for k in (sweeper_params or {}) if str(k) not in keys]
+
+
+def swept_dirname(job_overrides) -> str:
+    """A job folder's name from the swept keys only (``loss=dice,backbone.width=0.5``), not from every override:
+    paths and lists in a name make folders no one can read. Used by configs/train.yaml's hydra.sweep.subdir."""
+    keys = [k for k in os.environ.get(SWEPT_KEYS_ENV, "").split(",") if k]
+    parts = []
+    for override in job_overrides:
+        key, _, value = str(override).partition("=")
+        if key.lstrip("+~") in keys:
+            parts.append(f"{key.lstrip('+~')}={value}".replace("/", "_"))
+    return ",".join(parts)
+
+
 def _first_line(path: Path) -> str:
     return path.read_text().splitlines()[0] if path.is_file() else ""
 
 
 class SweepSummary(Callback):
-    """``job_status.json`` per job (on_job_end) and ``sweep_summary.csv`` per sweep (on_multirun_end)."""
+    """``job_status.json`` per job (on_job_end) and ``sweep_summary.csv`` per sweep (on_multirun_end); at the
+    start, the swept keys for the job folders' names (:func:`swept_dirname`), passed through the environment
+    so launchers that run jobs in other processes (submitit, SLURM) see them too."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        params = config.hydra.sweeper.get("params") if "sweeper" in config.hydra else None
+        os.environ[SWEPT_KEYS_ENV] = ",".join(swept_keys(config.hydra.overrides.task, params))
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if config.hydra.mode != RunMode.MULTIRUN:
@@ -103,3 +137,6 @@ def write_sweep_summary(rows: list[dict], path: Path) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+OmegaConf.register_new_resolver("brain3d.swept_dirname", swept_dirname, replace=True)

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from brain3d import distributed as dist_utils
 from brain3d import engine
-from brain3d.cli import config_dir, groups_help, report_user_error, run_command
+from brain3d.cli import config_dir, groups_help, progress_mode, report_user_error, run_command
 from brain3d.errors import ConfigError
 from brain3d.hardware import (configure_backends, guard_cpu_bf16_convolutions, resolve_channels_last, resolve_device,
                               resolve_precision)
@@ -313,6 +313,10 @@ def train(cfg: DictConfig, stop: StopRequest | None = None, record_config=None) 
     if record_config is not None and main_rank:
         record_config()
     log.info("run folder %s | device %s | precision %s (%s)", run_dir, device, precision, precision_reason)
+    # trainer.progress: tqdm bars on a terminal, plain lines every progress_interval_s in a log file (auto)
+    progress = progress_mode(trainer_cfg.progress)
+    bars = progress == "bars" and main_rank
+    line_every_s = float(trainer_cfg.get("progress_interval_s") or 60) if progress == "lines" and main_rank else None
 
     # ---- data: check every row once, up front, then split by subject --------------------------------
     if distributed and not main_rank:
@@ -346,7 +350,7 @@ def train(cfg: DictConfig, stop: StopRequest | None = None, record_config=None) 
     # Patch training validates whole volumes of any size by sliding windows: one volume per batch.
     train_loader, val_loader, residence = build_loaders(
         train_set, val_set, data_cfg, device, trainer_cfg.seed, val_batch_size=1 if patch_size else data_cfg.batch_size,
-        rank=rank, world_size=world_size, progress=trainer_cfg.progress and main_rank)
+        rank=rank, world_size=world_size, progress=bars)
     if distributed and len(train_loader) == 0:
         raise ConfigError(f"{len(train_set)} training volumes in batches of {data_cfg.batch_size} give fewer batches "
                           f"than the {world_size} processes; use fewer processes or a smaller data.batch_size")
@@ -475,7 +479,7 @@ def train(cfg: DictConfig, stop: StopRequest | None = None, record_config=None) 
     if trainer_cfg.epochs_per_run:
         end_epoch = min(end_epoch, start_epoch + int(trainer_cfg.epochs_per_run))
     epochs = tqdm(range(start_epoch, end_epoch), desc="epochs", initial=start_epoch,
-                  total=trainer_cfg.max_epochs, disable=not trainer_cfg.progress, dynamic_ncols=True)
+                  total=trainer_cfg.max_epochs, disable=not bars, dynamic_ncols=True)
     stop.armed = True  # from here a Ctrl-C finishes the step and saves last.pt (a second one exits at once)
     for epoch in epochs:
         # The epoch's shuffle order, and its patch seeds: they travel with the indices, to persistent workers too.
@@ -483,7 +487,7 @@ def train(cfg: DictConfig, stop: StopRequest | None = None, record_config=None) 
         train_stats = engine.train_one_epoch(
             train_model, train_loader, loss_fn, optimizer, scheduler, scaler, task, device, amp_dtype, epoch + 1,
             accumulate_grad_batches=accumulate, gradient_clip_norm=trainer_cfg.gradient_clip_norm,
-            progress=trainer_cfg.progress and main_rank, augment=augment,
+            progress=bars, log_every_s=line_every_s, augment=augment,
             augment_seed=trainer_cfg.seed + 1_000 * rank,  # rank 0 (and a single process): the seed itself
             progress_state=resume_position if epoch == start_epoch else None,
             after_optimizer_step=after_optimizer_step, channels_last=channels_last,
@@ -500,7 +504,7 @@ def train(cfg: DictConfig, stop: StopRequest | None = None, record_config=None) 
             train_stats["loss"], train_stats["volumes_per_second"] = loss_sum / max(volumes, 1), volumes_per_second
             dist_utils.broadcast_buffers(model)
         val_stats, val_outputs = engine.evaluate(forward_model, val_loader, loss_fn, task, device, amp_dtype, epoch + 1,
-                                                 trainer_cfg.progress and main_rank, sliding_window=sliding_window,
+                                                 bars, sliding_window=sliding_window,
                                                  channels_last=channels_last,
                                                  gather=dist_utils.all_gather_object if distributed else None)
         record = {"epoch": epoch + 1, "train_loss": train_stats["loss"],
@@ -687,10 +691,6 @@ def failed_job(cfg: DictConfig, err: Exception) -> float:
 def main() -> None:
     """``brain3d-train``: --help, the command-line check (brain3d.cli), then Hydra."""
     run_command(hydra_main, "brain3d-train", "train", HELP)
-
-
-# predict / preprocess used to import it from here
-_config_dir = config_dir
 
 
 if __name__ == "__main__":

@@ -96,3 +96,14 @@ def test_guarded_bf16_convolutions_have_fp32_gradients_on_thin_inputs(shape):
         assert rel < 2e-2, (shape, rel)  # bf16 rounding where the input is thick enough, fp32 where thin
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert conv(x).dtype == torch.bfloat16  # the rest of the network still sees bf16
+
+
+def test_fp16_on_a_cpu_warns_that_it_is_slower(caplog):
+    with caplog.at_level("WARNING", logger="brain3d.hardware"):
+        name, dtype, _ = hardware.resolve_precision("fp16", torch.device("cpu"))
+    assert name == "fp16" and dtype is torch.float16
+    assert "slower than fp32" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="brain3d.hardware"):
+        hardware.resolve_precision("fp32", torch.device("cpu"))
+    assert caplog.text == ""

@@ -182,9 +182,9 @@ def predict_here(overrides: list[str]) -> dict:
     from hydra import compose, initialize_config_dir
 
     from brain3d.predict import predict
-    from brain3d.train import _config_dir
+    from brain3d.cli import config_dir
 
-    with initialize_config_dir(config_dir=_config_dir(), version_base="1.3"):
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose(config_name="predict",
                       overrides=["progress=false", "bootstrap_samples=20", "device=cpu", *overrides])
     return predict(cfg)

@@ -124,9 +124,11 @@ def test_resume_continues_identical_history(tmp_path, cache_dir):
 def test_multirun_gives_each_job_its_own_folder(tmp_path, cache_dir):
     sweep = tmp_path / "sweep"
     run_train(["-m", "task=segmentation", "loss=dice,dice_bce", *tiny_overrides(cache_dir), "trainer.max_epochs=1",
-               f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+               "data.shape=[32,32,32]", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "summary.json").exists())
     assert len(jobs) == 2
+    # folders are named by the swept key only: no cache path, list value or fixed overrides in the name
+    assert [job.name for job in jobs] == ["0_loss=dice", "1_loss=dice_bce"]
     losses = set()
     for job in jobs:
         config = OmegaConf.load(job / ".hydra" / "config.yaml")
@@ -196,3 +198,15 @@ def test_resume_with_another_model_is_refused_before_anything_is_written(tmp_pat
     # values a resume may change (where and how it runs) pass the check
     run_train([*common, "trainer.max_epochs=2", "data.num_workers=0", "trainer.resume=auto"], cwd=tmp_path)
     assert read_summary(run_dir)["epochs_completed"] == 2
+
+
+def test_progress_auto_writes_plain_lines_when_output_is_not_a_terminal(tmp_path, cache_dir):
+    """A SLURM log (output to a file or pipe) gets periodic plain lines, not a tqdm bar's escape codes."""
+    run_dir = tmp_path / "run"
+    proc = run_train(["task=classification", *tiny_overrides(cache_dir), "trainer.max_epochs=1",
+                      "trainer.progress=auto", "trainer.progress_interval_s=0.001", f"hydra.run.dir={run_dir}"],
+                     cwd=tmp_path)
+    log_text = (run_dir / "train.log").read_text()
+    assert "epoch 1: batch 1/" in log_text and "left in the epoch" in log_text
+    assert "\r" not in proc.stderr + proc.stdout and "\x1b[" not in proc.stderr + proc.stdout
+    assert "it/s]" not in proc.stderr  # no tqdm bar
