@@ -34,8 +34,9 @@ def config_dir() -> str:
 
 
 def report_user_error(command: str, err: BaseException | str) -> None:
-    """One line on stderr, and the same line in the run's log file (not a second time on the console)."""
-    message = " ".join(str(err).split()) if not isinstance(err, str) else err
+    """The message on stderr, and the same in the run's log file, not a second time on the console (Hydra's
+    console log handler would repeat it). A config error is one line; a data report one line per problem."""
+    message = str(err).rstrip()
     print(f"{command}: error: {message}", file=sys.stderr, flush=True)
     record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
     for handler in logging.getLogger().handlers:

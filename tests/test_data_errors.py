@@ -77,11 +77,15 @@ def test_every_problem_reported_together_before_training(dataset, tmp_path):
     manifest = write_manifest(dataset / "manifest.csv", HEADER, rows)
     for task in ("regression", "segmentation"):
         proc, run_dir = train_nifti(tmp_path, manifest, task)
-        assert proc.returncode != 0
+        assert proc.returncode == 2
         err = proc.stderr
         assert "Traceback" not in err
         assert str(manifest) in err
         assert "line 3 (sub-01), column 'image': image file not found" in err
+        # the report is printed once (not also by the console log handler), one problem per line, and logged
+        assert (proc.stdout + err).count("line 3 (sub-01), column 'image'") == 1
+        assert any(line.strip().startswith("- line 4 (sub-02)") for line in err.splitlines())
+        assert "line 3 (sub-01), column 'image'" in (run_dir / "train.log").read_text()
         assert "line 4 (sub-02), column 'image': truncated or damaged NIfTI file (EOFError: " in err
         assert f"{dataset / 'sub-02_T1w.nii.gz'}" in err
         assert ("line 5 (sub-03), column 'image': not a NIfTI file (gzip-compressed text starting 'this is not a "
