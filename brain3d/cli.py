@@ -110,10 +110,13 @@ def _unknown_option_message(err) -> str:
     return f"{group}={option} is not an option of {group}; choose one of {', '.join(options)}{hint}"
 
 
-def check_command_line(config_name: str, args: list[str], required: dict[str, str] | None = None) -> str | None:
+def check_command_line(config_name: str, args: list[str], required: dict[str, str] | None = None,
+                       validate: Callable[[DictConfig], str | None] | None = None) -> str | None:
     """Compose ``config_name`` with ``args`` as Hydra will; return one line saying what is wrong, or None.
 
     ``required``: mandatory keys (``???`` in the config) -> how to give them, e.g. ``{"checkpoint": "..."}``.
+    ``validate``: the command's own check of the composed config (a message, or None), run before Hydra
+    creates a run folder.
     """
     from hydra.errors import ConfigCompositionException, MissingConfigException
 
@@ -140,17 +143,18 @@ def check_command_line(config_name: str, args: list[str], required: dict[str, st
     missing = [key for key in (required or {}) if OmegaConf.is_missing(cfg, key)]
     if missing:
         return "; ".join(f"missing {key}: {required[key]}" for key in missing)
-    return None
+    return validate(cfg) if validate is not None else None
 
 
 def run_command(hydra_main: Callable[[], object], command: str, config_name: str, help_text: str,
-                required: dict[str, str] | None = None) -> None:
+                required: dict[str, str] | None = None,
+                validate: Callable[[DictConfig], str | None] | None = None) -> None:
     """The console entry point of a command: ``--help``, the command-line check, then Hydra's main."""
     args = sys.argv[1:]
     if "--help" in args or "-h" in args:
         print(help_text)
         sys.exit(0)
-    problem = check_command_line(config_name, args, required)
+    problem = check_command_line(config_name, args, required, validate)
     if problem:
         report_user_error(command, problem)
         sys.exit(EXIT_USER_ERROR)

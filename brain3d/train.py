@@ -72,13 +72,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def ignored_manifest(data_cfg: DictConfig) -> str | None:
+    """A ``data.manifest`` that the data source would ignore (it used to train on the phantoms and exit 0)."""
+    if not data_cfg.get("manifest") or data_cfg.source == "nifti":
+        return None
+    if data_cfg.source == "synthetic":
+        return (f"data.manifest={data_cfg.manifest} is set, but data=synthetic (the default) trains on built-in "
+                "phantoms and ignores it; add data=nifti to train on your manifest")
+    return (f"data.manifest={data_cfg.manifest} is set, but data={data_cfg.source} builds its manifest from data.root; "
+            "use data=nifti to train on your manifest")
+
+
 def prepare_manifest(data_cfg: DictConfig, task_name: str | None = None, require_targets: bool = True) -> Path:
     """``data.source``: synthetic -> generate (once, cached) the built-in phantoms; nifti -> ``data.manifest``."""
+    problem = ignored_manifest(data_cfg)
+    if problem:
+        raise ConfigError(problem)
     if data_cfg.source == "synthetic":
-        if data_cfg.get("manifest"):
-            # data.manifest on the default data=synthetic would be ignored: refuse rather than train on phantoms
-            raise ConfigError(f"data.manifest={data_cfg.manifest} is set, but data=synthetic (the default) trains on "
-                              "built-in phantoms and ignores it; add data=nifti to train on your manifest")
         root = cache_root(data_cfg) / "synthetic"
         out_dir = synthetic_cache_dir(root, data_cfg.num_subjects, tuple(data_cfg.shape), data_cfg.seed)
         return make_synthetic_dataset(out_dir, data_cfg.num_subjects, tuple(data_cfg.shape), data_cfg.seed)
@@ -87,9 +97,6 @@ def prepare_manifest(data_cfg: DictConfig, task_name: str | None = None, require
             raise ConfigError("data=nifti needs data.manifest=PATH (a CSV or TSV, one row per subject)")
         return Path(str(data_cfg.manifest)).expanduser()
     if data_cfg.source in ("bids", "msd"):
-        if data_cfg.get("manifest"):
-            raise ConfigError(f"data.manifest={data_cfg.manifest} is set, but data={data_cfg.source} builds its manifest "
-                              f"from data.root; use data=nifti to train on your manifest")
         try:
             # a regular manifest written from the folder's layout (BIDS: participants.tsv only where targets are needed)
             return source_manifest(data_cfg, task=task_name, require_targets=require_targets)
@@ -690,7 +697,7 @@ def failed_job(cfg: DictConfig, err: Exception) -> float:
 
 def main() -> None:
     """``brain3d-train``: --help, the command-line check (brain3d.cli), then Hydra."""
-    run_command(hydra_main, "brain3d-train", "train", HELP)
+    run_command(hydra_main, "brain3d-train", "train", HELP, validate=lambda cfg: ignored_manifest(cfg.data))
 
 
 if __name__ == "__main__":

@@ -156,7 +156,7 @@ def test_data_manifest_without_data_nifti_is_refused(tmp_path, cache_dir):
                       f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, check=False)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "add data=nifti" in proc.stderr
-    assert not (tmp_path / "run" / "summary.json").exists()
+    assert not (tmp_path / "run").exists()  # refused before Hydra made a run folder
 
 
 def test_resume_with_more_epochs_follows_the_longer_schedule_and_metrics_csv_keeps_every_epoch(tmp_path, cache_dir):
