@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from brain3d import metrics as M
+from brain3d import report
 from brain3d.data.sampling import iter_from
 from brain3d.sliding_window import sliding_window_inference
 
@@ -268,6 +269,8 @@ def evaluate(
     sliding_window: dict | None = None,
     channels_last: bool = False,
     gather: Callable[[dict], list[dict]] | None = None,
+    collect_cases: bool = False,
+    max_cases: int | None = None,
 ) -> tuple[dict[str, float], dict]:
     """Validation loss and task metrics over ``loader``.
 
@@ -287,11 +290,20 @@ def evaluate(
     the validation subjects, subjects ``r, r+W, r+2W, ...`` on rank ``r`` of ``W``; ``gather(part)`` returns
     every rank's ``part`` in rank order (e.g. brain3d.distributed.all_gather_object). The per-subject outputs
     are put back in the original subject order and the metrics computed on the whole, as one process would.
+
+    ``collect_cases`` (report.html): also return ``outputs["cases"]``, the ``max_cases`` worst subjects (None:
+    all), worst first, each ``{"subject_id", "slices" (brain3d.report.orthogonal_slices: three small 2-D
+    slices of image, truth and prediction, not the volumes), "badness"}`` plus ``"dice"`` (segmentation),
+    ``"probability"`` (sigmoid of the logit) and ``"label"`` (classification), ``"prediction"`` and ``"target"``
+    (regression, in target units); and ``outputs["cases_total"]``, the subjects seen. Only the worst so far
+    are kept (brain3d.report.WorstCases), so memory stays bounded for any validation set. Distributed: each
+    rank collects its own subjects only (they are not gathered; the caller on rank 0 shows rank 0's share).
     """
     model.eval()
     total_loss, total_volumes = 0.0, 0
     outputs, targets, dice, iou = [], [], [], []
     preview = None
+    worst = report.WorstCases(max_cases) if collect_cases else None
     for batch in tqdm(loader, desc=f"epoch {epoch} val", leave=False, disable=not progress, dynamic_ncols=True):
         image = batch["image"].to(device, non_blocking=True)
         raw_target = batch["target"].to(device, non_blocking=True)
@@ -310,6 +322,13 @@ def evaluate(
             predicted = probability > 0.5
             dice.append(M.dice_per_sample(predicted, raw_target > 0.5))
             iou.append(M.iou_per_sample(predicted, raw_target > 0.5))
+            if worst is not None:
+                for b, value in enumerate(np.asarray(dice[-1]).reshape(-1).tolist()):
+                    worst.offer(1.0 - value, lambda b=b, value=value: {
+                        "subject_id": str(batch["subject_id"][b]), "dice": value,
+                        "slices": report.orthogonal_slices(image[b, 0].float().cpu().numpy(),
+                                                           truth=(raw_target[b, 0] > 0.5).cpu().numpy(),
+                                                           prediction=predicted[b, 0].cpu().numpy())})
             if preview is None:
                 preview = {
                     "image": image[0, 0].float().cpu().numpy(),
@@ -319,6 +338,8 @@ def evaluate(
         else:
             outputs.append(task.decode(logits.float()).cpu())
             targets.append(raw_target.float().cpu())
+            if worst is not None:
+                _offer_cases(worst, task, batch["subject_id"], image, outputs[-1], targets[-1])
     if gather is not None:
         if task.name == "segmentation":
             part = {"dice": _flat(dice), "iou": _flat(iou)}
@@ -335,11 +356,32 @@ def evaluate(
     results = {"loss": total_loss / max(total_volumes, 1)}
     if task.name == "segmentation":
         results.update(M.segmentation_metrics(np.concatenate([np.asarray(d) for d in dice]), np.concatenate([np.asarray(v) for v in iou])))
-        return results, {"preview": preview}
+        return results, {"preview": preview, **_cases(worst)}
     predictions, targets = torch.cat(outputs).reshape(-1).numpy(), torch.cat(targets).reshape(-1).numpy()
     metric_fn = M.classification_metrics if task.name == "classification" else M.regression_metrics
     results.update(metric_fn(predictions, targets))
-    return results, {"predictions": predictions, "targets": targets}
+    return results, {"predictions": predictions, "targets": targets, **_cases(worst)}
+
+
+def _offer_cases(worst: report.WorstCases, task: TaskSpec, subject_ids, image: torch.Tensor,
+                 values: torch.Tensor, targets: torch.Tensor) -> None:
+    """Classification / regression: offer a batch's subjects to ``worst``. ``values`` are logits
+    (classification) or decoded values (regression), (B, 1) on the CPU; the image's slices are cut only for
+    subjects that enter."""
+    for b, (value, target) in enumerate(zip(values.reshape(-1).tolist(), targets.reshape(-1).tolist())):
+        if task.name == "classification":
+            probability = 1.0 / (1.0 + math.exp(-value)) if value > -700 else 0.0
+            badness, scores = abs(probability - target), {"probability": probability, "label": target}
+        else:
+            badness, scores = abs(value - target), {"prediction": value, "target": target}
+        worst.offer(badness, lambda b=b, scores=scores: {
+            "subject_id": str(subject_ids[b]), **scores,
+            "slices": report.orthogonal_slices(image[b, 0].float().cpu().numpy())})
+
+
+def _cases(worst: report.WorstCases | None) -> dict:
+    """``{"cases", "cases_total"}`` for evaluate's outputs when cases were collected, else nothing."""
+    return {} if worst is None else {"cases": worst.sorted(), "cases_total": worst.total}
 
 
 def _flat(values: list) -> np.ndarray:

@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig, ListConfig
 from tqdm.auto import tqdm
 
-from brain3d import evaluation
+from brain3d import evaluation, report
 from brain3d.checkpoint import load_checkpoint
 from brain3d.data.manifest import TASK_TARGET_COLS, Manifest, ManifestError
 from brain3d.data.nifti import NativeGrid, load_mask, load_nifti_with_grid, save_on_native_grid
@@ -174,6 +174,7 @@ def predict(cfg: DictConfig) -> dict:
     patch_size = train_config["data"].get("patch_size")
 
     rows, case_rows = [], []
+    worst = report.WorstCases(int(cfg.get("report_subjects", 16)))  # report.html: the worst subjects' slices
     for subject in tqdm(manifest.subjects, desc="predict", disable=progress_mode(cfg.progress) != "bars", dynamic_ncols=True):
         image_ras, _, grid = load_nifti_with_grid(subject.image)
         image, _, info = preprocess_volume(image_ras, grid.voxel_size_mm, settings)
@@ -231,6 +232,10 @@ def predict(cfg: DictConfig) -> dict:
             cams = [grad_cam(model, x.to(device), head) for model in models]
             cam = invert_geometry(np.mean(cams, axis=0)[0], info, "trilinear")
             save_like_input(cam.astype(np.float32), grid, out_dir / f"{subject.subject_id}_saliency.nii.gz", np.float32)
+        offer_report_case(worst, task, subject, row, image_ras, grid.voxel_size_mm, len(rows),
+                          mask=mask if task == "segmentation" else None,
+                          true_mask=true_mask if task == "segmentation" and subject.mask is not None else None,
+                          dice=case["dice"] if task == "segmentation" and subject.mask is not None else None)
         rows.append(row)
 
     write_csv(out_dir / "predictions.csv", rows)
@@ -266,8 +271,39 @@ def predict(cfg: DictConfig) -> dict:
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     else:
         log.warning("%s", no_metrics_reason(manifest, task, columns, origins))
+    report.ReportGuard("report.html")(
+        report.write_prediction_report, out_dir, task, metrics, worst.sorted(), int(cfg.get("report_subjects", 16)),
+        total_cases=worst.total, scored=bool(evaluated), class_names=class_names,
+        note="Each picture shows the input scan on its own grid (reoriented to RAS, in mm proportions)"
+             + (" with the written mask (red) and, where the manifest has one, the true mask (green)."
+                if task == "segmentation" else "."))
     log.info("wrote %d predictions to %s%s", len(rows), out_dir, " with metrics.json" if metrics else "")
     return metrics
+
+
+def offer_report_case(worst: report.WorstCases, task: str, subject, row: dict, image_ras: np.ndarray, voxel_size_mm,
+                      index: int, mask=None, true_mask=None, dice: float | None = None) -> None:
+    """One subject for report.html, ranked as the run report ranks them: 1 - Dice, |p - label|,
+    |prediction - target|; subjects without a target come after the scored ones, in manifest order. Slices are
+    cut (on the input's RAS grid) only for subjects among the worst so far."""
+    values: dict = {"subject_id": subject.subject_id}
+    badness = -1e9 - index  # unscored: after every scored subject, in manifest order
+    if task == "segmentation":
+        values["predicted_volume_ml"] = row.get("predicted_volume_ml")
+        if dice is not None:
+            values["dice"], badness = float(dice), 1.0 - float(dice)
+    elif task == "classification":
+        values["probability"] = row["probability"]
+        if subject.target is not None:
+            values["label"] = float(subject.target)
+            badness = abs(row["probability"] - float(subject.target))
+    else:
+        values["prediction"] = row["prediction"]
+        if subject.target is not None:
+            values["target"] = float(subject.target)
+            badness = abs(row["prediction"] - float(subject.target))
+    worst.offer(badness, lambda: {**values, "slices": report.orthogonal_slices(
+        image_ras, truth=true_mask, prediction=mask, voxel_size_mm=voxel_size_mm)})
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:

@@ -15,8 +15,10 @@ CONFIG_DIR = REPO / "configs"
 
 
 def tiny_overrides(cache_dir: Path) -> list[str]:
-    """A run in seconds on 2 CPU cores: 12 subjects of 32^3, width 0.125, 2 epochs, no worker processes."""
-    return ["debug=fast", f"data.cache_dir={cache_dir}", "trainer.progress=false", "trainer.device=cpu"]
+    """A run in seconds on 2 CPU cores: 12 subjects of 32^3, width 0.125, 2 epochs, no worker processes, no
+    report.html (drawing it costs ~0.5 s a run; tests/test_report.py turns it on)."""
+    return ["debug=fast", f"data.cache_dir={cache_dir}", "trainer.progress=false", "trainer.device=cpu",
+            "trainer.report=false"]
 
 
 def run_train(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
