@@ -89,7 +89,8 @@ RESUME_FREE_KEYS = (
     "trainer.cudnn_benchmark", "trainer.grad_checkpointing", "trainer.sync_batchnorm", "trainer.sw_overlap",
     "trainer.sw_batch_size", "trainer.sw_device", "trainer.debug_step_sleep", "data.cache_dir", "data.cache",
     "data.num_workers", "data.resident", "data.resident_max_fraction", "data.check_data", "data.manifest",
-    "data.root", "data.mask_root", "data.on_error",
+    "data.root", "data.mask_root", "data.on_error", "data.batch_size_max", "data.batch_size_max_fraction",
+    "data.batch_size_budget_mb", "trainer.report", "trainer.report_subjects",
 )
 
 

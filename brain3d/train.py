@@ -36,6 +36,8 @@ from tqdm.auto import tqdm
 
 from brain3d import distributed as dist_utils
 from brain3d import engine
+from brain3d import memory_probe
+from brain3d import report
 from brain3d.cli import config_dir, groups_help, progress_mode, report_user_error, run_command
 from brain3d.errors import ConfigError
 from brain3d.hardware import (configure_backends, guard_cpu_bf16_convolutions, resolve_channels_last, resolve_device,
@@ -354,13 +356,6 @@ def train(cfg: DictConfig, stop: StopRequest | None = None, record_config=None) 
     # Distributed: each rank validates subjects rank, rank+W, ...; engine.evaluate gathers them (gather=...).
     val_set = VolumeDataset(val_subjects[rank::world_size] if distributed else val_subjects, task.name, settings,
                             cache_dir)  # whole volumes, never augmented
-    # Patch training validates whole volumes of any size by sliding windows: one volume per batch.
-    train_loader, val_loader, residence = build_loaders(
-        train_set, val_set, data_cfg, device, trainer_cfg.seed, val_batch_size=1 if patch_size else data_cfg.batch_size,
-        rank=rank, world_size=world_size, progress=bars)
-    if distributed and len(train_loader) == 0:
-        raise ConfigError(f"{len(train_set)} training volumes in batches of {data_cfg.batch_size} give fewer batches "
-                          f"than the {world_size} processes; use fewer processes or a smaller data.batch_size")
     sliding_window = None
     if patch_size:
         sliding_window = {"patch_size": patch_size, "overlap": trainer_cfg.sw_overlap,
@@ -380,6 +375,29 @@ def train(cfg: DictConfig, stop: StopRequest | None = None, record_config=None) 
         if not hasattr(model.backbone, "grad_checkpointing"):
             raise ConfigError(f"trainer.grad_checkpointing: backbone {cfg.backbone._target_} has no grad_checkpointing attribute")
         model.backbone.grad_checkpointing = True
+    # data.batch_size (auto: the largest batch whose forward + backward fits, tried on the device with a copy of
+    # the model; brain3d.memory_probe), then the loaders, which need it. A resumed auto run keeps the batch its
+    # checkpoint was trained with, so the steps per epoch stay the same; the config keeps "auto".
+    if resume_state is not None and resume_state.get("batch_size_search"):
+        batch_record = resume_state["batch_size_search"]
+        if batch_record["mode"] == "auto":
+            log.info("data.batch_size=auto: %d, as found when the run began (%s)", batch_record["value"], resume_path)
+    else:
+        input_shape = (1, *(patch_size or settings["shape"]))  # one input (C, D, H, W)
+        batch_record = memory_probe.resolve_batch_size(
+            data_cfg, model, loss_fn, task.name, input_shape, device, amp_dtype, channels_last,
+            num_train=max(1, len(train_set) // world_size), datasets=[train_set, val_set])
+        if distributed and batch_record["mode"] == "auto":  # every rank trains the same batch: the smallest found
+            batch_record["value"] = min(dist_utils.all_gather_object(batch_record["value"]))
+    batch_size = batch_record["value"]
+    # Patch training validates whole volumes of any size by sliding windows: one volume per batch.
+    loader_cfg = OmegaConf.create({**OmegaConf.to_container(data_cfg, resolve=True), "batch_size": batch_size})
+    train_loader, val_loader, residence = build_loaders(
+        train_set, val_set, loader_cfg, device, trainer_cfg.seed, val_batch_size=1 if patch_size else batch_size,
+        rank=rank, world_size=world_size, progress=bars)
+    if distributed and len(train_loader) == 0:
+        raise ConfigError(f"{len(train_set)} training volumes in batches of {batch_size} give fewer batches "
+                          f"than the {world_size} processes; use fewer processes or a smaller data.batch_size")
     # trainer.compile: the loop runs the compiled module; `model` stays the plain one, so checkpoints hold its
     # state_dict (names without compile's "_orig_mod." prefix) and load into an uncompiled model.
     forward_model = model
@@ -451,6 +469,7 @@ def train(cfg: DictConfig, stop: StopRequest | None = None, record_config=None) 
             "bias_correction": bias_correction,
             # brain3d-predict warns about (and marks) subjects the model was trained on
             "train_subject_ids": [s.subject_id for s in train_subjects],
+            "batch_size": batch_size, "batch_size_search": batch_record,  # a resumed data.batch_size=auto keeps it
         }
 
     def stop_now(where: str) -> None:
@@ -478,6 +497,14 @@ def train(cfg: DictConfig, stop: StopRequest | None = None, record_config=None) 
         if every_n and step % every_n == 0 and position.batches_done < len(train_loader) and main_rank:
             save_checkpoint(checkpoint_state(epoch, position), last_path)  # the epoch's end saves anyway
         return False
+
+    # trainer.report: report.html (curves, metrics, the trainer.report_subjects worst validation subjects)
+    # after every validation; drawing never stops training (ReportGuard logs one warning) and is timed (debug).
+    report_enabled = bool(trainer_cfg.get("report", True))
+    report_subjects = int(trainer_cfg.get("report_subjects", 16))
+    write_report = report.ReportGuard("report.html")
+    report_note = (f"distributed over {world_size} processes: the subject pictures are rank 0's share of the "
+                   "validation subjects (the metrics are over all of them)") if distributed else ""
 
     # ---- the loop -------------------------------------------------------------------------------------
     # trainer.epochs_per_run ends this process early (time-limited cluster jobs); the schedule still plans
@@ -513,7 +540,8 @@ def train(cfg: DictConfig, stop: StopRequest | None = None, record_config=None) 
         val_stats, val_outputs = engine.evaluate(forward_model, val_loader, loss_fn, task, device, amp_dtype, epoch + 1,
                                                  bars, sliding_window=sliding_window,
                                                  channels_last=channels_last,
-                                                 gather=dist_utils.all_gather_object if distributed else None)
+                                                 gather=dist_utils.all_gather_object if distributed else None,
+                                                 collect_cases=report_enabled and main_rank, max_cases=report_subjects)
         record = {"epoch": epoch + 1, "train_loss": train_stats["loss"],
                   **{f"val_{k}": v for k, v in val_stats.items()},
                   "lr": train_stats["lr"], "train_volumes_per_second": train_stats["volumes_per_second"],
@@ -539,6 +567,10 @@ def train(cfg: DictConfig, stop: StopRequest | None = None, record_config=None) 
             save_checkpoint(state, last_path)
             if improved:
                 save_checkpoint(state, best_path)
+        if main_rank and report_enabled:  # report.html, refreshed each validation; a failure is one warning
+            write_report(report.write_run_report, run_dir, history, best, task.name, val_outputs.get("cases", []),
+                         report_subjects, total_cases=val_outputs.get("cases_total"),
+                         class_names=manifest.class_names, note=report_note)
         summary_line = " ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch")
         log.info("epoch %d/%d %s%s", epoch + 1, trainer_cfg.max_epochs, summary_line, " (best)" if improved else "")
         epochs.set_postfix(train_loss=f"{record['train_loss']:.4f}", **{monitor: f"{record[monitor]:.4f}"})
@@ -566,6 +598,9 @@ def train(cfg: DictConfig, stop: StopRequest | None = None, record_config=None) 
         "channels_last": channels_last,
         # where the training data lived: device | host (memory-resident, batches gathered by index) | off (workers)
         "data_resident": {"mode": residence.mode, "reason": residence.reason},
+        # data.batch_size: fixed, or auto (the largest batch that fitted the memory budget, and the trials)
+        "batch_size": {k: batch_record.get(k) for k in ("value", "mode", "peak_memory_mb", "budget_mb", "budget_reason",
+                                                        "trials")},
         "checkpoints": {"last": str(last_path.resolve()), "best": str(best_path.resolve()) if best_path.exists() else None},
         "data": {"manifest": str(manifest_path), "num_train": len(train_subjects), "num_val": len(val_subjects),
                  "num_skipped": len(manifest.skipped), "skipped": manifest.skipped,
@@ -585,7 +620,7 @@ def train(cfg: DictConfig, stop: StopRequest | None = None, record_config=None) 
     if main_rank:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     hparam_values = {"task": task.name, "backbone": cfg.backbone._target_.rsplit(".", 1)[-1], "loss": cfg.loss.name,
-                     "width": cfg.backbone.get("width"), "lr": cfg.optimizer.lr, "batch_size": data_cfg.batch_size,
+                     "width": cfg.backbone.get("width"), "lr": cfg.optimizer.lr, "batch_size": batch_size,
                      "max_epochs": trainer_cfg.max_epochs}
     if main_rank:
         log_hparams(writer, hparam_values,
