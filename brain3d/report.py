@@ -310,12 +310,18 @@ body { font-family: system-ui, -apple-system, Segoe UI, Roboto, sans-serif; marg
 h1 { font-size: 1.4em; } h2 { font-size: 1.15em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
 p.text { white-space: pre-wrap; color: #444; }
 table { border-collapse: collapse; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
-th { background: #f2f2f2; } td:first-child, th:first-child { text-align: left; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
+th { background: #f2f2f2; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .grid { display: flex; flex-wrap: wrap; gap: 12px; }
 figure { margin: 0; } figure img { display: block; max-width: 100%; }
 figcaption { font-size: 0.85em; color: #333; margin-top: 2px; }
 """
+
+
+def _cell(value, esc) -> str:
+    """A table cell: numbers right-aligned (digits line up), text left-aligned."""
+    number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    return f'<td class="num">{esc(_format(value))}</td>' if number else f"<td>{esc(_format(value))}</td>"
 
 
 def write_html(path: Path, title: str, sections: list[dict]) -> Path:
@@ -346,7 +352,7 @@ def write_html(path: Path, title: str, sections: list[dict]) -> Path:
             columns = list(dict.fromkeys(k for row in rows for k in row))
             parts.append("<table><thead><tr>" + "".join(f"<th>{esc(str(c))}</th>" for c in columns) + "</tr></thead><tbody>")
             for row in rows:
-                parts.append("<tr>" + "".join(f"<td>{esc(_format(row.get(c)))}</td>" for c in columns) + "</tr>")
+                parts.append("<tr>" + "".join(_cell(row.get(c), esc) for c in columns) + "</tr>")
             parts.append("</tbody></table>")
         if section.get("images"):
             parts.append('<div class="grid">')
