@@ -148,7 +148,8 @@ def affine_theta(
     return torch.cat([a.flip(1).flip(2), t.flip(1)[:, :, None]], dim=2)
 
 
-def warp(image: torch.Tensor, mask: torch.Tensor | None, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def warp(image: torch.Tensor, mask: torch.Tensor | None,
+         theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Resample ``image`` trilinearly and ``mask`` trilinearly + threshold >= 0.5 with ``theta`` (B, 3, 4).
 
     Zero padding, ``align_corners=False``. Returns new tensors with the inputs' shapes and dtypes.
@@ -182,7 +183,8 @@ def bias_field(coeffs: torch.Tensor, spatial_size: Sequence[int]) -> torch.Tenso
 
     full = torch.zeros(b, 4, 4, 4, device=dev, dtype=dt)
     idx = torch.tensor(BIAS_TERMS, device=dev)
-    norm = torch.tensor([math.sqrt((2 * i + 1) * (2 * j + 1) * (2 * k + 1)) for i, j, k in BIAS_TERMS], device=dev, dtype=dt)
+    norm = torch.tensor([math.sqrt((2 * i + 1) * (2 * j + 1) * (2 * k + 1)) for i, j, k in BIAS_TERMS],
+                        device=dev, dtype=dt)
     full[:, idx[:, 0], idx[:, 1], idx[:, 2]] = coeffs * norm
     d, h, w = (int(s) for s in spatial_size)
     log_field = torch.einsum("bijk,id,jh,kw->bdhw", full, legendre(d), legendre(h), legendre(w))
@@ -256,10 +258,13 @@ class BatchAugment(nn.Module):
         self.contrast_range = _pair(contrast_range, "contrast_range", allow_none=True)
         self.contrast_prob = _in_range(contrast_prob, "contrast_prob", 0.0, 1.0)
         if self.gamma_prob > 0 and self.gamma_range is None:
-            raise ValueError(f"gamma_prob={gamma_prob!r} > 0 needs gamma_range, a (low, high) pair with 0 < low <= high; got None")
+            raise ValueError(
+                f"gamma_prob={gamma_prob!r} > 0 needs gamma_range, a (low, high) pair with 0 < low <= high; got None"
+            )
         if self.contrast_prob > 0 and self.contrast_range is None:
             raise ValueError(
-                f"contrast_prob={contrast_prob!r} > 0 needs contrast_range, a (low, high) pair with 0 < low <= high; got None"
+                f"contrast_prob={contrast_prob!r} > 0 needs contrast_range, a (low, high) pair with 0 < low <= high; "
+                "got None"
             )
 
     # which transforms can do anything
@@ -269,7 +274,9 @@ class BatchAugment(nn.Module):
 
     @property
     def _affine_on(self) -> bool:
-        return self.affine_prob > 0 and (self.rotation_deg > 0 or self.scale_range != (1.0, 1.0) or self.translation_frac > 0)
+        return self.affine_prob > 0 and (
+            self.rotation_deg > 0 or self.scale_range != (1.0, 1.0) or self.translation_frac > 0
+        )
 
     @property
     def _gamma_on(self) -> bool:
@@ -290,7 +297,8 @@ class BatchAugment(nn.Module):
     @property
     def is_identity(self) -> bool:
         """True when no transform is enabled (``forward`` then returns copies of its inputs)."""
-        return not (self._flip_on or self._affine_on or self._gamma_on or self._noise_on or self._bias_on or self._contrast_on)
+        return not (self._flip_on or self._affine_on or self._gamma_on or self._noise_on or self._bias_on
+                    or self._contrast_on)
 
     def extra_repr(self) -> str:
         names = [
@@ -344,8 +352,11 @@ class BatchAugment(nn.Module):
             ValueError: ``image`` is not a 5-D floating-point tensor, or ``mask`` does not match it.
         """
         if image.dim() != 5 or not image.is_floating_point():
-            raise ValueError(f"image must be a 5-D (B, C, D, H, W) floating-point tensor, got {image.dtype} {tuple(image.shape)}")
-        if mask is not None and (mask.dim() != 5 or mask.shape[0] != image.shape[0] or mask.shape[2:] != image.shape[2:]):
+            raise ValueError(
+                f"image must be a 5-D (B, C, D, H, W) floating-point tensor, got {image.dtype} {tuple(image.shape)}"
+            )
+        if mask is not None and (mask.dim() != 5 or mask.shape[0] != image.shape[0]
+                                 or mask.shape[2:] != image.shape[2:]):
             raise ValueError(f"mask {tuple(mask.shape)} must be (B, Cm, D, H, W) matching image {tuple(image.shape)}")
         out_image, out_mask = image.clone(), (mask.clone() if mask is not None else None)
         b = image.shape[0]
@@ -414,7 +425,8 @@ class BatchAugment(nn.Module):
         if self._noise_on and p["noise"].any():
             idx = torch.nonzero(p["noise"])[:, 0]
             gen_dev = generator.device if generator is not None else torch.device("cpu")
-            noise = torch.randn((len(idx),) + tuple(x.shape[1:]), generator=generator, device=gen_dev, dtype=torch.float32)
+            noise = torch.randn((len(idx),) + tuple(x.shape[1:]), generator=generator, device=gen_dev,
+                                dtype=torch.float32)
             full = torch.zeros_like(x)
             full[idx.to(x.device)] = noise.to(device=x.device, dtype=x.dtype) * self.noise_std
             x = torch.where(selected(p["noise"]), x + full, x)

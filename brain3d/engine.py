@@ -310,7 +310,8 @@ def evaluate(
         if sliding_window is not None:
             logits = sliding_window_inference(
                 image, lambda window: _forward(model, window, task.name, device, amp_dtype, channels_last),
-                sliding_window["patch_size"], overlap=sliding_window["overlap"], batch_size=sliding_window["batch_size"],
+                sliding_window["patch_size"], overlap=sliding_window["overlap"],
+                batch_size=sliding_window["batch_size"],
                 accumulate_device=sliding_window.get("accumulate_device") or device,
             )
         else:
@@ -355,7 +356,8 @@ def evaluate(
             outputs, targets = [torch.from_numpy(merged["predictions"])], [torch.from_numpy(merged["targets"])]
     results = {"loss": total_loss / max(total_volumes, 1)}
     if task.name == "segmentation":
-        results.update(M.segmentation_metrics(np.concatenate([np.asarray(d) for d in dice]), np.concatenate([np.asarray(v) for v in iou])))
+        results.update(M.segmentation_metrics(np.concatenate([np.asarray(d) for d in dice]),
+                                              np.concatenate([np.asarray(v) for v in iou])))
         return results, {"preview": preview, **_cases(worst)}
     predictions, targets = torch.cat(outputs).reshape(-1).numpy(), torch.cat(targets).reshape(-1).numpy()
     metric_fn = M.classification_metrics if task.name == "classification" else M.regression_metrics

@@ -150,13 +150,13 @@ def _with_ci(metric_fn: Callable[..., float], *arrays: Any, num_samples: int, se
 
 def _probs_labels(probs: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
     """(N,) float64 probabilities checked to lie in [0, 1] and (N,) bool labels."""
-    p, l = _flat_pair(probs, labels, "probs", "labels")
+    p, y = _flat_pair(probs, labels, "probs", "labels")
     if p.min() < 0.0 or p.max() > 1.0:
         raise ValueError(
             f"probs must be probabilities in [0, 1] (apply a sigmoid to logits first), "
             f"got values in [{p.min():.4g}, {p.max():.4g}]."
         )
-    return p, _binary_labels(l)
+    return p, _binary_labels(y)
 
 
 def sensitivity(probs: Any, labels: Any, threshold: float = 0.5) -> float:
@@ -632,7 +632,9 @@ def segmentation_report(
     """
     num_samples = _check_num_samples(num_samples)
     if isinstance(case_rows, Mapping) or not isinstance(case_rows, Sequence) or len(case_rows) == 0:
-        raise ValueError(f"case_rows must be a non-empty list of dicts (one per subject), got {type(case_rows).__name__}.")
+        raise ValueError(
+            f"case_rows must be a non-empty list of dicts (one per subject), got {type(case_rows).__name__}."
+        )
     keys: list[str] | None = None
     for i, row in enumerate(case_rows):
         if not isinstance(row, Mapping):
@@ -647,7 +649,9 @@ def segmentation_report(
     assert keys is not None
     missing = [k for k in ("lesion_tp", "lesion_fp", "lesion_fn") if k not in keys]
     if missing:
-        raise ValueError(f"case_rows lack the lesion count keys {missing} (rows of segmentation_case_metrics have them).")
+        raise ValueError(
+            f"case_rows lack the lesion count keys {missing} (rows of segmentation_case_metrics have them)."
+        )
 
     report: dict[str, Any] = {"n": len(case_rows)}
     for key in keys:

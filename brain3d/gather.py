@@ -186,7 +186,8 @@ def print_result(result: dict, root: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="brain3d-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="brain3d-eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", type=Path, help="folder holding the runs (e.g. a multirun sweep folder)")
     parser.add_argument("--no-group", action="store_true",
                         help="pool every run into one mean ± sd, even when their overrides differ beyond the fold")

@@ -449,4 +449,5 @@ def resolve_batch_size(data_cfg, model: torch.nn.Module, loss_fn: torch.nn.Modul
     log.info("data.batch_size=auto: %d (peak %s of a %s budget, %s; at most %d; tried %s)", batch, _mb(peak),
              _mb(budget), reason, maximum, tried)
     return {"value": batch, "mode": "auto", "peak_memory_mb": round(peak / 2**20, 1),
-            "budget_mb": round(budget / 2**20, 1), "budget_reason": reason, "trials": [[b, None if p is None else round(p / 2**20, 1)] for b, p in trials]}
+            "budget_mb": round(budget / 2**20, 1), "budget_reason": reason,
+            "trials": [[b, None if p is None else round(p / 2**20, 1)] for b, p in trials]}

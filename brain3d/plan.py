@@ -569,8 +569,8 @@ def choose_geometry(fp: dict, cfg: DictConfig) -> tuple[dict, dict, np.ndarray]:
                                              f"head-cropped shape at that voxel size is "
                                              f"{_x(np.median(per_subject, axis=0))}")
     overrides["data.shape"] = shape
-    reasons["data.shape"] = (f"the 95th percentile of the head-cropped shapes ({_x(np.percentile(per_subject, 95, axis=0))})"
-                             f" rounded up to a multiple of {multiple}")
+    reasons["data.shape"] = (f"the 95th percentile of the head-cropped shapes "
+                             f"({_x(np.percentile(per_subject, 95, axis=0))}) rounded up to a multiple of {multiple}")
     return overrides, reasons, np.minimum(per_subject, np.asarray(shape))
 
 
@@ -677,12 +677,12 @@ def choose_plan(cfg: DictConfig, fp: dict, budget: Budget, step_bytes: Callable[
             if best is None:
                 raise ConfigError(f"whole {_x(shape)} volumes and even {MIN_PATCH_EDGE}^3 patches in batches of 2 need "
                                   f"{_need(step_bytes([MIN_PATCH_EDGE] * 3, 2))} per step, more than the "
-                                  f"{size_text(step_budget)} the budget leaves ({budget.reason}); raise plan.memory_gb or "
-                                  f"use a smaller model (backbone.width=0.5)")
+                                  f"{size_text(step_budget)} the budget leaves ({budget.reason}); raise "
+                                  f"plan.memory_gb or use a smaller model (backbone.width=0.5)")
             input_shape = [best] * 3
             plan.set("data.patch_size", input_shape, f"whole {_x(shape)} volumes in batches of 2 need {_need(whole)} "
-                     f"per step, more than the {size_text(step_budget)} left: the largest cube (a multiple of 16) whose "
-                     f"batch-2 step fits; validation runs on whole volumes by sliding windows")
+                     f"per step, more than the {size_text(step_budget)} left: the largest cube (a multiple of 16) "
+                     f"whose batch-2 step fits; validation runs on whole volumes by sliding windows")
             if plan.overrides["preprocess"] == "spacing":
                 plan.set("data.shape", None, "patch training keeps each head-cropped volume whole (their sizes vary)")
     else:
@@ -712,8 +712,8 @@ def choose_plan(cfg: DictConfig, fp: dict, budget: Budget, step_bytes: Callable[
              f"), at most {cap}: {cap_reason}")
     if not held:
         # on a GPU, host RAM holds them at no cost to the budget when they fit it; else workers read the disk cache
-        where = ("host" if budget.device.type == "cuda" and data_bytes <= max_fraction * available_bytes(torch.device("cpu"))
-                 else "off")
+        where = ("host" if budget.device.type == "cuda"
+                 and data_bytes <= max_fraction * available_bytes(torch.device("cpu")) else "off")
         plan.set("data.resident", where, f"the preprocessed volumes ({size_text(data_bytes)}) would take more than "
                  f"data.resident_max_fraction={max_fraction:g} of the budget: " +
                  ("held in host RAM instead" if where == "host" else "workers read them from the disk cache"))
@@ -724,7 +724,8 @@ def choose_plan(cfg: DictConfig, fp: dict, budget: Budget, step_bytes: Callable[
         "device": str(budget.device), "budget_bytes": int(budget.total), "budget": size_text(budget.total),
         "budget_reason": budget.reason,
         "baseline_bytes": int(budget.baseline), "baseline": size_text(budget.baseline),
-        "margin_bytes": int(budget.margin), "margin": size_text(budget.margin), "resident_data_bytes": int(resident), "resident_data": size_text(resident),
+        "margin_bytes": int(budget.margin), "margin": size_text(budget.margin),
+        "resident_data_bytes": int(resident), "resident_data": size_text(resident),
         "step_bytes": step_peak, "step": size_text(step_peak),
         "expected_peak_bytes": int(expected), "expected_peak": size_text(expected),
         "input_shape": [int(v) for v in input_shape], "batch_trials": [[b, p] for b, p in trials],
@@ -796,7 +797,8 @@ def user_overrides(task_overrides: Sequence[str], planned: Sequence[str]) -> lis
 
 def train_command(given: Sequence[str], plan: Plan) -> tuple[str, list[str]]:
     """``(the brain3d-train command line, its arguments)``: the user's overrides, then the plan's."""
-    args = [*user_overrides(given, tuple(plan.overrides)), *(f"{k}={format_value(v)}" for k, v in plan.overrides.items())]
+    args = [*user_overrides(given, tuple(plan.overrides)),
+            *(f"{k}={format_value(v)}" for k, v in plan.overrides.items())]
     return "brain3d-train " + " ".join(shlex.quote(a) for a in args), args
 
 
@@ -917,7 +919,8 @@ def make_plan(cfg: DictConfig, given_overrides: Sequence[str], out_dir: Path) ->
     refused = sorted({a["subject_id"] for a in fp["anomalies"] if a["stops_training"]})
     if refused:
         plan.set("data.on_error", "skip", f"{len(refused)} subject(s) have problems the start-up check refuses "
-                 f"({', '.join(refused[:5])}{', ...' if len(refused) > 5 else ''}; see the anomalies): train without them")
+                 f"({', '.join(refused[:5])}{', ...' if len(refused) > 5 else ''}; see the anomalies): "
+                 f"train without them")
     given = list(given_overrides)
     command, args = train_command(given, plan)
     problem = check_command_line("train", args)

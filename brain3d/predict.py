@@ -25,16 +25,16 @@ from tqdm.auto import tqdm
 
 from brain3d import evaluation, report
 from brain3d.checkpoint import load_checkpoint
+from brain3d.cli import config_dir, keys_help, progress_mode, report_user_error, run_command
 from brain3d.data.manifest import TASK_TARGET_COLS, Manifest, ManifestError
 from brain3d.data.nifti import NativeGrid, load_mask, load_nifti_with_grid, save_on_native_grid
 from brain3d.data.preprocess import invert_geometry, preprocess_volume, validate_settings
+from brain3d.errors import ConfigError
+from brain3d.hardware import resolve_device, resolve_precision
 from brain3d.inference import predict_outputs
 from brain3d.models.model import build_model
 from brain3d.saliency import grad_cam
 from brain3d.sliding_window import sliding_window_inference
-from brain3d.errors import ConfigError
-from brain3d.hardware import resolve_device, resolve_precision
-from brain3d.cli import config_dir, keys_help, progress_mode, report_user_error, run_command
 from brain3d.train import read_manifest
 
 log = logging.getLogger("brain3d.predict")
@@ -56,7 +56,8 @@ def load_models(paths: list[str], device: torch.device) -> tuple[list[torch.nn.M
         states.append({k: v for k, v in state.items() if k not in ("model", "optimizer", "scheduler", "scaler", "rng")})
     first = states[0]
     for path, state in zip(paths[1:], states[1:]):
-        for what, get in (("task", lambda s: s["task"]), ("data.shape", lambda s: list(s["config"]["data"]["shape"] or [])),
+        for what, get in (("task", lambda s: s["task"]),
+                          ("data.shape", lambda s: list(s["config"]["data"]["shape"] or [])),
                           ("preprocessing", lambda s: s["config"].get("preprocess")),
                           ("class mapping", lambda s: s.get("class_names"))):
             if get(state) != get(first):
@@ -134,7 +135,8 @@ def count_in_training(rows: list[dict]) -> int | None:
 def log_skipped(manifest: Manifest) -> None:
     """data.on_error=skip: one warning per left-out row (as brain3d-train), so no subject vanishes unnoticed."""
     for skipped in manifest.skipped:
-        log.warning("skipped line %s (%s): %s", skipped["line"], skipped["subject_id"] or "no id", "; ".join(skipped["reasons"]))
+        log.warning("skipped line %s (%s): %s", skipped["line"], skipped["subject_id"] or "no id",
+                    "; ".join(skipped["reasons"]))
 
 
 def save_like_input(ras_array: np.ndarray, grid: NativeGrid, path: Path, dtype) -> None:
@@ -146,7 +148,8 @@ def save_like_input(ras_array: np.ndarray, grid: NativeGrid, path: Path, dtype) 
 
 def predict(cfg: DictConfig) -> dict:
     """Predict (and evaluate) as ``cfg`` says; return the metrics dict (empty without targets)."""
-    paths = [str(p) for p in cfg.checkpoint] if isinstance(cfg.checkpoint, (list, ListConfig)) else [str(cfg.checkpoint)]
+    paths = ([str(p) for p in cfg.checkpoint] if isinstance(cfg.checkpoint, (list, ListConfig))
+             else [str(cfg.checkpoint)])
     out_dir = Path(str(cfg.output_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
@@ -175,7 +178,8 @@ def predict(cfg: DictConfig) -> dict:
 
     rows, case_rows = [], []
     worst = report.WorstCases(int(cfg.get("report_subjects", 16)))  # report.html: the worst subjects' slices
-    for subject in tqdm(manifest.subjects, desc="predict", disable=progress_mode(cfg.progress) != "bars", dynamic_ncols=True):
+    for subject in tqdm(manifest.subjects, desc="predict", disable=progress_mode(cfg.progress) != "bars",
+                        dynamic_ncols=True):
         image_ras, _, grid = load_nifti_with_grid(subject.image)
         image, _, info = preprocess_volume(image_ras, grid.voxel_size_mm, settings)
         x = torch.from_numpy(image)[None, None]  # (1, 1, D, H, W); stays on the CPU for sliding windows
@@ -337,7 +341,7 @@ Examples:
   brain3d-predict checkpoint=run/checkpoints/best.pt data=bids data.root=/data/bids output_dir=preds
 
 Writes: predictions.csv; segmentation <id>_prob.nii.gz and <id>_mask.nii.gz; metrics.json / metrics.csv with targets.
-Exit status: 0 done, 2 a mistake in the command, config or data."""
+Exit status: 0 done, 2 a mistake in the command, config or data."""  # noqa: E501 (an example is one command a line)
 
 REQUIRED = {"checkpoint": "checkpoint=PATH (a best.pt or last.pt written by brain3d-train; [A,B] for an ensemble)",
             "output_dir": "output_dir=DIR (where predictions, masks and metrics are written)"}

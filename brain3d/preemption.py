@@ -3,10 +3,10 @@ SIGINT (Ctrl-C, or ``kill -INT``) does the same once training has started and ex
 a second SIGINT exits at once (the last saved checkpoint stays intact: saves are atomic).
 
 Cluster schedulers (SLURM, Kubernetes, spot instances) send SIGTERM, or a chosen signal such as SIGUSR1
-(``sbatch --signal=USR1@120``; the submitit launcher sends SIGUSR2), some time before they kill a job. The handler only sets a flag: the
-training loop checks it after each optimizer step, writes ``checkpoints/last.pt`` with its position in the
-epoch, and the process exits with 75 (EX_TEMPFAIL, "try again later"), so a wrapper script can tell
-"preempted, requeue me" from success (0) and from a user error (2). The same command with
+(``sbatch --signal=USR1@120``; the submitit launcher sends SIGUSR2), some time before they kill a job. The
+handler only sets a flag: the training loop checks it after each optimizer step, writes ``checkpoints/last.pt``
+with its position in the epoch, and the process exits with 75 (EX_TEMPFAIL, "try again later"), so a wrapper
+script can tell "preempted, requeue me" from success (0) and from a user error (2). The same command with
 ``trainer.resume=auto`` then continues from the exact batch where it stopped.
 """
 
@@ -56,8 +56,8 @@ class StopRequest:
 
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[StopRequest]:
-    """Within the block, SIGTERM, SIGUSR1, SIGUSR2 and (once armed) SIGINT set the yielded :class:`StopRequest` instead of killing the
-    process; the previous handlers are restored on exit."""
+    """Within the block, SIGTERM, SIGUSR1, SIGUSR2 and (once armed) SIGINT set the yielded :class:`StopRequest`
+    instead of killing the process; the previous handlers are restored on exit."""
     request = StopRequest()
     previous = {sig: signal.signal(sig, request._handle) for sig in STOP_SIGNALS}
     try:

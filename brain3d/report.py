@@ -275,7 +275,8 @@ def plot_curves(history: list[dict], out_dir: Path) -> list[Path]:
     paths = []
     for family, keys in curve_families(history).items():
         stacked = family == "throughput"
-        fig = Figure(figsize=(4.6, 3.6 if stacked else 3.0), dpi=100)  # fixed margins: constrained layout doubles the time
+        # fixed margins: constrained layout doubles the time
+        fig = Figure(figsize=(4.6, 3.6 if stacked else 3.0), dpi=100)
         FigureCanvasAgg(fig)
         fig.subplots_adjust(left=0.17, right=0.97, top=0.9, bottom=0.13 if stacked else 0.15, hspace=0.12)
         axes = fig.subplots(len(keys), 1, sharex=True, squeeze=False)[:, 0] if stacked else [fig.subplots()] * len(keys)
@@ -284,8 +285,8 @@ def plot_curves(history: list[dict], out_dir: Path) -> list[Path]:
             if points:
                 x, y = zip(*points)
                 ax.plot(x, y, marker="o", markersize=4, linewidth=1.5, label=key)
-            ax.set_ylabel({"train_volumes_per_second": "volumes / s", "train_data_wait_fraction": "data wait"}.get(key, key)
-                          if stacked else "")
+            ax.set_ylabel({"train_volumes_per_second": "volumes / s",
+                           "train_data_wait_fraction": "data wait"}.get(key, key) if stacked else "")
             ax.grid(alpha=0.3)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if family == "lr":
@@ -306,7 +307,8 @@ def plot_curves(history: list[dict], out_dir: Path) -> list[Path]:
 # ---- the page ---------------------------------------------------------------------------------------------
 
 _CSS = """
-body { font-family: system-ui, -apple-system, Segoe UI, Roboto, sans-serif; margin: 1.5em; color: #222; max-width: 1600px; }
+body { font-family: system-ui, -apple-system, Segoe UI, Roboto, sans-serif; margin: 1.5em; color: #222;
+       max-width: 1600px; }
 h1 { font-size: 1.4em; } h2 { font-size: 1.15em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
 p.text { white-space: pre-wrap; color: #444; }
 table { border-collapse: collapse; font-size: 0.9em; }
@@ -350,7 +352,8 @@ def write_html(path: Path, title: str, sections: list[dict]) -> Path:
         if section.get("table"):
             rows = section["table"]
             columns = list(dict.fromkeys(k for row in rows for k in row))
-            parts.append("<table><thead><tr>" + "".join(f"<th>{esc(str(c))}</th>" for c in columns) + "</tr></thead><tbody>")
+            parts.append("<table><thead><tr>" + "".join(f"<th>{esc(str(c))}</th>" for c in columns)
+                         + "</tr></thead><tbody>")
             for row in rows:
                 parts.append("<tr>" + "".join(_cell(row.get(c), esc) for c in columns) + "</tr>")
             parts.append("</tbody></table>")
@@ -494,7 +497,8 @@ def write_run_report(run_dir: Path, history: list[dict], best: dict, task: str, 
     summary = f"task {task}; {len(history)} epoch(s) recorded, refreshed after epoch {last} at " \
               f"{datetime.now():%Y-%m-%d %H:%M:%S} (after every validation while the run lasts)."
     if best and best.get("value") is not None:
-        summary += f"\nmonitored {best['name']}: best {best['value']:.4g} at epoch {best['epoch']} (checkpoints/best.pt)."
+        summary += (f"\nmonitored {best['name']}: best {best['value']:.4g} at epoch {best['epoch']} "
+                    f"(checkpoints/best.pt).")
     if note:
         summary += "\n" + note
     subjects, pictures = _subject_section(task, cases, max_cases, total_cases, files, "validation subjects",
@@ -532,8 +536,9 @@ def write_prediction_report(out_dir: Path, task: str, metrics: dict, cases: list
     subjects, pictures = _subject_section(task, cases, max_cases, total_cases, files, "subjects", class_names,
                                           scored=scored)
     subjects["text"] = subjects["text"] + ("\n" + note if note else "")
-    sections = [{"heading": "Predictions", "text": f"task {task}; {total_cases if total_cases is not None else len(cases)} "
-                                                   f"subject(s); written {datetime.now():%Y-%m-%d %H:%M:%S}."}]
+    n_subjects = total_cases if total_cases is not None else len(cases)
+    sections = [{"heading": "Predictions", "text": f"task {task}; {n_subjects} subject(s); "
+                                                   f"written {datetime.now():%Y-%m-%d %H:%M:%S}."}]
     rows = _flatten_metrics(metrics)
     sections.append({"heading": "Metrics", "table": rows} if rows else
                     {"heading": "Metrics", "text": "no targets in the manifest: predictions only"})

@@ -28,7 +28,8 @@ class WarmupSchedule:
         ValueError: unknown kind or non-positive total_steps.
     """
 
-    def __init__(self, kind: str, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.01, power: float = 0.9):
+    def __init__(self, kind: str, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.01,
+                 power: float = 0.9):
         if kind not in SCHEDULE_KINDS:
             raise ValueError(f"scheduler kind {kind!r} is not one of {SCHEDULE_KINDS}")
         if total_steps < 1:

@@ -33,9 +33,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from brain3d.data.patches import _as_patch_size
-from tqdm.auto import tqdm
 
 __all__ = ["gaussian_importance_map", "window_starts", "sliding_window_inference"]
 
@@ -205,7 +205,8 @@ def sliding_window_inference(
         windows = [tuple(slice(s, s + p) for s, p in zip(start, patch)) for start in batch]
         x = torch.cat([image[(slice(None), slice(None), *w)] for w in windows]).to(run_device)
         out = predictor(x)
-        if not isinstance(out, torch.Tensor) or out.dim() != 5 or out.shape[0] != len(batch) or tuple(out.shape[2:]) != patch:
+        if (not isinstance(out, torch.Tensor) or out.dim() != 5 or out.shape[0] != len(batch)
+                or tuple(out.shape[2:]) != patch):
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"predictor must return a (n={len(batch)}, K, *{patch}) tensor, got {got}")
         out = out.to(device=acc_device, dtype=accumulate_dtype)

@@ -123,7 +123,8 @@ def collect_rows(sweep_dir: Path) -> list[dict]:
             row["epochs"] = summary.get("epochs_completed")
             row.update({f"val_{k}": v for k, v in summary.get("final_val", {}).items()})
             best = summary.get("best_metric") or {}
-            row["best_metric"], row["best_value"], row["best_epoch"] = best.get("name"), best.get("value"), best.get("epoch")
+            row["best_metric"], row["best_value"], row["best_epoch"] = (best.get("name"), best.get("value"),
+                                                                        best.get("epoch"))
         row["folder"] = str(status_path.parent.relative_to(sweep_dir))
         rows.append(row)
     return sorted(rows, key=lambda r: r["job"])

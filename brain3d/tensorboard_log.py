@@ -19,7 +19,8 @@ def log_epoch(writer: SummaryWriter, record: dict[str, float], epoch: int) -> No
         writer.add_scalar(tag, value, epoch)
 
 
-def overlay_mid_slices(image: np.ndarray, target: np.ndarray, probability: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+def overlay_mid_slices(image: np.ndarray, target: np.ndarray, probability: np.ndarray,
+                       threshold: float = 0.5) -> np.ndarray:
     """RGB panel (H, W, 3) uint8 of the three orthogonal mid-slices of a (D, H, W) volume, side by side:
     grey image, ground truth in green, prediction (probability > threshold) in red, overlap in yellow.
     Each slice sits on a square of side max(D, H, W), enlarged by a whole factor to at least ~192 pixels."""

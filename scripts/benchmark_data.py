@@ -165,11 +165,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--subjects", type=int, default=16, help="volumes per shape (default 16)")
     parser.add_argument("--shapes", type=parse_shape, nargs="+", default=[(128, 128, 128), (182, 218, 182)],
                         help="input shapes, N or DxHxW (default 128x128x128 182x218x182)")
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="DataLoader num_workers values (default 0 1 2)")
-    parser.add_argument("--mode", choices=["spacing", "resize"], default="spacing", help="preprocess.mode (default spacing)")
-    parser.add_argument("--spacing", type=float, nargs=3, default=[1.5, 1.5, 1.5], help="mode spacing: mm (default 1.5 1.5 1.5)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2],
+                        help="DataLoader num_workers values (default 0 1 2)")
+    parser.add_argument("--mode", choices=["spacing", "resize"], default="spacing",
+                        help="preprocess.mode (default spacing)")
+    parser.add_argument("--spacing", type=float, nargs=3, default=[1.5, 1.5, 1.5],
+                        help="mode spacing: mm (default 1.5 1.5 1.5)")
     parser.add_argument("--out-shape", type=int, nargs=3, default=[128, 128, 128],
-                        help="preprocess.shape: crop/pad target (spacing) or resize target (resize); default 128 128 128")
+                        help="preprocess.shape: crop/pad target (spacing) or resize target (resize); "
+                             "default 128 128 128")
     parser.add_argument("--normalization", choices=["zscore", "percentile"], default="zscore")
     parser.add_argument("--noise", type=float, default=0.03,
                         help="noise sd relative to the mean intensity; sets the .nii.gz size (default 0.03)")
@@ -208,7 +212,8 @@ def main(argv: list[str] | None = None) -> None:
             for workers in args.workers:
                 cold = run_isolated("cold", paths, settings, cache_dir, workers, args.cold_passes)
                 warm = run_isolated("warm", paths, settings, cache_dir, workers, args.warm_passes)
-                rows.append((shape_txt, workers, len(paths) / cold[0], len(paths) / warm[0], cold[1], cold[2], warm[1], warm[2]))
+                rows.append((shape_txt, workers, len(paths) / cold[0], len(paths) / warm[0],
+                             cold[1], cold[2], warm[1], warm[2]))
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)
@@ -218,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
     lines = [header]
     for shape_txt, workers, cold, warm, cm, cw, wm, ww in rows:
         lines.append((shape_txt, str(workers), f"{cold:.2f}", f"{warm:.1f}", f"{warm / cold:.0f}x",
-                      f"{cm:.0f} / {cw:.0f}" if workers else f"{cm:.0f} / -", f"{wm:.0f} / {ww:.0f}" if workers else f"{wm:.0f} / -"))
+                      f"{cm:.0f} / {cw:.0f}" if workers else f"{cm:.0f} / -",
+                      f"{wm:.0f} / {ww:.0f}" if workers else f"{wm:.0f} / -"))
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     print()
     for i, row in enumerate(lines):

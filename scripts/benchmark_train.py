@@ -165,8 +165,17 @@ def monai_loaders(args, manifest: Path, run_dir: Path) -> list[tuple[str, object
     import csv
 
     from monai.data import CacheDataset, DataLoader, ThreadDataLoader
-    from monai.transforms import (Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged, NormalizeIntensityd,
-                                  Orientationd, RandFlipd, Resized, ToDeviced)
+    from monai.transforms import (
+        Compose,
+        EnsureChannelFirstd,
+        EnsureTyped,
+        LoadImaged,
+        NormalizeIntensityd,
+        Orientationd,
+        RandFlipd,
+        Resized,
+        ToDeviced,
+    )
 
     device = torch.device(args.device)
     train_ids = {row["subject_id"] for row in csv.DictReader(open(run_dir / "split.csv")) if row["split"] == "train"}

@@ -29,7 +29,9 @@ def run_train(args: list[str], cwd: Path, check: bool = True) -> subprocess.Comp
         [sys.executable, "-m", "brain3d.train", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"brain3d-train {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"brain3d-train {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 

@@ -35,7 +35,8 @@ def test_help_gives_a_description_groups_and_examples(command, tmp_path):
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
     assert text.startswith(f"{command}: ") and "is powered by Hydra" not in text
-    examples = [line for line in text.split("Examples:", 1)[1].split("\n\n", 1)[0].splitlines() if f"{command} " in line]
+    examples = [line for line in text.split("Examples:", 1)[1].split("\n\n", 1)[0].splitlines()
+                if f"{command} " in line]
     assert len(examples) >= 4, text
     if command == "brain3d-predict":  # only what predict reads: no training groups
         assert "checkpoint:" in text and "output_dir:" in text and "tta:" in text
@@ -66,7 +67,8 @@ def test_misspelt_key_names_the_nearest_valid_one_and_exits_2(tmp_path):
 
 
 def test_misspelt_key_in_a_sweep_and_under_a_chosen_group():
-    assert "did you mean data.root?" in cli.check_command_line("train", ["-m", "data=bids", "dat.root=x", "loss=dice,bce"])
+    assert "did you mean data.root?" in cli.check_command_line(
+        "train", ["-m", "data=bids", "dat.root=x", "loss=dice,bce"])
     assert "did you mean data.patch_size?" in cli.check_command_line(
         "train", ["task=segmentation", "data.patch_sise=[32,32,32]"])
     assert cli.check_command_line("train", ["-m", "task=segmentation", "loss=dice,dice_bce", "+extra.key=1"]) is None
@@ -96,6 +98,7 @@ def test_progress_auto_is_bars_on_a_terminal_and_lines_in_a_file(monkeypatch):
     assert cli.progress_mode("auto") == "bars"
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
     assert cli.progress_mode("auto") == "lines"
-    assert cli.progress_mode(True) == "bars" and cli.progress_mode(False) == "off" and cli.progress_mode("lines") == "lines"
+    assert cli.progress_mode(True) == "bars" and cli.progress_mode(False) == "off"
+    assert cli.progress_mode("lines") == "lines"
     with pytest.raises(ConfigError, match="progress='sometimes' is not one of auto"):
         cli.progress_mode("sometimes")

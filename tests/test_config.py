@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from brain3d.data.preprocess import validate_settings
-from brain3d.train import build_loss, check_input_geometry, ConfigError
+from brain3d.train import ConfigError, build_loss, check_input_geometry
 
 from tests.conftest import CONFIG_DIR
 
@@ -45,13 +44,29 @@ def test_every_option_instantiates():
         optimizer = instantiate(compose_train([f"optimizer={opt}"]).optimizer)(model.parameters())
         assert isinstance(optimizer, torch.optim.Optimizer)
         for sched in options("scheduler"):
-            scheduler = instantiate(compose_train([f"scheduler={sched}"]).scheduler)(optimizer, total_steps=10, steps_per_epoch=2)
+            scheduler = instantiate(compose_train([f"scheduler={sched}"]).scheduler)(optimizer, total_steps=10,
+                                                                                     steps_per_epoch=2)
             optimizer.step()
             scheduler.step()
             assert 0 < scheduler.get_last_lr()[0] <= optimizer.defaults["lr"]
     for data in options("data"):
         assert compose_train([f"data={data}"]).data.source == data
     assert compose_train(["debug=fast"]).trainer.max_epochs == 2
+
+
+def test_data_sources_extend_one_base_that_is_not_an_option():
+    """configs/data/base/common.yaml holds the keys every source shares (the cache root among them, once); each
+    source composes with all of them, and the base is neither an option of the data group nor in --help."""
+    from brain3d.cli import group_options, groups_help
+
+    base = OmegaConf.load(CONFIG_DIR / "data" / "base" / "common.yaml")
+    assert options("data") == group_options("data") == ["bids", "msd", "nifti", "synthetic"]
+    assert "base" not in groups_help("train")
+    for data in options("data"):
+        cfg = compose_train([f"data={data}"])
+        assert set(base) <= set(cfg.data) and cfg.data.source == data
+        assert OmegaConf.to_container(cfg.data)["cache_dir"] == OmegaConf.to_container(base)["cache_dir"]
+        assert "cache_dir" not in OmegaConf.load(CONFIG_DIR / "data" / f"{data}.yaml")
 
 
 def test_misfit_loss_is_refused_with_valid_list():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -48,8 +47,8 @@ def dataset(tmp_path) -> Path:
 
 
 def good_rows(n=6):
-    return [[f"sub-{i:02d}", f"sub-{i:02d}_T1w.nii.gz", f"sub-{i:02d}_mask.nii.gz", "F" if i % 2 else "M", str(20 + 5 * i)]
-            for i in range(n)]
+    return [[f"sub-{i:02d}", f"sub-{i:02d}_T1w.nii.gz", f"sub-{i:02d}_mask.nii.gz", "F" if i % 2 else "M",
+             str(20 + 5 * i)] for i in range(n)]
 
 
 HEADER = ["subject_id", "image", "mask", "sex", "age"]

@@ -15,10 +15,10 @@ from omegaconf import OmegaConf
 from brain3d import engine
 from brain3d.checkpoint import load_checkpoint
 from brain3d.data.dataset import VolumeDataset
+from brain3d.data.loaders import make_loader
 from brain3d.data.preprocess import validate_settings
 from brain3d.data.sampling import ResumableBatchSampler
 from brain3d.models.model import build_model
-from brain3d.data.loaders import make_loader
 from brain3d.train import build_loss, read_manifest
 
 from tests.conftest import read_summary, tiny_overrides
@@ -73,7 +73,8 @@ def test_two_process_ddp_run_matches_single_process_evaluation(task, tmp_path, c
     assert summary["data"]["num_val"] == num_val
     assert set(metrics) == set(summary["final_val"])
     for name, value in metrics.items():
-        assert summary["final_val"][name] == pytest.approx(value, rel=1e-5, abs=1e-5), (name, summary["final_val"], metrics)
+        assert summary["final_val"][name] == pytest.approx(value, rel=1e-5, abs=1e-5), (
+            name, summary["final_val"], metrics)
 
 
 def test_batch_sampler_shards_are_disjoint_and_equal_length():

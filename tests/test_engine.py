@@ -81,7 +81,8 @@ def test_bf16_autocast_on_cpu_trains_with_float32_loss():
 def test_non_finite_loss_names_epoch_step_and_subjects():
     images, targets = data(4)
     images[2, 0, 0, 0, 0] = float("nan")  # a bad voxel in the second batch
-    with pytest.raises(engine.NonFiniteLossError, match=r"epoch 1, step 2/2; subjects in the batch: \['sub-2', 'sub-3'\]"):
+    with pytest.raises(engine.NonFiniteLossError,
+                       match=r"epoch 1, step 2/2; subjects in the batch: \['sub-2', 'sub-3'\]"):
         run_epoch(TinyRegressor(), batches(images, targets, 2))
 
 

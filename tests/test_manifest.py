@@ -18,7 +18,8 @@ def images(tmp_path):
 
 def test_bids_participants_tsv_with_string_labels(images):
     tsv = images / "participants.tsv"
-    tsv.write_text("participant_id\timage\tsex\n" + "".join(f"sub-{i}\timg/s{i}.nii.gz\t{'F' if i % 2 else 'M'}\n" for i in range(4)))
+    tsv.write_text("participant_id\timage\tsex\n"
+                   + "".join(f"sub-{i}\timg/s{i}.nii.gz\t{'F' if i % 2 else 'M'}\n" for i in range(4)))
     manifest = load_manifest(tsv, "classification")
     assert manifest.id_col == "participant_id"
     assert manifest.class_names == ["F", "M"]  # sorted; the second is the positive class

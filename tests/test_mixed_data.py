@@ -65,7 +65,8 @@ def mixed_dataset(root: Path, num_subjects: int = 12) -> Path:
 
 def test_mixed_orientations_sizes_dtypes_and_extensions_train(tmp_path, cache_dir):
     manifest = mixed_dataset(tmp_path / "data")
-    kinds = {(nib.aff2axcodes(nib.load(tmp_path / "data" / r["image"]).affine), nib.load(tmp_path / "data" / r["image"]).get_data_dtype().name)
+    kinds = {(nib.aff2axcodes(nib.load(tmp_path / "data" / r["image"]).affine),
+              nib.load(tmp_path / "data" / r["image"]).get_data_dtype().name)
              for r in csv.DictReader(open(manifest))}
     assert len({k[0] for k in kinds}) == 3 and len({k[1] for k in kinds}) == 3
     for task in ("segmentation", "regression"):

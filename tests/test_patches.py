@@ -86,7 +86,8 @@ def test_extract_patch_rejects_negative_start():
 # ----------------------------------------------------------------------------- sample_patch_start
 
 
-@pytest.mark.parametrize("shape,patch", [((40, 50, 60), (32, 32, 32)), ((20, 50, 32), (32, 16, 32)), ((8, 8, 8), (16, 16, 16))])
+@pytest.mark.parametrize("shape,patch", [((40, 50, 60), (32, 32, 32)), ((20, 50, 32), (32, 16, 32)),
+                                         ((8, 8, 8), (16, 16, 16))])
 def test_sample_patch_start_in_range(shape, patch):
     rng = np.random.default_rng(0)
     coords = np.argwhere(np.ones(shape, bool))[::37]
@@ -118,7 +119,8 @@ def test_sample_patch_start_foreground_contains_voxel():
 def test_sample_patch_start_uniform_when_not_foreground():
     rng = np.random.default_rng(2)
     coords = np.array([[0, 0, 0]])
-    starts = np.array([sample_patch_start((40, 20, 16), (32, 16, 16), rng, coords, foreground=False) for _ in range(4500)])
+    starts = np.array([sample_patch_start((40, 20, 16), (32, 16, 16), rng, coords, foreground=False)
+                       for _ in range(4500)])
     assert (starts[:, 2] == 0).all()
     for axis, n_values in ((0, 9), (1, 5)):
         counts = np.bincount(starts[:, axis], minlength=n_values)
@@ -133,7 +135,8 @@ def test_sample_patch_start_uniform_when_not_foreground():
 
 def test_sample_patch_start_seeded():
     coords = np.array([[5, 6, 7], [30, 40, 50]])
-    draw = lambda seed: [sample_patch_start((40, 50, 60), (16, 16, 16), rng, coords, i % 2 == 0) for rng in [np.random.default_rng(seed)] for i in range(20)]  # noqa: E731
+    draw = lambda seed: [sample_patch_start((40, 50, 60), (16, 16, 16), rng, coords, i % 2 == 0)  # noqa: E731
+                         for rng in [np.random.default_rng(seed)] for i in range(20)]
     assert draw(3) == draw(3)
     assert draw(3) != draw(4)
 
@@ -157,7 +160,8 @@ def test_foreground_coordinates():
     assert sub.shape == (100, 3) and len({tuple(c) for c in sub}) == 100
     assert (big[tuple(sub.T)] > 0).all()
     np.testing.assert_array_equal(sub, foreground_coordinates(big, max_points=100, rng=np.random.default_rng(0)))
-    np.testing.assert_array_equal(foreground_coordinates(big, 100), foreground_coordinates(big, 100))  # rng=None: seeded
+    # rng=None: seeded
+    np.testing.assert_array_equal(foreground_coordinates(big, 100), foreground_coordinates(big, 100))
     assert len(foreground_coordinates(big, max_points=5000)) == 1000
     with pytest.raises(ValueError):
         foreground_coordinates(big, max_points=0)
@@ -201,7 +205,8 @@ def test_sample_training_patch_foreground_fraction_one_always_has_foreground():
     # precomputed coordinates give the same draws as finding them in the mask
     coords = foreground_coordinates(mask)
     a = [sample_training_patch(image, mask, patch, np.random.default_rng(5), 1.0)[0] for _ in range(3)]
-    b = [sample_training_patch(image, mask, patch, np.random.default_rng(5), 1.0, foreground_coords=coords)[0] for _ in range(3)]
+    b = [sample_training_patch(image, mask, patch, np.random.default_rng(5), 1.0, foreground_coords=coords)[0]
+         for _ in range(3)]
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
 
@@ -283,7 +288,8 @@ def test_sample_training_patch_validation():
         (10, 4, 0.75, [0, 1, 2, 3, 4, 5, 6]),
         (70, 32, 0.25, [0, 24, 38]),
         (20, 10, 0.9, list(range(11))),  # 10 * 0.1 = 0.999...: the step is still 1
-        (100, 10, 0.7, [0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 33, 36, 39, 42, 45, 48, 51, 54, 57, 60, 63, 66, 69, 72, 75, 78, 81, 84, 87, 90]),
+        (100, 10, 0.7, [0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 33, 36, 39, 42, 45, 48, 51, 54, 57, 60, 63, 66, 69,
+                        72, 75, 78, 81, 84, 87, 90]),
     ],
 )
 def test_window_starts_exact(size, patch, overlap, expected):
@@ -390,7 +396,8 @@ def test_accumulate_and_compute_device_cpu():
     predictor = _conv_predictor()
     ref = sliding_window_inference(image, predictor, 32)
     torch.testing.assert_close(sliding_window_inference(image, predictor, np.int64(32)), ref, rtol=0, atol=0)
-    torch.testing.assert_close(sliding_window_inference(image, predictor, torch.Size([32, 32, 32])), ref, rtol=0, atol=0)
+    torch.testing.assert_close(sliding_window_inference(image, predictor, torch.Size([32, 32, 32])), ref,
+                               rtol=0, atol=0)
     out = sliding_window_inference(image, predictor, 32, accumulate_device="cpu", compute_device=torch.device("cpu"))
     assert out.device.type == "cpu"
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
@@ -422,7 +429,8 @@ def test_tiny_segmentation_model():
         "lesion",
     ).eval()
     image = torch.randn(1, 1, 48, 64, 40, generator=torch.Generator().manual_seed(1))
-    out = sliding_window_inference(image, lambda x: torch.sigmoid(model(x)["lesion"]), (32, 32, 32), overlap=0.5, batch_size=4)
+    out = sliding_window_inference(image, lambda x: torch.sigmoid(model(x)["lesion"]), (32, 32, 32), overlap=0.5,
+                                   batch_size=4)
     assert out.shape == (1, 1, 48, 64, 40) and out.dtype == torch.float32
     assert torch.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
 

@@ -34,6 +34,7 @@ from brain3d.plan import (
     step_probe,
     train_command,
 )
+
 from tests.conftest import CONFIG_DIR, read_summary, run_train
 
 MB = 2**20
@@ -90,7 +91,8 @@ def hand_made_dataset(root: Path) -> Path:
 
 def test_help_examples_pass_the_command_line_check(tmp_path):
     assert HELP.startswith("brain3d-plan: ") and "task " in HELP and "segmentation" in HELP
-    examples = [line for line in HELP.split("Examples:", 1)[1].split("\n\n", 1)[0].splitlines() if "brain3d-plan " in line]
+    examples = [line for line in HELP.split("Examples:", 1)[1].split("\n\n", 1)[0].splitlines()
+                if "brain3d-plan " in line]
     assert len(examples) >= 4
     for line in examples:
         words = shlex.split(line.split("  #", 1)[0])
@@ -132,10 +134,12 @@ def test_fingerprint_of_a_hand_made_dataset(tmp_path):
     assert fp["dtypes"] == {"float32": 3, "int16": 1}
     rows = {r["subject_id"]: r for r in fp["subjects"]}
     assert rows["sub-1"]["intensity"]["p50"] == 100 and rows["sub-4"]["intensity"]["p99"] == 1000
-    assert rows["sub-1"]["foreground_extent_mm"] == [14, 18, 14] and rows["sub-4"]["foreground_extent_mm"] == [12, 15, 12]
+    assert rows["sub-1"]["foreground_extent_mm"] == [14, 18, 14]
+    assert rows["sub-4"]["foreground_extent_mm"] == [12, 15, 12]
     assert [rows[s]["lesion_count"] for s in ("sub-1", "sub-2", "sub-3", "sub-4")] == [1, 2, 0, 1]
     assert rows["sub-2"]["lesion_sizes_voxels"] == [8, 1]
-    assert rows["sub-1"]["foreground_ml"] == pytest.approx(0.027) and rows["sub-4"]["foreground_ml"] == pytest.approx(0.027)
+    assert rows["sub-1"]["foreground_ml"] == pytest.approx(0.027)
+    assert rows["sub-4"]["foreground_ml"] == pytest.approx(0.027)
     seg = fp["segmentation"]
     assert (seg["lesions_total"], seg["empty_masks"]) == (4, 1)
     assert seg["lesion_size_voxels"]["max"] == 27 and seg["lesion_size_voxels"]["min"] == 1
@@ -172,7 +176,8 @@ def test_rows_the_start_up_check_refuses_come_first_and_are_left_out_of_training
     assert (fp["num_subjects"], fp["num_skipped"]) == (4, 1)
     assert (first["subject_id"], first["kind"], first["stops_training"]) == ("sub-5", "4d_file", True)
     assert "2 volumes" in first["message"]
-    assert result["command"].endswith("data.on_error=skip") and "1 subject(s)" in result["plan"].reasons["data.on_error"]
+    assert result["command"].endswith("data.on_error=skip")
+    assert "1 subject(s)" in result["plan"].reasons["data.on_error"]
     assert sorted(p.name for p in (tmp_path / "plan" / "report_files").iterdir()) == ["000_sub-2.png", "001_sub-4.png"]
     assert {"fingerprint.json", "plan.yaml", "report.html"} <= {p.name for p in (tmp_path / "plan").iterdir()}
 

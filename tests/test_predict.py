@@ -22,7 +22,8 @@ from tests.conftest import run_train, tiny_overrides
 
 def run_predict(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, "-m", "brain3d.predict", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "brain3d.predict", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"brain3d-predict failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -53,7 +54,8 @@ def trained(tmp_path_factory, cache_dir):
     for task in ("segmentation", "classification", "regression"):
         run_train([f"task={task}", *tiny_overrides(cache_dir), f"hydra.run.dir={root / task}"], cwd=root)
         runs[task] = root / task
-    manifest = synthetic_cache_dir(Path(cache_dir) / "synthetic", 12, (32, 32, 32), 0) / "manifest.csv"  # debug=fast's data
+    # debug=fast's data
+    manifest = synthetic_cache_dir(Path(cache_dir) / "synthetic", 12, (32, 32, 32), 0) / "manifest.csv"
     return runs, manifest
 
 
@@ -71,7 +73,8 @@ def mixed_dataset(manifest: Path, folder: Path) -> Path:
         out.append({**row, "image": f"{row['subject_id']}_image.nii.gz", "mask": f"{row['subject_id']}_mask.nii.gz"})
     # the LAS twin of subject 0, to compare predictions across orientations
     for col in ("image", "mask"):
-        nib.save(reoriented(nib.load(folder / f"{rows[0]['subject_id']}_{col}.nii.gz"), "LAS"), folder / f"twin_{col}.nii.gz")
+        nib.save(reoriented(nib.load(folder / f"{rows[0]['subject_id']}_{col}.nii.gz"), "LAS"),
+                 folder / f"twin_{col}.nii.gz")
     out.append({**out[0], "subject_id": "twin", "image": "twin_image.nii.gz", "mask": "twin_mask.nii.gz"})
     path = folder / "manifest.csv"
     with open(path, "w", newline="") as f:
@@ -112,8 +115,9 @@ def test_classification_predictions_ensemble_tta_and_saliency(trained, tmp_path)
     runs, manifest = trained
     ckpt = runs["classification"] / "checkpoints" / "last.pt"
     single, ensemble = tmp_path / "single", tmp_path / "ensemble"
-    run_predict([f"checkpoint={ckpt}", "data=synthetic", f"data.cache_dir={manifest.parents[2]}", "data.num_subjects=12",
-                 "data.shape=[32,32,32]", f"output_dir={single}", "progress=false", "saliency=gradcam",
+    run_predict([f"checkpoint={ckpt}", "data=synthetic", f"data.cache_dir={manifest.parents[2]}",
+                 "data.num_subjects=12", "data.shape=[32,32,32]", f"output_dir={single}", "progress=false",
+                 "saliency=gradcam",
                  "bootstrap_samples=50"], cwd=tmp_path)
     run_predict([f"checkpoint=[{ckpt},{ckpt}]", f"data.manifest={manifest}", f"output_dir={ensemble}",
                  "progress=false", "tta=true", "bootstrap_samples=50"], cwd=tmp_path)
@@ -125,7 +129,8 @@ def test_classification_predictions_ensemble_tta_and_saliency(trained, tmp_path)
         assert r["predicted_class"] == ("1" if float(r["probability"]) > 0.5 else "0")
     metrics = json.loads((single / "metrics.json").read_text())
     for key in ("auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity"):
-        assert metrics[key]["ci_low"] <= metrics[key]["value"] <= metrics[key]["ci_high"] or np.isnan(metrics[key]["value"])
+        assert (metrics[key]["ci_low"] <= metrics[key]["value"] <= metrics[key]["ci_high"]
+                or np.isnan(metrics[key]["value"]))
     source = nib.load(manifest.parent / next(csv.DictReader(open(manifest)))["image"])
     saliency = nib.load(single / f"{rows[0]['subject_id']}_saliency.nii.gz")
     assert saliency.shape == source.shape and np.allclose(saliency.affine, source.affine)
@@ -156,7 +161,8 @@ def test_manifest_without_targets_predicts_without_metrics(trained, tmp_path):
     runs, manifest = trained
     rows = list(csv.DictReader(open(manifest)))[:3]
     plain = tmp_path / "plain.csv"
-    plain.write_text("subject_id,image\n" + "".join(f"{r['subject_id']},{manifest.parent / r['image']}\n" for r in rows))
+    plain.write_text("subject_id,image\n"
+                     + "".join(f"{r['subject_id']},{manifest.parent / r['image']}\n" for r in rows))
     out = tmp_path / "out"
     run_predict([f"checkpoint={runs['segmentation'] / 'checkpoints' / 'best.pt'}", f"data.manifest={plain}",
                  f"output_dir={out}", "progress=false"], cwd=tmp_path)
@@ -165,10 +171,11 @@ def test_manifest_without_targets_predicts_without_metrics(trained, tmp_path):
 
 def test_predict_errors_are_clear(trained, tmp_path):
     runs, manifest = trained
-    proc = run_predict([f"checkpoint={tmp_path / 'none.pt'}", f"data.manifest={manifest}", f"output_dir={tmp_path / 'o'}"],
-                       cwd=tmp_path, check=False)
+    proc = run_predict([f"checkpoint={tmp_path / 'none.pt'}", f"data.manifest={manifest}",
+                        f"output_dir={tmp_path / 'o'}"], cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "checkpoint not found" in proc.stderr
-    proc = run_predict([f"checkpoint=[{runs['segmentation'] / 'checkpoints' / 'last.pt'},{runs['regression'] / 'checkpoints' / 'last.pt'}]",
+    segmentation, regression = (runs[task] / "checkpoints" / "last.pt" for task in ("segmentation", "regression"))
+    proc = run_predict([f"checkpoint=[{segmentation},{regression}]",
                         f"data.manifest={manifest}", f"output_dir={tmp_path / 'o'}"], cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "an ensemble needs checkpoints of one task" in proc.stderr
 
@@ -181,8 +188,8 @@ def predict_here(overrides: list[str]) -> dict:
     the log records)."""
     from hydra import compose, initialize_config_dir
 
-    from brain3d.predict import predict
     from brain3d.cli import config_dir
+    from brain3d.predict import predict
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose(config_name="predict",

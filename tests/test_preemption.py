@@ -11,8 +11,8 @@ import sys
 import time
 
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from brain3d import engine
 from brain3d.checkpoint import load_checkpoint
@@ -72,7 +72,8 @@ def _epoch(model, optimizer, scheduler, loader, **kwargs):
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     loader.generator.manual_seed(3)
     return engine.train_one_epoch(model, loader, MSELoss(), optimizer, scheduler, scaler, engine.TaskSpec("regression"),
-                                  torch.device("cpu"), None, epoch=1, accumulate_grad_batches=2, progress=False, **kwargs)
+                                  torch.device("cpu"), None, epoch=1, accumulate_grad_batches=2, progress=False,
+                                  **kwargs)
 
 
 def _setup(state=None):
@@ -96,7 +97,8 @@ def test_engine_stops_after_an_optimizer_step_and_resumes_to_the_same_weights():
     model, optimizer, scheduler = _setup()
     seen = []
     first = _epoch(model, optimizer, scheduler, resumable_loader(CountingDataset()),
-                   after_optimizer_step=lambda position: seen.append(position.batches_done) or position.batches_done == 2)
+                   after_optimizer_step=lambda position: (seen.append(position.batches_done)
+                                                          or position.batches_done == 2))
     assert first["stopped"] and first["position"].batches_done == 2 and seen == [2]
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
     position = engine.EpochProgress.from_dict(first["position"].to_dict())  # as through a checkpoint

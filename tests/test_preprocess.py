@@ -174,7 +174,8 @@ def test_invert_resampling_2mm_round_trip_of_a_mask_is_exact():
     rng = np.random.default_rng(3)
     mask = (rng.random((9, 11, 7)) > 0.5).astype(np.uint8)
     image = mask.astype(np.float32) + 1.0
-    _, mask_out, info = preprocess_volume(image, (2, 2, 2), spacing(spacing=[1, 1, 1], shape=[20, 24, 16]), mask)  # pads only
+    # pads only
+    _, mask_out, info = preprocess_volume(image, (2, 2, 2), spacing(spacing=[1, 1, 1], shape=[20, 24, 16]), mask)
     back = invert_geometry(mask_out, info, "nearest")
     assert back.shape == (9, 11, 7)
     np.testing.assert_array_equal(back, mask)
@@ -267,7 +268,8 @@ def _ras_affine(vox=(1.0, 1.0, 1.0), shape=(20, 22, 16)) -> np.ndarray:
 
 def _reorient(ras: np.ndarray, ras_affine: np.ndarray, axcodes: str) -> tuple[np.ndarray, np.ndarray]:
     """The same image stored in another on-disk orientation (same world positions)."""
-    t = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), nib.orientations.axcodes2ornt(tuple(axcodes)))
+    t = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"),
+                                        nib.orientations.axcodes2ornt(tuple(axcodes)))
     data = nib.orientations.apply_orientation(ras, t)
     return np.ascontiguousarray(data), ras_affine @ nib.orientations.inv_ornt_aff(t, ras.shape)
 
@@ -338,15 +340,18 @@ def test_orientations_and_header_codes_give_the_same_preprocessed_array(tmp_path
     for codes in ("RAS", "LAS", "LPS", "SLA"):
         data, aff = _reorient(ras, ras_aff, codes)
         mdata, _ = _reorient(mask, ras_aff, codes)
-        cases[codes] = (_write(tmp_path / f"{codes}.nii.gz", data, aff), _write(tmp_path / f"{codes}_m.nii.gz", mdata, aff, np.uint8))
+        cases[codes] = (_write(tmp_path / f"{codes}.nii.gz", data, aff),
+                        _write(tmp_path / f"{codes}_m.nii.gz", mdata, aff, np.uint8))
     data, aff = _reorient(ras, ras_aff, "LPS")
     mdata, _ = _reorient(mask, ras_aff, "LPS")
-    cases["qform_only"] = (_write(tmp_path / "q.nii", data, aff, sform_code=0), _write(tmp_path / "q_m.nii", mdata, aff, np.uint8, sform_code=0))
+    cases["qform_only"] = (_write(tmp_path / "q.nii", data, aff, sform_code=0),
+                           _write(tmp_path / "q_m.nii", mdata, aff, np.uint8, sform_code=0))
     data, aff = _reorient(ras, ras_aff, "PLI")
     mdata, _ = _reorient(mask, ras_aff, "PLI")
     cases["sform_only"] = (_write(tmp_path / "s.nii", data, aff, qform_code=0, sform_code=2),
                            _write(tmp_path / "s_m.nii", mdata, aff, np.uint8, qform_code=0, sform_code=2))
-    assert nib.load(tmp_path / "q.nii").header["sform_code"] == 0 and nib.load(tmp_path / "s.nii").header["qform_code"] == 0
+    assert nib.load(tmp_path / "q.nii").header["sform_code"] == 0
+    assert nib.load(tmp_path / "s.nii").header["qform_code"] == 0
 
     results = {}
     for name, (ipath, mpath) in cases.items():

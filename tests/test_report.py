@@ -18,6 +18,7 @@ from matplotlib.image import imread
 
 from brain3d import report
 from brain3d.data.synthetic import synthetic_cache_dir
+
 from tests.conftest import read_summary, run_train, tiny_overrides
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -108,7 +109,8 @@ def test_slices_pass_through_a_tiny_off_centre_lesion():
     truth[6:8, 38:40, 9:11] = 1  # 8 voxels, far from the volume centre: no mid-slice crosses it
     slices = report.orthogonal_slices(image, truth=truth)
     assert all(view["truth"].any() for view in slices["views"])  # each of the three views shows it
-    assert "truth" in slices["through"] and slices["centre"] in [(x, y, z) for x in (6, 7) for y in (38, 39) for z in (9, 10)]
+    assert "truth" in slices["through"]
+    assert slices["centre"] in [(x, y, z) for x in (6, 7) for y in (38, 39) for z in (9, 10)]
     assert green(report.slices_panel(slices, "lesion")).sum() >= 3 * 4
     # without a truth the prediction decides, and without either the volume centre
     assert "prediction" in report.orthogonal_slices(image, prediction=truth)["through"]
@@ -187,7 +189,8 @@ def test_metrics_table_gives_final_and_best_values():
     records[1]["val_loss"] = 0.01  # the best val_loss is at epoch 2; val_dice is best (highest) at epoch 3
     rows = {r["metric"]: r for r in report.metrics_table(records, {"name": "val_dice", "value": 0.6, "epoch": 3})}
     assert rows["val_loss"]["best"] == 0.01 and rows["val_loss"]["best epoch"] == 2
-    assert rows["val_dice (monitored)"]["best epoch"] == 3 and rows["val_dice (monitored)"]["final (epoch 3)"] == 0.6000000000000001
+    assert rows["val_dice (monitored)"]["best epoch"] == 3
+    assert rows["val_dice (monitored)"]["final (epoch 3)"] == 0.6000000000000001
     assert rows["lr"]["best"] is None  # not a metric to optimise
 
 
@@ -266,8 +269,9 @@ def test_run_without_matplotlib_trains_and_warns_once(tmp_path, cache_dir):
     (blocker / "matplotlib" / "__init__.py").write_text("raise ImportError('matplotlib is blocked for this test')\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), os.environ.get("PYTHONPATH", "")])}
     run = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "brain3d.train", "task=regression", *tiny_overrides(cache_dir), "trainer.report=true",
-                           f"hydra.run.dir={run}"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+    proc = subprocess.run([sys.executable, "-m", "brain3d.train", "task=regression", *tiny_overrides(cache_dir),
+                           "trainer.report=true", f"hydra.run.dir={run}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr
     assert read_summary(run)["epochs_completed"] == 2 and not (run / "report.html").exists()
     assert (run / "train.log").read_text().count("could not write report.html") == 1
@@ -276,9 +280,11 @@ def test_run_without_matplotlib_trains_and_warns_once(tmp_path, cache_dir):
 def test_predict_writes_a_report_of_its_outputs(runs, cache_dir, tmp_path):
     manifest = synthetic_cache_dir(Path(cache_dir) / "synthetic", 12, (32, 32, 32), 0) / "manifest.csv"
     out = tmp_path / "preds"
-    proc = subprocess.run([sys.executable, "-m", "brain3d.predict", f"checkpoint={runs / 'seg' / 'checkpoints' / 'last.pt'}",
+    proc = subprocess.run([sys.executable, "-m", "brain3d.predict",
+                           f"checkpoint={runs / 'seg' / 'checkpoints' / 'last.pt'}",
                            f"data.manifest={manifest}", f"output_dir={out}", "report_subjects=4", "progress=false",
-                           "bootstrap_samples=50"], cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
+                           "bootstrap_samples=50"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr
     page = parse(out / "report.html")
     assert_pngs(out / "report.html", page)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from brain3d.data.manifest import ManifestError, Subject, load_manifest, split_subjects
@@ -126,8 +127,16 @@ def bids_no_tsv(tmp_path) -> Path:
     return root
 
 
+def data_cfg(source: str):
+    """The ``data`` config of ``data=<source>`` as a run composes it (with configs/data/base/common.yaml's keys)."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"data={source}"]).data
+    OmegaConf.set_struct(cfg, False)
+    return cfg
+
+
 def bids_cfg(root: Path, cache: Path, **values):
-    cfg = OmegaConf.load(CONFIG_DIR / "data" / "bids.yaml")
+    cfg = data_cfg("bids")
     cfg.root, cfg.cache_dir, cfg.mask_suffix, cfg.mask_root = str(root), str(cache), "mask", "derivatives/lesions"
     for key, value in values.items():
         cfg[key] = value
@@ -208,7 +217,8 @@ def test_split_column_moves_the_whole_group_and_refuses_a_straddling_one():
     assert {"sub-00_ses-0", "sub-00_ses-1"} <= {s.subject_id for s in val}
     assert not sides(train, val)[0] & sides(train, val)[1]
     subs[1].split = "train"
-    with pytest.raises(ValueError, match=r"group 'sub-00' has rows marked both train and val \(rows 1: val, 2: train\)"):
+    with pytest.raises(ValueError,
+                       match=r"group 'sub-00' has rows marked both train and val \(rows 1: val, 2: train\)"):
         split_subjects(subs, 0.2, seed=0, stratify=False)
 
 
@@ -233,7 +243,8 @@ def msd(tmp_path) -> Path:
         write_mask(root / "labelsTr" / name)
         training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
     (root / "dataset.json").write_text(json.dumps({
-        "name": "Hippocampus", "modality": {"0": "MRI"}, "labels": {"0": "background", "1": "Anterior", "2": "Posterior"},
+        "name": "Hippocampus", "modality": {"0": "MRI"},
+        "labels": {"0": "background", "1": "Anterior", "2": "Posterior"},
         "numTraining": 3, "training": training, "test": ["./imagesTs/hippocampus_100.nii.gz"],
     }))
     return root
@@ -246,7 +257,8 @@ def test_msd_manifest_absolute_paths_sidecar_and_loading(msd, tmp_path):
     assert rows[0]["image"] == str(msd / "imagesTr" / "hippocampus_000.nii.gz")  # "./" normalised away
     assert rows[2]["mask"] == str(msd / "labelsTr" / "hippocampus_002.nii.gz")
     sidecar = json.loads((tmp_path / "manifests" / "msd.json").read_text())
-    assert sidecar["labels"] == {"0": "background", "1": "Anterior", "2": "Posterior"} and sidecar["label_threshold"] == 0.5
+    assert sidecar["labels"] == {"0": "background", "1": "Anterior", "2": "Posterior"}
+    assert sidecar["label_threshold"] == 0.5
     manifest = load_manifest(out, "segmentation")
     assert [s.mask.name for s in manifest.subjects] == [f"hippocampus_{i:03d}.nii.gz" for i in range(3)]
 
@@ -267,7 +279,7 @@ def test_msd_layout_problems(msd, tmp_path):
 
 
 def test_source_manifest_writes_to_the_cache_by_hash(bids, msd, tmp_path):
-    cfg = OmegaConf.load(CONFIG_DIR / "data" / "bids.yaml")
+    cfg = data_cfg("bids")
     cfg.root, cfg.cache_dir = str(bids), str(tmp_path / "cache")
     first = source_manifest(cfg)
     assert first.parent == tmp_path / "cache" / "manifests" and first.suffix == ".csv"
@@ -278,7 +290,7 @@ def test_source_manifest_writes_to_the_cache_by_hash(bids, msd, tmp_path):
     manifest = load_manifest(with_masks, "segmentation", group_col=cfg.group_col)
     assert manifest.subjects[0].group == "sub-01"
 
-    msd_cfg = OmegaConf.load(CONFIG_DIR / "data" / "msd.yaml")
+    msd_cfg = data_cfg("msd")
     msd_cfg.root, msd_cfg.cache_dir = str(msd), str(tmp_path / "cache")
     out = source_manifest(msd_cfg)
     assert out.with_suffix(".json").is_file() and len(read_csv(out)) == 3

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import csv
-import json
 
-import nibabel as nib
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -77,7 +75,8 @@ def test_tiny_run_writes_every_output(task, tmp_path, cache_dir):
     # TensorBoard, read back with tensorboard's own reader
     events = load_events(run_dir)
     scalars = set(events.Tags()["scalars"])
-    expected = {"train/loss", "val/loss", "optim/lr", "train/volumes_per_second", "train/data_wait_fraction"} | {f"val/{m}" for m in TASK_METRICS[task]}
+    expected = ({"train/loss", "val/loss", "optim/lr", "train/volumes_per_second", "train/data_wait_fraction"}
+                | {f"val/{m}" for m in TASK_METRICS[task]})
     assert expected <= scalars, expected - scalars
     assert [e.step for e in events.Scalars("val/loss")] == [1, 2]
     history_losses = [h["val_loss"] for h in summary["history"]]
@@ -91,7 +90,8 @@ def test_tiny_run_writes_every_output(task, tmp_path, cache_dir):
 def test_hparams_written_into_the_run_itself(tmp_path, cache_dir):
     """hparams land in the same run (one row per job in TensorBoard's HPARAMS tab)."""
     run_dir = tmp_path / "run"
-    run_train(["task=segmentation", *tiny_overrides(cache_dir), "trainer.max_epochs=1", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    run_train(["task=segmentation", *tiny_overrides(cache_dir), "trainer.max_epochs=1", f"hydra.run.dir={run_dir}"],
+              cwd=tmp_path)
     events = load_events(run_dir)
     tags = set(events.Tags()["scalars"])
     assert "hparams/best_val_dice" in tags and "hparams/val_loss" in tags
@@ -166,7 +166,8 @@ def test_resume_with_more_epochs_follows_the_longer_schedule_and_metrics_csv_kee
     run_train([*common, "trainer.max_epochs=4", f"hydra.run.dir={straight}"], cwd=tmp_path)
     run_train([*common, "trainer.max_epochs=2", f"hydra.run.dir={extended}"], cwd=tmp_path)
     assert read_summary(extended)["history"][-1]["lr"] == pytest.approx(0.0, abs=1e-12)
-    proc = run_train([*common, "trainer.max_epochs=4", "trainer.resume=auto", f"hydra.run.dir={extended}"], cwd=tmp_path)
+    proc = run_train([*common, "trainer.max_epochs=4", "trainer.resume=auto", f"hydra.run.dir={extended}"],
+                     cwd=tmp_path)
     assert "planned anew for 4 epochs" in proc.stdout + (extended / "train.log").read_text()
     lr_straight = [h["lr"] for h in read_summary(straight)["history"]]
     lr_extended = [h["lr"] for h in read_summary(extended)["history"]]
@@ -177,7 +178,8 @@ def test_resume_with_more_epochs_follows_the_longer_schedule_and_metrics_csv_kee
     history = read_summary(extended)["history"]
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
     for row, record in zip(rows, history):
-        assert float(row["val_loss"]) == pytest.approx(record["val_loss"]) and float(row["lr"]) == pytest.approx(record["lr"])
+        assert float(row["val_loss"]) == pytest.approx(record["val_loss"])
+        assert float(row["lr"]) == pytest.approx(record["lr"])
 
 
 def test_resume_with_another_model_is_refused_before_anything_is_written(tmp_path, cache_dir):

@@ -38,7 +38,8 @@ def bad_manifest(tmp_path) -> Path:
     rows = [
         ("s01", image(tmp_path / "s01.nii.gz"), mask(tmp_path / "s01_mask.nii.gz"), "", ""),
         ("s02", image(tmp_path / "s02.nii.gz", nan), mask(tmp_path / "s02_mask.nii.gz"), "", ""),
-        ("s03", image(tmp_path / "s03.nii.gz", np.ones((*SHAPE, 3), np.float32)), mask(tmp_path / "s03_mask.nii.gz"), "", ""),
+        ("s03", image(tmp_path / "s03.nii.gz", np.ones((*SHAPE, 3), np.float32)), mask(tmp_path / "s03_mask.nii.gz"),
+         "", ""),
         ("s04", image(tmp_path / "s04.nii.gz"), mask(tmp_path / "s04_mask.nii.gz", affine=shifted), "", ""),
         ("s05", image(tmp_path / "s05.nii.gz"), mask(tmp_path / "s05_mask.nii.gz", values=(0, 1, 2)), "", ""),
         ("s06_ses-1", image(tmp_path / "s06a.nii.gz"), mask(tmp_path / "s06a_mask.nii.gz"), "train", "s06"),
@@ -130,10 +131,11 @@ def test_label_maps_and_group_that_is_the_target(tmp_path):
         load_manifest(path, "segmentation", mask_values="labels")
     assert err.value.problems == [f"line 3 (b), column 'mask': a label mask must hold non-negative integers, found 1 "
                                   f"other distinct values [0.5] in {tmp_path / 'bm.nii.gz'}"]
-    path.write_text(f"subject_id,image,group\na,a.nii.gz,patient\nb,b.nii.gz,control\n")
+    path.write_text("subject_id,image,group\na,a.nii.gz,patient\nb,b.nii.gz,control\n")
     with pytest.raises(ManifestError, match="column 'group' is both the target"):
         load_manifest(path, "classification", target_col="group")
-    assert [s.group for s in load_manifest(path, "classification", target_col="group", group_col=None).subjects] == [None, None]
+    manifest = load_manifest(path, "classification", target_col="group", group_col=None)
+    assert [s.group for s in manifest.subjects] == [None, None]
 
 
 def test_parallel_header_pass_over_many_files(tmp_path):

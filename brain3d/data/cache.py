@@ -311,4 +311,6 @@ def cached_volume(
         if entry is not None:
             return entry
         _build_entry(image_path, mask_path, settings, cache_dir)
-    raise RuntimeError(f"cache: could not build a stable entry for {image_path} in {cache_dir} (is it being rewritten?)")
+    raise RuntimeError(
+        f"cache: could not build a stable entry for {image_path} in {cache_dir} (is it being rewritten?)"
+    )

@@ -18,8 +18,14 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sequential
 
 from brain3d.data.dataset import VolumeDataset
 from brain3d.data.nifti import NiftiReadError
-from brain3d.data.resident import (ResidentLoader, ResidentMemoryError, ResidentVolumes, estimated_bytes, size_text,
-                                   residence_candidates)
+from brain3d.data.resident import (
+    ResidentLoader,
+    ResidentMemoryError,
+    ResidentVolumes,
+    estimated_bytes,
+    residence_candidates,
+    size_text,
+)
 from brain3d.data.sampling import ResumableBatchSampler
 from brain3d.errors import ConfigError
 from brain3d.preemption import ignore_stop_signals

@@ -521,8 +521,8 @@ def load_manifest(
     subjects = [s for s in subjects if not row_problems[s.row - 1]]
     if not subjects:
         raise ManifestError(path, all_problems + ["every row has a problem: data.on_error=skip leaves no subject"])
-    return Manifest(path, subjects, id_col, target_col if task in TASK_TARGET_COLS and has_targets else None, class_names,
-                    columns, has_targets, skipped)
+    return Manifest(path, subjects, id_col, target_col if task in TASK_TARGET_COLS and has_targets else None,
+                    class_names, columns, has_targets, skipped)
 
 
 def _group_key(s: Subject) -> str:
@@ -554,7 +554,9 @@ def split_subjects(
     if num_folds is None and not 0.0 < val_fraction < 1.0:
         raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
     if num_folds is not None and (num_folds < 2 or not 0 <= fold < num_folds):
-        raise ValueError(f"data.num_folds must be >= 2 and data.fold in 0..num_folds-1, got num_folds={num_folds}, fold={fold}")
+        raise ValueError(
+            f"data.num_folds must be >= 2 and data.fold in 0..num_folds-1, got num_folds={num_folds}, fold={fold}"
+        )
     units: dict[str, list[Subject]] = {}  # group key -> its rows, in first-appearance order
     for s in subjects:
         units.setdefault(_group_key(s), []).append(s)
@@ -565,7 +567,9 @@ def split_subjects(
         sides = {s.split for s in members if s.split is not None}
         if len(sides) > 1:
             rows = ", ".join(f"{s.row}: {s.split}" for s in members if s.split is not None)
-            raise ValueError(f"group {key!r} has rows marked both train and val (rows {rows}); a group must stay on one side")
+            raise ValueError(
+                f"group {key!r} has rows marked both train and val (rows {rows}); a group must stay on one side"
+            )
         if sides:
             (train if sides.pop() == "train" else val).extend(members)
         else:

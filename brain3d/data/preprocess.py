@@ -115,7 +115,8 @@ def _to_plain(settings: Any) -> dict:
         pass
     if not isinstance(settings, Mapping):
         raise ValueError(f"preprocess settings must be a mapping (dict / DictConfig), got {type(settings).__name__}")
-    return {str(k): (list(v) if isinstance(v, (list, tuple, np.ndarray)) or _is_listconfig(v) else v) for k, v in settings.items()}
+    return {str(k): (list(v) if isinstance(v, (list, tuple, np.ndarray)) or _is_listconfig(v) else v)
+            for k, v in settings.items()}
 
 
 def _is_listconfig(value: Any) -> bool:
@@ -292,7 +293,8 @@ class PreprocessInfo:
     @property
     def pad_after(self) -> tuple[int, int, int]:
         """Zeros added after the kept region per axis."""
-        return _ints(o - p - (b - a) for o, p, a, b in zip(self.output_shape, self.pad_before, self.crop_start, self.crop_stop))
+        return _ints(o - p - (b - a)
+                     for o, p, a, b in zip(self.output_shape, self.pad_before, self.crop_start, self.crop_stop))
 
     def to_dict(self) -> dict[str, list]:
         """Plain lists of ints / floats (for JSON and torch checkpoints)."""

@@ -25,6 +25,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from brain3d.data.cache import default_cache_root
 from brain3d.data.manifest import TASK_TARGET_COLS, _is_missing, read_rows
 
 __all__ = ["bids_manifest", "msd_manifest", "source_manifest", "SOURCES", "MANIFEST_VERSION"]
@@ -451,7 +452,8 @@ def source_manifest(data_cfg: Any, task: str | None = None, require_targets: boo
 
     Args:
         data_cfg: the ``data`` config (a DictConfig or a mapping): ``source``, ``root`` (required),
-            ``cache_dir`` (default ~/.cache/brain3d), and the source's settings.
+            ``cache_dir`` (empty or absent: :func:`brain3d.data.cache.default_cache_root`), and the source's
+            settings.
         task: the task the manifest is for; None: participants.tsv is required (the behaviour before ``task``).
             With a task, a BIDS dataset without participants.tsv is read for segmentation.
         require_targets: False (prediction): no task needs participants.tsv.
@@ -482,7 +484,9 @@ def source_manifest(data_cfg: Any, task: str | None = None, require_targets: boo
         settings = {"label_threshold": float(_get(data_cfg, "label_threshold", LOADER_THRESHOLD))}
     key = json.dumps({"source": source, "root": str(root), "version": MANIFEST_VERSION, **settings}, sort_keys=True)
     digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
-    out_path = Path(str(_get(data_cfg, "cache_dir", "~/.cache/brain3d"))).expanduser() / "manifests" / f"{digest}.csv"
+    cache_dir = _get(data_cfg, "cache_dir")
+    cache_root = Path(str(cache_dir)).expanduser() if cache_dir else default_cache_root()
+    out_path = cache_root / "manifests" / f"{digest}.csv"
     if source == "bids":
         required, target_col = _needs_participants(data_cfg, task, require_targets)
         return bids_manifest(root, out_path, suffix=settings["suffix"], mask_suffix=settings["mask_suffix"],

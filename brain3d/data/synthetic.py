@@ -78,7 +78,8 @@ def _smooth_field(rng: np.random.Generator, X, Y, Z, amp: float, n_waves: int = 
     for _ in range(n_waves):
         k = 2 * np.pi / rng.uniform(120.0, 240.0, 3) * rng.choice([-1.0, 1.0], 3)
         a = rng.normal(0.0, amp)
-        out += np.float32(a) * np.sin(np.float32(k[0]) * X + np.float32(k[1]) * Y + np.float32(k[2]) * Z + np.float32(rng.uniform(0, 2 * np.pi)))
+        out += np.float32(a) * np.sin(np.float32(k[0]) * X + np.float32(k[1]) * Y + np.float32(k[2]) * Z
+                                      + np.float32(rng.uniform(0, 2 * np.pi)))
     return out
 
 
@@ -139,7 +140,8 @@ def make_phantom(
     head_r = _HEAD_RADII_MM * size * aspect
 
     labels = np.zeros(shape, dtype=np.uint8)  # (D, H, W) tissue label map
-    rho_head = np.sqrt((Xh / np.float32(head_r[0])) ** 2 + (Yh / np.float32(head_r[1])) ** 2 + (Zh / np.float32(head_r[2])) ** 2)
+    rho_head = np.sqrt((Xh / np.float32(head_r[0])) ** 2 + (Yh / np.float32(head_r[1])) ** 2
+                       + (Zh / np.float32(head_r[2])) ** 2)
     labels[rho_head < 1.0] = SCALP
     labels[rho_head < 0.93] = SKULL
     labels[rho_head < 0.86] = CSF  # intracranial space; the brain is painted over it
@@ -147,7 +149,8 @@ def make_phantom(
 
     # --- brain: shrinks with age inside the fixed skull (the gap fills with CSF) ---
     brain_r = head_r * 0.84 * (1.0 - 0.05 * af)
-    rho = np.sqrt((Xh / np.float32(brain_r[0])) ** 2 + (Yh / np.float32(brain_r[1])) ** 2 + (Zh / np.float32(brain_r[2])) ** 2)
+    rho = np.sqrt((Xh / np.float32(brain_r[0])) ** 2 + (Yh / np.float32(brain_r[1])) ** 2
+                  + (Zh / np.float32(brain_r[2])) ** 2)
     gm_mm = 7.0 * (1.0 - 0.3 * af) * size  # cortical ribbon thickness, thins with age
     wm_edge = 1.0 - gm_mm / brain_r.mean()  # GM/WM border in normalised radius
     # Gyral pattern: zero set of a sum of cosines (wavelength ~30 mm) = sulcal sheets.
@@ -170,7 +173,8 @@ def make_phantom(
     zc = 8.0 * size - 0.006 * Yh**2  # centre line bends down towards the horns
     for side in (-1.0, 1.0):
         xc = side * (vent_r[0] + 1.5)  # beside the midline (septum between them)
-        inside = ((Xh - xc) / vent_r[0]) ** 2 + ((Yh - 2.0 * size) / vent_r[1]) ** 2 + ((Zh - zc) / vent_r[2]) ** 2 < 1.0
+        inside = (((Xh - xc) / vent_r[0]) ** 2 + ((Yh - 2.0 * size) / vent_r[1]) ** 2
+                  + ((Zh - zc) / vent_r[2]) ** 2) < 1.0
         labels[inside] = CSF
     del zc, Xh, Yh, Zh, Xr
 
