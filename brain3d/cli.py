@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -152,7 +153,10 @@ def run_command(hydra_main: Callable[[], object], command: str, config_name: str
     """The console entry point of a command: ``--help``, the command-line check, then Hydra's main."""
     args = sys.argv[1:]
     if "--help" in args or "-h" in args:
-        print(help_text)
+        try:
+            print(help_text, flush=True)
+        except BrokenPipeError:  # `--help | head`: the reader left; no traceback for that
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
     problem = check_command_line(config_name, args, required, validate)
     if problem:
