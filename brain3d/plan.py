@@ -364,24 +364,10 @@ def find_anomalies(rows: list[dict], skipped: list[dict], task: str) -> list[dic
     return sorted(found, key=lambda a: (ANOMALY_KINDS.index(a["kind"]), order.get(a["subject_id"], -1)))
 
 
-def fingerprint_dataset(cfg: DictConfig, bars: bool = False) -> dict:
-    """Stage 1: the dataset's fingerprint (module docstring), as written to ``fingerprint.json``.
-
-    Keys: ``task``, ``manifest``, ``num_subjects`` (readable rows), ``num_skipped``, ``num_sampled``,
-    ``spacing_mm`` and ``shape`` (``{"min", "p5", "p50", "p95", "max"}``, each a RAS [x, y, z] list),
-    ``orientations`` and ``dtypes`` (counts), ``intensity`` (per percentile inside the head, its distribution
-    over the sampled subjects; ``head``: how the head is defined), per task ``segmentation`` (foreground ml,
-    lesion counts and sizes), ``classification`` (class balance) or ``regression`` (target distribution),
-    ``anomalies`` and ``subjects`` (one row per subject).
-
-    Raises:
-        ManifestError: the manifest as a whole cannot be read (rows with problems are anomalies instead).
-        ConfigError: a bad ``plan.workers``.
-    """
-    task = cfg.task.name
-    manifest = read_manifest(cfg.data, task, check_data=False, on_error="skip")
+def read_subject_rows(manifest, task: str, plan_cfg: DictConfig, bars: bool) -> tuple[list[dict], list[dict]]:
+    """Every readable subject's header row, with the voxel statistics of up to ``plan.intensity_samples`` of
+    them; and the rows left out (refused by the start-up check, or unreadable here) with their reasons."""
     subjects = manifest.subjects
-    plan_cfg = cfg.plan
     header_workers = resolve_workers(plan_cfg.workers, len(subjects)) * 2  # I/O: threads, a few per CPU
     log.info("%s: %d subjects (%d rows refused by the start-up check); reading the headers", manifest.path,
              len(subjects), len(manifest.skipped))
@@ -405,14 +391,66 @@ def fingerprint_dataset(cfg: DictConfig, bars: bool = False) -> dict:
         else:
             rows[i].update(sample)
             rows[i]["sampled"] = True
+    return rows, skipped
+
+
+def planned_split(manifest, rows: list[dict], cfg: DictConfig) -> dict:
+    """Train / val counts as the training run will split the readable subjects (refused rows left out)."""
     readable = {r["subject_id"] for r in rows}
-    try:  # as the training run will split them (the refused rows left out)
-        train, val = split_subjects([s for s in subjects if s.subject_id in readable], cfg.data.val_fraction,
-                                    cfg.data.split_seed, stratify=task == "classification",
+    try:
+        train, val = split_subjects([s for s in manifest.subjects if s.subject_id in readable], cfg.data.val_fraction,
+                                    cfg.data.split_seed, stratify=cfg.task.name == "classification",
                                     num_folds=cfg.data.get("num_folds"), fold=cfg.data.get("fold", 0))
-        split = {"train": len(train), "val": len(val)}
+        return {"train": len(train), "val": len(val)}
     except ValueError as err:
-        split = {"train": len(rows), "val": 0, "problem": str(err)}
+        return {"train": len(rows), "val": 0, "problem": str(err)}
+
+
+def task_statistics(task: str, rows: list[dict], sampled: list[dict], manifest) -> dict:
+    """The fingerprint's task part: lesions (segmentation), class balance (classification) or the target
+    distribution (regression)."""
+    if task == "segmentation":
+        masks = [r for r in sampled if "lesion_count" in r]
+        sizes = [s for r in masks for s in r["lesion_sizes_ml"]]
+        return {"segmentation": {
+            "foreground_ml": describe([r["foreground_ml"] for r in masks]),
+            "lesion_count": describe([r["lesion_count"] for r in masks]),
+            "lesion_size_ml": describe(sizes),
+            "lesion_size_voxels": describe([s for r in masks for s in r["lesion_sizes_voxels"]]),
+            "lesions_total": len(sizes),
+            "empty_masks": sum(r["lesion_count"] == 0 for r in masks),
+            "connectivity": "26-connected components (scipy.ndimage.label)",
+        }}
+    if task == "classification":
+        names = manifest.class_names or ["0", "1"]
+        counts = {name: sum(1 for r in rows if r["target"] is not None and int(r["target"]) == k)
+                  for k, name in enumerate(names)}
+        return {"classification": {"class_balance": counts, "positive_class": names[-1],
+                                   "positive_fraction": round(counts[names[-1]] / max(1, sum(counts.values())), 4)}}
+    targets = [r["target"] for r in rows if r["target"] is not None]
+    return {"regression": {"target": {**describe(targets),
+                                      "mean": _rounded(float(np.mean(targets))) if targets else None,
+                                      "sd": _rounded(float(np.std(targets))) if targets else None},
+                           "target_col": manifest.target_col}}
+
+
+def fingerprint_dataset(cfg: DictConfig, bars: bool = False) -> dict:
+    """Stage 1: the dataset's fingerprint (module docstring), as written to ``fingerprint.json``.
+
+    Keys: ``task``, ``manifest``, ``num_subjects`` (readable rows), ``num_skipped``, ``num_sampled``,
+    ``spacing_mm`` and ``shape`` (``{"min", "p5", "p50", "p95", "max"}``, each a RAS [x, y, z] list),
+    ``orientations`` and ``dtypes`` (counts), ``intensity`` (per percentile inside the head, its distribution
+    over the sampled subjects; ``head``: how the head is defined), per task ``segmentation`` (foreground ml,
+    lesion counts and sizes), ``classification`` (class balance) or ``regression`` (target distribution),
+    ``anomalies`` and ``subjects`` (one row per subject).
+
+    Raises:
+        ManifestError: the manifest as a whole cannot be read (rows with problems are anomalies instead).
+        ConfigError: a bad ``plan.workers``.
+    """
+    task = cfg.task.name
+    manifest = read_manifest(cfg.data, task, check_data=False, on_error="skip")
+    rows, skipped = read_subject_rows(manifest, task, cfg.plan, bars)
     anomalies = find_anomalies(rows, skipped, task)
     flags: dict[str, list[str]] = {}
     for a in anomalies:
@@ -430,7 +468,7 @@ def fingerprint_dataset(cfg: DictConfig, bars: bool = False) -> dict:
         "num_subjects": len(rows),
         "num_skipped": len(skipped),
         "num_sampled": len(sampled),
-        "split": split,
+        "split": planned_split(manifest, rows, cfg),
         "axis_order": "RAS (after brain3d's reorientation: x left->right, y posterior->anterior, z inferior->superior)",
         "spacing_mm": describe([r["spacing_mm"] for r in rows]),
         "shape": describe([r["shape"] for r in rows]),
@@ -443,29 +481,7 @@ def fingerprint_dataset(cfg: DictConfig, bars: bool = False) -> dict:
             "foreground_extent_mm": describe([r["foreground_extent_mm"] for r in sampled]),
         },
     }
-    if task == "segmentation":
-        masks = [r for r in sampled if "lesion_count" in r]
-        sizes = [s for r in masks for s in r["lesion_sizes_ml"]]
-        fp["segmentation"] = {
-            "foreground_ml": describe([r["foreground_ml"] for r in masks]),
-            "lesion_count": describe([r["lesion_count"] for r in masks]),
-            "lesion_size_ml": describe(sizes),
-            "lesion_size_voxels": describe([s for r in masks for s in r["lesion_sizes_voxels"]]),
-            "lesions_total": len(sizes),
-            "empty_masks": sum(r["lesion_count"] == 0 for r in masks),
-            "connectivity": "26-connected components (scipy.ndimage.label)",
-        }
-    elif task == "classification":
-        names = manifest.class_names or ["0", "1"]
-        counts = {name: sum(1 for r in rows if r["target"] is not None and int(r["target"]) == k)
-                  for k, name in enumerate(names)}
-        fp["classification"] = {"class_balance": counts, "positive_class": names[-1],
-                                "positive_fraction": round(counts[names[-1]] / max(1, sum(counts.values())), 4)}
-    elif task == "regression":
-        targets = [r["target"] for r in rows if r["target"] is not None]
-        fp["regression"] = {"target": {**describe(targets), "mean": _rounded(float(np.mean(targets))) if targets
-                                       else None, "sd": _rounded(float(np.std(targets))) if targets else None},
-                            "target_col": manifest.target_col}
+    fp.update(task_statistics(task, rows, sampled, manifest))
     fp["anomalies"] = anomalies
     fp["subjects"] = rows
     return fp
