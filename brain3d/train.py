@@ -25,33 +25,41 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 import numpy as np
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from brain3d import distributed as dist_utils
-from brain3d import engine
-from brain3d import memory_probe
-from brain3d import report
+from brain3d import engine, memory_probe, report, transfer
+from brain3d.checkpoint import (
+    config_differences,
+    load_checkpoint,
+    remove_stale_temp_files,
+    resolve_resume_path,
+    save_checkpoint,
+)
 from brain3d.cli import config_dir, groups_help, progress_mode, report_user_error, run_command
-from brain3d.errors import ConfigError
-from brain3d.hardware import (configure_backends, guard_cpu_bf16_convolutions, resolve_channels_last, resolve_device,
-                              resolve_precision)
-from brain3d.evaluation import fit_bias_correction
-from brain3d.checkpoint import (config_differences, load_checkpoint, remove_stale_temp_files, resolve_resume_path,
-                                save_checkpoint)
 from brain3d.data.cache import default_cache_root
+from brain3d.data.dataset import VolumeDataset
+from brain3d.data.loaders import build_loaders, shutdown_workers
 from brain3d.data.manifest import ManifestError, load_manifest, split_subjects
 from brain3d.data.preprocess import validate_settings
 from brain3d.data.sources import source_manifest
-from brain3d.data.dataset import VolumeDataset
-from brain3d.data.loaders import build_loaders, shutdown_workers
 from brain3d.data.synthetic import make_synthetic_dataset, synthetic_cache_dir
+from brain3d.errors import ConfigError
+from brain3d.evaluation import fit_bias_correction
+from brain3d.hardware import (
+    configure_backends,
+    guard_cpu_bf16_convolutions,
+    resolve_channels_last,
+    resolve_device,
+    resolve_precision,
+)
 from brain3d.models.heads import check_segmentation_shape
 from brain3d.models.model import build_model, count_parameters
 from brain3d.preemption import EXIT_INTERRUPTED, Preempted, StopRequest, stop_on_signals
@@ -62,7 +70,8 @@ log = logging.getLogger("brain3d.train")
 
 # Resolvers for configs/hparams_search/optuna.yaml: the Optuna direction from task.monitor_mode, and the loss
 # search space from the task's valid losses (task.losses), so a search never tries a loss the task refuses.
-OmegaConf.register_new_resolver("brain3d.optuna_direction", lambda mode: {"max": "maximize", "min": "minimize"}[mode], replace=True)
+OmegaConf.register_new_resolver("brain3d.optuna_direction", lambda mode: {"max": "maximize", "min": "minimize"}[mode],
+                                replace=True)
 OmegaConf.register_new_resolver("brain3d.loss_choice", lambda losses: f"choice({','.join(losses)})", replace=True)
 
 TASKS = ("classification", "regression", "segmentation")
@@ -158,16 +167,19 @@ def check_input_geometry(task_name: str, settings: dict, patch_size) -> None:
 
 
 def build_optimizer(optimizer_cfg: DictConfig, model: torch.nn.Module, device: torch.device):
-    """Instantiate ``cfg.optimizer`` for the model's parameters. ``optimizer.fused: null`` (Adam/AdamW) means
-    fused on CUDA, where one kernel updates every parameter (4% faster steps than foreach measured on an
-    H100 for the seed model), and torch's default elsewhere."""
+    """Instantiate ``cfg.optimizer`` for the model's parameters that need gradients (a frozen backbone's do
+    not). ``optimizer.backbone_lr_scale`` (not an optimizer argument) other than 1 gives the backbone its own
+    param group at ``lr * scale`` (brain3d.transfer.optimizer_param_groups). ``optimizer.fused: null``
+    (Adam/AdamW) means fused on CUDA, where one kernel updates every parameter (4% faster steps than foreach
+    measured on an H100 for the seed model), and torch's default elsewhere."""
     options = OmegaConf.to_container(optimizer_cfg, resolve=True)
+    backbone_lr_scale = options.pop("backbone_lr_scale", 1.0)
     if "fused" in options and options["fused"] is None:
         if device.type == "cuda":
             options["fused"] = True
         else:
             del options["fused"]
-    return instantiate(options)(model.parameters())
+    return instantiate(options)(transfer.optimizer_param_groups(model, options.get("lr"), backbone_lr_scale))
 
 
 def build_loss(cfg: DictConfig) -> torch.nn.Module:
@@ -175,7 +187,8 @@ def build_loss(cfg: DictConfig) -> torch.nn.Module:
     name = cfg.loss.name
     if name not in cfg.task.losses:
         raise ConfigError(
-            f"loss={name} does not fit task={cfg.task.name}; valid losses for {cfg.task.name}: {', '.join(cfg.task.losses)}"
+            f"loss={name} does not fit task={cfg.task.name}; "
+            f"valid losses for {cfg.task.name}: {', '.join(cfg.task.losses)}"
         )
     loss_cfg = OmegaConf.to_container(cfg.loss, resolve=True)
     loss_cfg.pop("name")
@@ -294,7 +307,8 @@ def train(cfg: DictConfig, stop: StopRequest | None = None, record_config=None) 
             device = torch.device("cuda", torch.cuda.current_device())
         run_dir = Path(dist_utils.broadcast_object(str(cfg.output_dir)))
         if trainer_cfg.get("sync_batchnorm", False) and device.type != "cuda":
-            raise ConfigError("trainer.sync_batchnorm=true needs CUDA GPUs: torch's SyncBatchNorm does not run on CPU (gloo)")
+            raise ConfigError("trainer.sync_batchnorm=true needs CUDA GPUs: torch's SyncBatchNorm does not run on CPU "
+                              "(gloo)")
         if not main_rank:
             _quiet_secondary_rank(Path(cfg.output_dir), run_dir)
     else:
@@ -319,6 +333,11 @@ def train(cfg: DictConfig, stop: StopRequest | None = None, record_config=None) 
     # A resume is checked against the checkpoint's config before anything is written (record_config: the
     # run's .hydra/ files), so a refused resume leaves the run folder as it was.
     resume_state = load_resume_state(resume_path, config_dict, device) if resume_path is not None else None
+    # trainer.init_from: another run's weights for a fresh start, its backbone checked here (before anything is
+    # written); loaded into the model once it is built. A resume wins: its checkpoint holds this run's weights.
+    init_from, init_state = trainer_cfg.get("init_from"), None
+    if init_from and resume_state is None:
+        init_state = transfer.load_init_checkpoint(init_from, config_dict["backbone"])
     if record_config is not None and main_rank:
         record_config()
     log.info("run folder %s | device %s | precision %s (%s)", run_dir, device, precision, precision_reason)
@@ -335,7 +354,8 @@ def train(cfg: DictConfig, stop: StopRequest | None = None, record_config=None) 
         dist_utils.barrier()
     manifest_path = manifest.path
     for skipped in manifest.skipped:  # data.on_error=skip
-        log.warning("skipped line %s (%s): %s", skipped["line"], skipped["subject_id"] or "no id", "; ".join(skipped["reasons"]))
+        log.warning("skipped line %s (%s): %s", skipped["line"], skipped["subject_id"] or "no id",
+                    "; ".join(skipped["reasons"]))
     train_subjects, val_subjects = split_subjects(
         manifest.subjects, data_cfg.val_fraction, data_cfg.split_seed, stratify=cfg.task.name == "classification",
         num_folds=data_cfg.num_folds, fold=data_cfg.fold,
@@ -343,8 +363,10 @@ def train(cfg: DictConfig, stop: StopRequest | None = None, record_config=None) 
     if main_rank:
         with open(run_dir / "split.csv", "w") as f:
             f.write("subject_id,split\n")
-            f.writelines(f"{s.subject_id},{split}\n" for split, group in (("train", train_subjects), ("val", val_subjects)) for s in group)
-    log.info("%s: %d subjects -> %d train, %d val", manifest_path, len(manifest.subjects), len(train_subjects), len(val_subjects))
+            f.writelines(f"{s.subject_id},{split}\n"
+                         for split, group in (("train", train_subjects), ("val", val_subjects)) for s in group)
+    log.info("%s: %d subjects -> %d train, %d val", manifest_path, len(manifest.subjects), len(train_subjects),
+             len(val_subjects))
 
     task = engine.TaskSpec(cfg.task.name)
     if task.name == "regression":
@@ -365,7 +387,23 @@ def train(cfg: DictConfig, stop: StopRequest | None = None, record_config=None) 
     # ---- model, optimizer, scheduler, scaler ---------------------------------------------------------
     model = build_model(cfg.backbone, cfg.task.head, head_name=task.name).to(device)
     num_parameters = count_parameters(model)
-    log.info("model: backbone %s + head %s, %s parameters", cfg.backbone._target_, cfg.task.head._target_, f"{num_parameters:,}")
+    log.info("model: backbone %s + head %s, %s parameters", cfg.backbone._target_, cfg.task.head._target_,
+             f"{num_parameters:,}")
+    init_report = resume_state.get("init_from") if resume_state is not None else None
+    if init_state is not None:  # the backbone and the heads whose names and shapes match; the rest stays fresh
+        init_report = transfer.apply_init_checkpoint(model, init_state, init_from)
+        del init_state
+        log.info("%s", transfer.describe_init(init_report))
+    elif init_from:
+        log.info("trainer.init_from=%s not applied: resuming from %s, which holds this run's weights",
+                 init_from, resume_path)
+    if trainer_cfg.get("freeze_backbone", False):  # only the heads train; the backbone's BatchNorm stays in eval
+        frozen = transfer.freeze_backbone(model)
+        log.info("trainer.freeze_backbone: %s backbone parameters frozen, BatchNorm statistics fixed; %s trained",
+                 f"{frozen:,}", f"{num_parameters - frozen:,}")
+        if not init_from:
+            log.warning("trainer.freeze_backbone=true without trainer.init_from: the backbone stays at its random "
+                        "initialisation")
     if device.type == "cpu" and amp_dtype is torch.bfloat16:
         guard_cpu_bf16_convolutions(model)  # a oneDNN bf16 defect on 2-voxel-thin inputs (brain3d.hardware)
     channels_last = resolve_channels_last(trainer_cfg.get("channels_last", True))
@@ -373,7 +411,8 @@ def train(cfg: DictConfig, stop: StopRequest | None = None, record_config=None) 
         model = model.to(memory_format=torch.channels_last_3d)
     if trainer_cfg.get("grad_checkpointing", False):
         if not hasattr(model.backbone, "grad_checkpointing"):
-            raise ConfigError(f"trainer.grad_checkpointing: backbone {cfg.backbone._target_} has no grad_checkpointing attribute")
+            raise ConfigError(f"trainer.grad_checkpointing: backbone {cfg.backbone._target_} has no "
+                              "grad_checkpointing attribute")
         model.backbone.grad_checkpointing = True
     # data.batch_size (auto: the largest batch whose forward + backward fits, tried on the device with a copy of
     # the model; brain3d.memory_probe), then the loaders, which need it. A resumed auto run keeps the batch its
@@ -402,19 +441,25 @@ def train(cfg: DictConfig, stop: StopRequest | None = None, record_config=None) 
     # state_dict (names without compile's "_orig_mod." prefix) and load into an uncompiled model.
     forward_model = model
     compile_option = trainer_cfg.get("compile", False)
-    if compile_option:  # true -> torch's default backend (inductor); a string names the backend (e.g. aot_eager)
-        forward_model = torch.compile(model, **({} if compile_option is True else {"backend": str(compile_option)}))
+    # true -> torch's default backend (inductor); a string names the backend (e.g. aot_eager)
+    compile_kwargs = {} if compile_option is True else {"backend": str(compile_option)}
+    if compile_option:
+        forward_model = torch.compile(model, **compile_kwargs)
     train_model = forward_model  # what train_one_epoch runs: DistributedDataParallel around it when distributed
     if distributed:
         if trainer_cfg.get("sync_batchnorm", False):
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            forward_model = torch.compile(model, **({} if compile_option is True else {"backend": str(compile_option)})) if compile_option else model
+            if trainer_cfg.get("freeze_backbone", False):  # a frozen BatchNorm uses no batch statistics to sync
+                model.heads = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.heads)
+            else:
+                model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            forward_model = torch.compile(model, **compile_kwargs) if compile_option else model
         train_model = torch.nn.parallel.DistributedDataParallel(
             forward_model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = build_optimizer(cfg.optimizer, model, device)
     accumulate = int(trainer_cfg.accumulate_grad_batches)
     steps_per_epoch = math.ceil(len(train_loader) / accumulate)
-    scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=steps_per_epoch * trainer_cfg.max_epochs, steps_per_epoch=steps_per_epoch)
+    scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=steps_per_epoch * trainer_cfg.max_epochs,
+                                           steps_per_epoch=steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     history: list[dict[str, float]] = []
@@ -448,7 +493,8 @@ def train(cfg: DictConfig, stop: StopRequest | None = None, record_config=None) 
     # Scalars are logged per epoch (step = epoch number). A resumed run purges any steps the stopped process
     # logged after its last checkpoint (a SIGKILL between logging and saving), so no epoch appears twice.
     if main_rank:
-        writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_epoch + 1 if resume_path else None)
+        writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"),
+                               purge_step=start_epoch + 1 if resume_path else None)
     else:
         writer = _NullWriter()  # other ranks compute, rank 0 writes
     if resume_path is None:
@@ -463,13 +509,15 @@ def train(cfg: DictConfig, stop: StopRequest | None = None, record_config=None) 
             "scaler": scaler.state_dict(), "epoch": epochs_done,
             "epoch_progress": position.to_dict() if position is not None else None,
             "history": history, "best": best,
-            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
             "config": config_dict, "task": task.name, "head_name": task.name, "num_parameters": num_parameters,
             "class_names": manifest.class_names, "target_mean": task.target_mean, "target_std": task.target_std,
             "bias_correction": bias_correction,
             # brain3d-predict warns about (and marks) subjects the model was trained on
             "train_subject_ids": [s.subject_id for s in train_subjects],
             "batch_size": batch_size, "batch_size_search": batch_record,  # a resumed data.batch_size=auto keeps it
+            "init_from": init_report,  # what trainer.init_from loaded when the run began (None: a fresh init)
         }
 
     def stop_now(where: str) -> None:
@@ -534,7 +582,8 @@ def train(cfg: DictConfig, stop: StopRequest | None = None, record_config=None) 
         if distributed:
             # The epoch's loss over every rank's volumes; validation and checkpoints use rank 0's BatchNorm statistics.
             loss_sum, volumes, volumes_per_second = dist_utils.all_reduce_sum(
-                [train_stats["position"].loss_sum, train_stats["position"].volumes, train_stats["volumes_per_second"]], device)
+                [train_stats["position"].loss_sum, train_stats["position"].volumes, train_stats["volumes_per_second"]],
+                device)
             train_stats["loss"], train_stats["volumes_per_second"] = loss_sum / max(volumes, 1), volumes_per_second
             dist_utils.broadcast_buffers(model)
         val_stats, val_outputs = engine.evaluate(forward_model, val_loader, loss_fn, task, device, amp_dtype, epoch + 1,
@@ -556,7 +605,8 @@ def train(cfg: DictConfig, stop: StopRequest | None = None, record_config=None) 
             writer.add_image("val/mid_slices", panel, epoch + 1, dataformats="HWC")
         writer.flush()
         if monitor not in record:
-            raise ConfigError(f"task.monitor={monitor!r} is not a recorded metric; choose one of {sorted(k for k in record if k.startswith('val_'))}")
+            recorded = sorted(k for k in record if k.startswith("val_"))
+            raise ConfigError(f"task.monitor={monitor!r} is not a recorded metric; choose one of {recorded}")
         improved = is_better(record[monitor], best["value"], monitor_mode)
         if improved:
             best = {"name": monitor, "value": float(record[monitor]), "epoch": epoch + 1, "mode": monitor_mode}
@@ -587,9 +637,11 @@ def train(cfg: DictConfig, stop: StopRequest | None = None, record_config=None) 
         "best_metric": best,
         "final_train": {"loss": final.get("train_loss")},
         "final_val": {k[4:]: v for k, v in final.items() if k.startswith("val_")},
-        "train_volumes_per_second": float(np.mean([h["train_volumes_per_second"] for h in history])) if history else None,
+        "train_volumes_per_second": (float(np.mean([h["train_volumes_per_second"] for h in history]))
+                                     if history else None),
         # share of training time spent waiting for the data loader (mean over epochs; older checkpoints lack it)
-        "data_wait_fraction": float(np.mean([h.get("train_data_wait_fraction", np.nan) for h in history])) if history else None,
+        "data_wait_fraction": (float(np.mean([h.get("train_data_wait_fraction", np.nan) for h in history]))
+                               if history else None),
         "peak_memory_mb": peak_memory_mb(device),
         "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss",
         "device": str(device),
@@ -601,12 +653,15 @@ def train(cfg: DictConfig, stop: StopRequest | None = None, record_config=None) 
         # data.batch_size: fixed, or auto (the largest batch that fitted the memory budget, and the trials)
         "batch_size": {k: batch_record.get(k) for k in ("value", "mode", "peak_memory_mb", "budget_mb", "budget_reason",
                                                         "trials")},
-        "checkpoints": {"last": str(last_path.resolve()), "best": str(best_path.resolve()) if best_path.exists() else None},
+        "checkpoints": {"last": str(last_path.resolve()),
+                        "best": str(best_path.resolve()) if best_path.exists() else None},
         "data": {"manifest": str(manifest_path), "num_train": len(train_subjects), "num_val": len(val_subjects),
                  "num_skipped": len(manifest.skipped), "skipped": manifest.skipped,
                  "num_folds": data_cfg.num_folds, "fold": data_cfg.fold if data_cfg.num_folds else None},
         "history": history,
     }
+    if init_report is not None:  # trainer.init_from: path, loaded parts, skipped ones with the reason, fresh ones
+        summary["init_from"] = init_report
     if manifest.class_names is not None:
         summary["class_names"] = manifest.class_names
         summary["positive_class"] = manifest.class_names[1]
@@ -628,7 +683,8 @@ def train(cfg: DictConfig, stop: StopRequest | None = None, record_config=None) 
     writer.close()
     shutdown_workers(train_loader)  # persistent workers (data.resident=off): not left behind by an in-process run
     shutdown_workers(val_loader)
-    log.info("done: best %s=%s at epoch %s; summary %s", monitor, best["value"], best["epoch"], run_dir / "summary.json")
+    log.info("done: best %s=%s at epoch %s; summary %s", monitor, best["value"], best["epoch"],
+             run_dir / "summary.json")
     # Distributed: every rank waits here until rank 0 has written its outputs, so no rank tears the process
     # group down while another still uses it (gloo aborts the process otherwise).
     dist_utils.barrier()
@@ -693,7 +749,7 @@ Examples:
 Show the composed config: brain3d-train --cfg job [overrides]; Hydra's own options: brain3d-train --hydra-help.
 Writes to outputs/<task>/<date>/<time>/ (hydra.run.dir=DIR): checkpoints/, tensorboard/, metrics.csv, summary.json.
 Exit status: 0 done, 2 a mistake in the command, config or data, 75 stopped by a signal (resume with
-trainer.resume=auto), 130 interrupted (Ctrl-C)."""
+trainer.resume=auto), 130 interrupted (Ctrl-C)."""  # noqa: E501 (the examples stay one line each)
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")

@@ -9,7 +9,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from brain3d.data.preprocess import validate_settings
-from brain3d.train import ConfigError, build_loss, check_input_geometry
+from brain3d.train import ConfigError, build_loss, build_optimizer, check_input_geometry
 
 from tests.conftest import CONFIG_DIR
 
@@ -41,7 +41,7 @@ def test_every_option_instantiates():
         cfg = compose_train([f"task={task}", f"loss={loss}"])
         assert isinstance(build_loss(cfg), torch.nn.Module)
     for opt in options("optimizer"):
-        optimizer = instantiate(compose_train([f"optimizer={opt}"]).optimizer)(model.parameters())
+        optimizer = build_optimizer(compose_train([f"optimizer={opt}"]).optimizer, model, torch.device("cpu"))
         assert isinstance(optimizer, torch.optim.Optimizer)
         for sched in options("scheduler"):
             scheduler = instantiate(compose_train([f"scheduler={sched}"]).scheduler)(optimizer, total_steps=10,
