@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -137,3 +138,27 @@ def guard_cpu_bf16_convolutions(model: torch.nn.Module) -> int:
             module.forward = _conv3d_fp32_when_thin.__get__(module)
             guarded += 1
     return guarded
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: the affinity mask where the platform has one (a container or a batch
+    job's CPU set is often smaller than the machine, which ``os.cpu_count()`` reports), else ``os.cpu_count()``."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def worker_count(key: str, value, num_jobs: int) -> int:
+    """A ``<key>: auto | N`` worker setting (brain3d-preprocess, brain3d-plan): ``auto`` (or null) = the usable
+    CPUs, else an integer >= 1; never more than there are jobs, never fewer than 1.
+
+    Raises:
+        ConfigError: any other value, naming ``key``.
+    """
+    if value is None or value == "auto":
+        workers = usable_cpus()
+    elif isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        workers = value
+    else:
+        raise ConfigError(f"{key}={value!r}: expected auto (one process per usable CPU) or an integer >= 1")
+    return max(1, min(workers, num_jobs))

@@ -53,7 +53,13 @@ from brain3d.data.nifti import NiftiReadError, load_mask, load_nifti_with_grid
 from brain3d.data.preprocess import foreground_bbox, preprocess_volume, validate_settings
 from brain3d.data.resident import available_bytes, size_text
 from brain3d.errors import ConfigError
-from brain3d.hardware import guard_cpu_bf16_convolutions, resolve_channels_last, resolve_device, resolve_precision
+from brain3d.hardware import (
+    guard_cpu_bf16_convolutions,
+    resolve_channels_last,
+    resolve_device,
+    resolve_precision,
+    worker_count,
+)
 from brain3d.models.model import build_model
 from brain3d.train import build_loss, check_input_geometry, ignored_manifest, read_manifest
 
@@ -89,26 +95,9 @@ PLANNED_KEYS = ("preprocess", "preprocess.mode", "preprocess.spacing", "preproce
 
 # ---- small helpers -------------------------------------------------------------------------------------------
 
-def usable_cpus() -> int:
-    """The CPUs this process may run on (a container's or batch job's CPU set, not the machine's)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
-
-
 def resolve_workers(value, num_jobs: int) -> int:
-    """``plan.workers``: ``auto`` (the usable CPUs) or an integer >= 1; never more than there are jobs.
-
-    Raises:
-        ConfigError: any other value.
-    """
-    if value is None or value == AUTO:
-        workers = usable_cpus()
-    elif isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-        workers = value
-    else:
-        raise ConfigError(f"plan.workers={value!r}: expected {AUTO} (one per usable CPU) or an integer >= 1")
-    return max(1, min(workers, num_jobs))
+    """``plan.workers``: ``auto`` (the usable CPUs) or an integer >= 1; never more than there are jobs."""
+    return worker_count("plan.workers", value, num_jobs)
 
 
 def current_rss_bytes() -> int:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
-import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -34,18 +33,11 @@ from brain3d.data.manifest import ManifestError
 from brain3d.data.nifti import NiftiReadError
 from brain3d.data.preprocess import validate_settings
 from brain3d.errors import ConfigError
+from brain3d.hardware import worker_count
 from brain3d.train import preprocessed_cache_dir, read_manifest
 
 log = logging.getLogger("brain3d.preprocess")
 AUTO_WORKERS = "auto"
-
-
-def _usable_cpus() -> int:
-    """The CPUs this process may run on: the affinity mask where the platform has one (a container or a batch
-    job's CPU set is often smaller than the machine, which ``os.cpu_count()`` reports), else ``os.cpu_count()``."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
 
 
 def resolve_workers(cfg: DictConfig, num_jobs: int) -> int:
@@ -62,13 +54,7 @@ def resolve_workers(cfg: DictConfig, num_jobs: int) -> int:
     if cfg.get("num_workers") is not None:
         key, value = "num_workers", cfg.num_workers
         log.warning("+num_workers=%s is deprecated: use preprocess_workers=%s", value, value)
-    if value is None or value == AUTO_WORKERS:
-        workers = _usable_cpus()
-    elif isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-        workers = value
-    else:
-        raise ConfigError(f"{key}={value!r}: expected {AUTO_WORKERS} (one process per usable CPU) or an integer >= 1")
-    return max(1, min(workers, num_jobs))
+    return worker_count(key, value, num_jobs)
 
 
 def _init_worker() -> None:

@@ -8,7 +8,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from brain3d.preprocess_cli import _usable_cpus, fill_cache, resolve_workers
+from brain3d.hardware import usable_cpus
+from brain3d.preprocess_cli import fill_cache, resolve_workers
 from brain3d.train import ConfigError
 
 from tests.conftest import CONFIG_DIR, tiny_overrides
@@ -33,7 +34,7 @@ def test_config_is_the_training_config_plus_a_declared_worker_count():
 @pytest.mark.parametrize("value,jobs,expected", [("auto", 1000, None), (None, 1000, None), (1, 5, 1), (8, 3, 3)])
 def test_worker_count_auto_int_and_capped_by_the_subjects(value, jobs, expected):
     cfg = OmegaConf.create({"preprocess_workers": value})
-    assert resolve_workers(cfg, jobs) == (expected if expected is not None else min(_usable_cpus(), jobs))
+    assert resolve_workers(cfg, jobs) == (expected if expected is not None else min(usable_cpus(), jobs))
 
 
 @pytest.mark.parametrize("value", [0, -2, "many", True, 1.5])
