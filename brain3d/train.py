@@ -516,7 +516,7 @@ def train(cfg: DictConfig, stop: StopRequest | None = None, record_config=None) 
             "bias_correction": bias_correction,
             # brain3d-predict warns about (and marks) subjects the model was trained on
             "train_subject_ids": [s.subject_id for s in train_subjects],
-            "batch_size": batch_size, "batch_size_search": batch_record,  # a resumed data.batch_size=auto keeps it
+            "batch_size_search": batch_record,  # {"value", "mode", ...}: a resumed data.batch_size=auto keeps it
             "init_from": init_report,  # what trainer.init_from loaded when the run began (None: a fresh init)
         }
 
