@@ -191,6 +191,116 @@ def bias_field(coeffs: torch.Tensor, spatial_size: Sequence[int]) -> torch.Tenso
     return torch.exp(log_field)[:, None]
 
 
+# ------------------------------------------------------------------------------------ forward's steps
+
+
+def _check_batch(image: torch.Tensor, mask: torch.Tensor | None) -> None:
+    """Raise ValueError unless ``image`` is (B, C, D, H, W) floating point and ``mask`` (B, Cm, D, H, W)."""
+    if image.dim() != 5 or not image.is_floating_point():
+        raise ValueError(
+            f"image must be a 5-D (B, C, D, H, W) floating-point tensor, got {image.dtype} {tuple(image.shape)}"
+        )
+    if mask is not None and (mask.dim() != 5 or mask.shape[0] != image.shape[0]
+                             or mask.shape[2:] != image.shape[2:]):
+        raise ValueError(f"mask {tuple(mask.shape)} must be (B, Cm, D, H, W) matching image {tuple(image.shape)}")
+
+
+def _flip_unwarped(image: torch.Tensor, mask: torch.Tensor | None, out_image: torch.Tensor,
+                   out_mask: torch.Tensor | None, flips: torch.Tensor, affine: torch.Tensor) -> None:
+    """Write into ``out_*`` the exact ``torch.flip`` of each sample that gets no affine (flips (B, 3) bool)."""
+    for i in range(image.shape[0]):
+        if affine[i]:
+            continue  # its flips are folded into its affine
+        axes = [2 + a for a in range(3) if flips[i, a]]
+        if axes:
+            out_image[i] = torch.flip(image[i : i + 1], axes)[0]
+            if mask is not None:
+                out_mask[i] = torch.flip(mask[i : i + 1], axes)[0]
+
+
+def _warp_affine_samples(image: torch.Tensor, mask: torch.Tensor | None, out_image: torch.Tensor,
+                         out_mask: torch.Tensor | None, p: dict[str, torch.Tensor], affine: torch.Tensor) -> None:
+    """Write into ``out_*`` the samples selected by ``affine`` (B,) resampled with their flips + affine."""
+    spatial = image.shape[2:]
+    idx = torch.nonzero(affine)[:, 0]  # (n,) CPU indices of the selected samples
+    shifts = p["shift_frac"][idx] * torch.tensor([float(s) for s in spatial], dtype=torch.float64)  # voxels
+    theta = affine_theta(spatial, p["flips"][idx], p["angles"][idx], p["scales"][idx], shifts)
+    dev_idx = idx.to(image.device)
+    warped, warped_mask = warp(image[dev_idx], mask[dev_idx] if mask is not None else None, theta)
+    out_image[dev_idx] = warped
+    if mask is not None:
+        out_mask[dev_idx] = warped_mask
+
+
+# Intensity helpers: x (B, C, D, H, W) float32, fg = (x != 0) before the first intensity transform,
+# per-sample flags / values (B,) on the CPU. Each returns a new x, changed only at selected samples' fg.
+
+_SAMPLE_DIMS = (1, 2, 3, 4)  # reduce over (C, D, H, W): one statistic per sample
+
+
+def _per_sample(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(B,) CPU float64 -> (B, 1, 1, 1, 1) on x's device, in x's dtype."""
+    return v.to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1, 1)
+
+
+def _selected(fg: torch.Tensor, flag: torch.Tensor) -> torch.Tensor:
+    """(B,) bool -> where to write: the selected samples' foreground voxels."""
+    return fg & flag.to(fg.device).view(-1, 1, 1, 1, 1)
+
+
+def _foreground_min(x: torch.Tensor, fg: torch.Tensor) -> torch.Tensor:
+    """(B, 1, 1, 1, 1) minimum over each sample's foreground (inf where it is empty)."""
+    return torch.where(fg, x, torch.full_like(x, math.inf)).amin(dim=_SAMPLE_DIMS, keepdim=True)
+
+
+def _foreground_max(x: torch.Tensor, fg: torch.Tensor) -> torch.Tensor:
+    """(B, 1, 1, 1, 1) maximum over each sample's foreground (-inf where it is empty)."""
+    return torch.where(fg, x, torch.full_like(x, -math.inf)).amax(dim=_SAMPLE_DIMS, keepdim=True)
+
+
+def _foreground_mean(x: torch.Tensor, fg: torch.Tensor) -> torch.Tensor:
+    """(B, 1, 1, 1, 1) mean over each sample's foreground (0 where it is empty)."""
+    count = fg.sum(dim=_SAMPLE_DIMS, keepdim=True).clamp_min(1)
+    return torch.where(fg, x, torch.zeros_like(x)).sum(dim=_SAMPLE_DIMS, keepdim=True) / count
+
+
+def _apply_bias_field(x: torch.Tensor, fg: torch.Tensor, flag: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
+    """``lo + (x - lo) * field`` with the foreground minimum ``lo``; coeffs (B, len(BIAS_TERMS)) already scaled."""
+    field = bias_field(coeffs.to(device=x.device, dtype=x.dtype), x.shape[2:])  # (B, 1, D, H, W)
+    lo = _foreground_min(x, fg)
+    return torch.where(_selected(fg, flag), lo + (x - lo) * field, x)
+
+
+def _apply_contrast(x: torch.Tensor, fg: torch.Tensor, flag: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``mean + c * (x - mean)`` with the foreground mean and the per-sample factor ``c`` (B,)."""
+    mean = _foreground_mean(x, fg)
+    return torch.where(_selected(fg, flag), mean + (x - mean) * _per_sample(factor, x), x)
+
+
+def _apply_gamma(x: torch.Tensor, fg: torch.Tensor, flag: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """``lo + r * ((x - lo) / r) ** gamma`` with the foreground min ``lo`` and range ``r``, gamma (B,)."""
+    lo = _foreground_min(x, fg)
+    rng = _foreground_max(x, fg) - lo
+    ok = torch.isfinite(rng) & (rng > 0)  # skip empty or constant foregrounds
+    rng = torch.where(ok, rng, torch.ones_like(rng))
+    lo = torch.where(ok, lo, torch.zeros_like(lo))
+    unit = ((x - lo) / rng).clamp(0, 1)
+    new = lo + rng * unit.pow(_per_sample(gamma, x))
+    return torch.where(_selected(fg, flag) & ok, new, x)
+
+
+def _apply_noise(x: torch.Tensor, fg: torch.Tensor, flag: torch.Tensor, std: float,
+                 generator: torch.Generator | None) -> torch.Tensor:
+    """Add N(0, std^2) noise, drawn from ``generator`` for the selected samples only, in sample order."""
+    idx = torch.nonzero(flag)[:, 0]
+    gen_dev = generator.device if generator is not None else torch.device("cpu")
+    noise = torch.randn((len(idx),) + tuple(x.shape[1:]), generator=generator, device=gen_dev,
+                        dtype=torch.float32)  # (n, C, D, H, W)
+    full = torch.zeros_like(x)
+    full[idx.to(x.device)] = noise.to(device=x.device, dtype=x.dtype) * std
+    return torch.where(_selected(fg, flag), x + full, x)
+
+
 # ------------------------------------------------------------------------------------------------- module
 
 
@@ -351,83 +461,40 @@ class BatchAugment(nn.Module):
         Raises:
             ValueError: ``image`` is not a 5-D floating-point tensor, or ``mask`` does not match it.
         """
-        if image.dim() != 5 or not image.is_floating_point():
-            raise ValueError(
-                f"image must be a 5-D (B, C, D, H, W) floating-point tensor, got {image.dtype} {tuple(image.shape)}"
-            )
-        if mask is not None and (mask.dim() != 5 or mask.shape[0] != image.shape[0]
-                                 or mask.shape[2:] != image.shape[2:]):
-            raise ValueError(f"mask {tuple(mask.shape)} must be (B, Cm, D, H, W) matching image {tuple(image.shape)}")
+        _check_batch(image, mask)
         out_image, out_mask = image.clone(), (mask.clone() if mask is not None else None)
         b = image.shape[0]
         if self.is_identity or b == 0:
             return out_image, out_mask
-        p = self._draw(b, generator)
-        spatial = image.shape[2:]
+        p = self._draw(b, generator)  # every per-sample parameter, before any transform draws noise
 
-        # ---- spatial: resample the affine samples (flips folded in), torch.flip the flip-only ones
+        # spatial: resample the affine samples (flips folded in), torch.flip the flip-only ones
         affine = p["affine"] if self._affine_on else torch.zeros(b, dtype=torch.bool)
-        flips = p["flips"]
-        for i in range(b):
-            if affine[i]:
-                continue
-            axes = [2 + a for a in range(3) if flips[i, a]]
-            if axes:
-                out_image[i] = torch.flip(image[i : i + 1], axes)[0]
-                if mask is not None:
-                    out_mask[i] = torch.flip(mask[i : i + 1], axes)[0]
+        _flip_unwarped(image, mask, out_image, out_mask, p["flips"], affine)
         if affine.any():
-            idx = torch.nonzero(affine)[:, 0]
-            shifts = p["shift_frac"][idx] * torch.tensor([float(s) for s in spatial], dtype=torch.float64)
-            theta = affine_theta(spatial, flips[idx], p["angles"][idx], p["scales"][idx], shifts)
-            dev_idx = idx.to(image.device)
-            warped, warped_mask = warp(image[dev_idx], mask[dev_idx] if mask is not None else None, theta)
-            out_image[dev_idx] = warped
-            if mask is not None:
-                out_mask[dev_idx] = warped_mask
+            _warp_affine_samples(image, mask, out_image, out_mask, p, affine)
 
-        # ---- intensity: foreground = nonzero after the spatial transform; background stays exactly 0
+        # intensity: foreground = nonzero after the spatial transform; background stays exactly 0
         if not (self._bias_on or self._contrast_on or self._gamma_on or self._noise_on):
             return out_image, out_mask
-        dtype = image.dtype
-        x = out_image.float()
+        return self._intensity(out_image, p, generator).to(image.dtype), out_mask
+
+    def _intensity(self, image: torch.Tensor, p: dict[str, torch.Tensor],
+                   generator: torch.Generator | None) -> torch.Tensor:
+        """Bias field, contrast, gamma, noise (in this order) on the spatially transformed ``image``, as float32.
+
+        The foreground mask is taken once, before the first transform; the noise is the only draw from
+        ``generator`` after :meth:`_draw`.
+        """
+        x = image.float()  # (B, C, D, H, W)
         fg = x != 0
-        dims = tuple(range(1, x.dim()))
-
-        def per_sample(v: torch.Tensor) -> torch.Tensor:  # (B,) CPU float64 -> (B, 1, 1, 1, 1) on device
-            return v.to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1, 1)
-
-        def selected(flag: torch.Tensor) -> torch.Tensor:  # (B,) bool -> where to write: selected sample & fg
-            return fg & flag.to(x.device).view(-1, 1, 1, 1, 1)
-
-        def fg_min() -> torch.Tensor:
-            return torch.where(fg, x, torch.full_like(x, math.inf)).amin(dim=dims, keepdim=True)
-
         if self._bias_on and p["bias"].any():
             coeffs = p["bias_coeffs"] * (self.bias_field_std / math.sqrt(len(BIAS_TERMS)))
-            field = bias_field(coeffs.to(device=x.device, dtype=x.dtype), spatial)
-            lo = fg_min()
-            x = torch.where(selected(p["bias"]), lo + (x - lo) * field, x)
+            x = _apply_bias_field(x, fg, p["bias"], coeffs)
         if self._contrast_on and p["contrast"].any():
-            count = fg.sum(dim=dims, keepdim=True).clamp_min(1)
-            mean = torch.where(fg, x, torch.zeros_like(x)).sum(dim=dims, keepdim=True) / count
-            x = torch.where(selected(p["contrast"]), mean + (x - mean) * per_sample(p["contrast_factor"]), x)
+            x = _apply_contrast(x, fg, p["contrast"], p["contrast_factor"])
         if self._gamma_on and p["gamma"].any():
-            lo = fg_min()
-            hi = torch.where(fg, x, torch.full_like(x, -math.inf)).amax(dim=dims, keepdim=True)
-            rng = hi - lo
-            ok = torch.isfinite(rng) & (rng > 0)  # skip empty or constant foregrounds
-            rng = torch.where(ok, rng, torch.ones_like(rng))
-            lo = torch.where(ok, lo, torch.zeros_like(lo))
-            unit = ((x - lo) / rng).clamp(0, 1)
-            new = lo + rng * unit.pow(per_sample(p["gamma_value"]))
-            x = torch.where(selected(p["gamma"]) & ok, new, x)
+            x = _apply_gamma(x, fg, p["gamma"], p["gamma_value"])
         if self._noise_on and p["noise"].any():
-            idx = torch.nonzero(p["noise"])[:, 0]
-            gen_dev = generator.device if generator is not None else torch.device("cpu")
-            noise = torch.randn((len(idx),) + tuple(x.shape[1:]), generator=generator, device=gen_dev,
-                                dtype=torch.float32)
-            full = torch.zeros_like(x)
-            full[idx.to(x.device)] = noise.to(device=x.device, dtype=x.dtype) * self.noise_std
-            x = torch.where(selected(p["noise"]), x + full, x)
-        return x.to(dtype), out_mask
+            x = _apply_noise(x, fg, p["noise"], self.noise_std, generator)
+        return x

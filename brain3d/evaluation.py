@@ -542,34 +542,15 @@ def segmentation_case_metrics(
             ``spacing_mm`` is not 3 finite positive numbers, or ``connectivity`` is not
             6, 18 or 26.
     """
-    pred = _binary_volume(pred_mask, "pred_mask")  # (X, Y, Z) bool
-    true = _binary_volume(true_mask, "true_mask")  # (X, Y, Z) bool
-    if pred.shape != true.shape:
-        raise ValueError(
-            f"pred_mask and true_mask must have the same shape, got {pred.shape} and {true.shape}."
-        )
+    pred, true = _checked_mask_pair(pred_mask, true_mask)  # (X, Y, Z) bool each
     spacing = _check_spacing(spacing_mm)  # (3,)
     structure = _connectivity_structure(connectivity)  # (3, 3, 3) bool
 
     # voxel overlap; dice/iou give 1.0 when both masks are empty
     dice = float(dice_per_sample(pred[None, None], true[None, None], empty_value=1.0)[0])
     iou = float(iou_per_sample(pred[None, None], true[None, None], empty_value=1.0)[0])
-
-    voxel_ml = float(np.prod(spacing)) / 1000.0
-    pred_ml = float(pred.sum()) * voxel_ml
-    true_ml = float(true.sum()) * voxel_ml
-
-    # lesion-wise detection on connected components
-    true_lab, n_true = ndimage.label(true, structure=structure)  # (X, Y, Z) int, 0 = background
-    pred_lab, n_pred = ndimage.label(pred, structure=structure)
-    true_hit = np.unique(true_lab[pred])  # true components touched by the prediction
-    pred_hit = np.unique(pred_lab[true])  # predicted components touching the truth
-    tp = int(np.count_nonzero(true_hit))
-    fn = int(n_true) - tp
-    fp = int(n_pred) - int(np.count_nonzero(pred_hit))
-    denom = 2 * tp + fp + fn
-    lesion_f1 = 1.0 if denom == 0 else 2.0 * tp / denom
-
+    pred_ml, true_ml = _volume_ml(pred, spacing), _volume_ml(true, spacing)
+    lesions = _lesion_detection(pred, true, structure)
     return {
         "dice": dice,
         "iou": iou,
@@ -578,6 +559,43 @@ def segmentation_case_metrics(
         "pred_volume_ml": pred_ml,
         "true_volume_ml": true_ml,
         "abs_volume_diff_ml": abs(pred_ml - true_ml),
+        **lesions,
+    }
+
+
+def _checked_mask_pair(pred_mask: Any, true_mask: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Both masks as (X, Y, Z) bool arrays of the same shape; ValueError otherwise."""
+    pred = _binary_volume(pred_mask, "pred_mask")
+    true = _binary_volume(true_mask, "true_mask")
+    if pred.shape != true.shape:
+        raise ValueError(
+            f"pred_mask and true_mask must have the same shape, got {pred.shape} and {true.shape}."
+        )
+    return pred, true
+
+
+def _volume_ml(mask: np.ndarray, spacing: np.ndarray) -> float:
+    """Volume of an (X, Y, Z) bool mask in ml: voxels * prod(spacing) mm^3, 1 ml = 1000 mm^3."""
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    return float(mask.sum()) * voxel_ml
+
+
+def _lesion_detection(pred: np.ndarray, true: np.ndarray, structure: np.ndarray) -> dict[str, Any]:
+    """ATLAS-style lesion counts on connected components, in segmentation_case_metrics' key order.
+
+    A true component is a TP when the prediction touches it, an FN otherwise; a predicted
+    component touching no true voxel is an FP. ``lesion_f1`` is 1.0 when both masks are empty.
+    """
+    true_lab, n_true = ndimage.label(true, structure=structure)  # (X, Y, Z) int, 0 = background
+    pred_lab, n_pred = ndimage.label(pred, structure=structure)
+    true_hit = np.unique(true_lab[pred])  # true components touched by the prediction (0: background)
+    pred_hit = np.unique(pred_lab[true])  # predicted components touching the truth (0: background)
+    tp = int(np.count_nonzero(true_hit))
+    fn = int(n_true) - tp
+    fp = int(n_pred) - int(np.count_nonzero(pred_hit))
+    denom = 2 * tp + fp + fn
+    lesion_f1 = 1.0 if denom == 0 else 2.0 * tp / denom
+    return {
         "lesion_tp": tp,
         "lesion_fp": fp,
         "lesion_fn": fn,

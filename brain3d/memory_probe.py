@@ -238,13 +238,7 @@ def peak_step_bytes(model: torch.nn.Module, loss_fn: torch.nn.Module, task_name:
         need = peak_step_bytes(model, loss_fn, "segmentation", (1, 96, 96, 96), 2, torch.device("cuda"))
     """
     device = torch.device(device)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if len(input_shape) != 4:
-        raise ValueError(f"input_shape must be (C, D, H, W), got {tuple(input_shape)}")
-    if task_name not in TASKS:
-        raise ValueError(f"task_name={task_name!r} is not one of {TASKS}")
-    input_shape = tuple(int(s) for s in input_shape)
+    input_shape = _checked_probe_shape(task_name, input_shape, batch_size)
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     probe = None
@@ -252,40 +246,69 @@ def peak_step_bytes(model: torch.nn.Module, loss_fn: torch.nn.Module, task_name:
         probe = copy.deepcopy(model)
         probe.train()
 
-        def run_step() -> None:
+        def run_step() -> None:  # reads ``probe`` when called: setting it to None below frees the copy
             _step(probe, loss_fn, task_name, input_shape, batch_size, device, amp_dtype, channels_last,
                   optimizer_state_copies)
 
         if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            before = torch.cuda.memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            try:
-                run_step()
-                torch.cuda.synchronize(device)
-            except torch.cuda.OutOfMemoryError:
-                return None
-            return int(torch.cuda.max_memory_allocated(device) - before)
-        if not _can_reset_peak_rss():
-            return _forked_step_bytes(run_step)
-        _trim_heap()  # freed heap pages back to the kernel: a step reusing them raises the resident size too
-        _reset_peak_rss()
-        before = _status_bytes("VmRSS")
-        try:
-            run_step()
-        except (MemoryError, RuntimeError) as err:
-            if _is_out_of_memory(err):
-                return None
-            raise
-        return int(_status_bytes("VmHWM") - before)
+            return _cuda_step_bytes(run_step, device)
+        return _cpu_step_bytes(run_step)
     finally:
         probe = None  # the copy's memory is freed before the next trial
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state(cuda_rng, device)
-            torch.cuda.empty_cache()
-        else:
-            _trim_heap()
+        _restore_after_probe(device, cpu_rng, cuda_rng)
+
+
+def _checked_probe_shape(task_name: str, input_shape: Sequence[int], batch_size: int) -> tuple[int, ...]:
+    """:func:`peak_step_bytes`'s argument checks; returns ``input_shape`` as a tuple of ints (C, D, H, W)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if len(input_shape) != 4:
+        raise ValueError(f"input_shape must be (C, D, H, W), got {tuple(input_shape)}")
+    if task_name not in TASKS:
+        raise ValueError(f"task_name={task_name!r} is not one of {TASKS}")
+    return tuple(int(s) for s in input_shape)
+
+
+def _cuda_step_bytes(run_step: Callable[[], None], device: torch.device) -> int | None:
+    """CUDA: the step's peak allocation above what was allocated before it; None on out of memory."""
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        run_step()
+        torch.cuda.synchronize(device)
+    except torch.cuda.OutOfMemoryError:
+        return None
+    return int(torch.cuda.max_memory_allocated(device) - before)
+
+
+def _cpu_step_bytes(run_step: Callable[[], None]) -> int | None:
+    """CPU: peak resident growth over the step (VmHWM after it - VmRSS before); None on out of memory.
+
+    Runs in this process after resetting the peak, or in a forked child where the peak cannot be reset.
+    """
+    if not _can_reset_peak_rss():
+        return _forked_step_bytes(run_step)
+    _trim_heap()  # freed heap pages back to the kernel: a step reusing them raises the resident size too
+    _reset_peak_rss()
+    before = _status_bytes("VmRSS")
+    try:
+        run_step()
+    except (MemoryError, RuntimeError) as err:
+        if _is_out_of_memory(err):
+            return None
+        raise
+    return int(_status_bytes("VmHWM") - before)
+
+
+def _restore_after_probe(device: torch.device, cpu_rng: torch.Tensor, cuda_rng: torch.Tensor | None) -> None:
+    """Put torch's RNG states back and hand the probe's freed memory back (CUDA cache, or the heap on CPU)."""
+    torch.set_rng_state(cpu_rng)
+    if cuda_rng is not None:
+        torch.cuda.set_rng_state(cuda_rng, device)
+        torch.cuda.empty_cache()
+    else:
+        _trim_heap()
 
 
 # ---- the search --------------------------------------------------------------------------------------

@@ -168,6 +168,28 @@ def sliding_window_inference(
             positive, ``overlap`` is outside [0, 1), ``batch_size`` < 1, ``mode`` is
             unknown, or the predictor's output does not have shape (n, K, pd, ph, pw).
     """
+    patch = _check_arguments(image, patch_size, overlap, batch_size, mode)
+    acc_device = torch.device(accumulate_device) if accumulate_device is not None else image.device
+    run_device = torch.device(compute_device) if compute_device is not None else image.device
+    if acc_device.type == "mps" and accumulate_dtype == torch.float64:
+        accumulate_dtype = torch.float32  # MPS has no float64
+
+    spatial = tuple(int(s) for s in image.shape[2:])
+    image, pad_lo = _pad_to_patch(image, patch)
+    padded = tuple(int(s) for s in image.shape[2:])
+    weight = _window_weight(mode, patch, sigma_scale, acc_device, accumulate_dtype)  # (pd, ph, pw)
+    starts = list(itertools.product(*(window_starts(s, p, overlap) for s, p in zip(padded, patch))))
+    batches = [starts[i : i + batch_size] for i in range(0, len(starts), batch_size)]
+
+    total, weight_sum = _accumulate_windows(image, predictor, batches, patch, weight, run_device, progress)
+    crop = tuple(slice(lo, lo + s) for lo, s in zip(pad_lo, spatial))  # the volume without the padding
+    total /= weight_sum  # in place: no second full-size buffer
+    return total[(slice(None), *crop)].to(torch.float32).contiguous()[None]
+
+
+def _check_arguments(image: torch.Tensor, patch_size: Sequence[int] | int, overlap: float, batch_size: int,
+                     mode: str) -> tuple[int, int, int]:
+    """:func:`sliding_window_inference`'s checks, in its order; returns the patch size (pd, ph, pw)."""
     if image.dim() != 5 or image.shape[0] != 1:
         raise ValueError(f"image must be 5-D (1, C, D, H, W), got shape {tuple(image.shape)}")
     patch = _as_patch_size(patch_size, 3)
@@ -177,48 +199,66 @@ def sliding_window_inference(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    acc_device = torch.device(accumulate_device) if accumulate_device is not None else image.device
-    run_device = torch.device(compute_device) if compute_device is not None else image.device
-    if acc_device.type == "mps" and accumulate_dtype == torch.float64:
-        accumulate_dtype = torch.float32
+    return patch
 
-    # pad to at least the patch size, symmetrically; remember where the volume lies
+
+def _pad_to_patch(image: torch.Tensor, patch: Sequence[int]) -> tuple[torch.Tensor, list[int]]:
+    """Zero-pad (1, C, D, H, W) symmetrically to at least ``patch`` per axis; returns it and the low pads."""
     spatial = tuple(int(s) for s in image.shape[2:])
     pad_lo = [max(0, p - s) // 2 for s, p in zip(spatial, patch)]
     pad_hi = [max(0, p - s) - lo for s, p, lo in zip(spatial, patch, pad_lo)]
     if any(pad_lo) or any(pad_hi):
         # F.pad takes (last axis lo, hi, ..., first axis lo, hi)
         image = F.pad(image, [v for lo, hi in zip(reversed(pad_lo), reversed(pad_hi)) for v in (lo, hi)])
-    padded = tuple(int(s) for s in image.shape[2:])
+    return image, pad_lo
 
+
+def _window_weight(mode: str, patch: tuple[int, int, int], sigma_scale: float, device: torch.device,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """The (pd, ph, pw) importance map of ``mode``: Gaussian, or all ones (a plain mean)."""
     if mode == "gaussian":
-        weight = gaussian_importance_map(patch, sigma_scale, device=acc_device).to(accumulate_dtype)
-    else:
-        weight = torch.ones(patch, dtype=accumulate_dtype, device=acc_device)
+        return gaussian_importance_map(patch, sigma_scale, device=device).to(dtype)
+    return torch.ones(patch, dtype=dtype, device=device)
 
-    starts = list(itertools.product(*(window_starts(s, p, overlap) for s, p in zip(padded, patch))))
-    batches = [starts[i : i + batch_size] for i in range(0, len(starts), batch_size)]
+
+def _checked_output(out, n: int, patch: tuple[int, int, int]) -> torch.Tensor:
+    """The predictor's output if it is a (n, K, *patch) tensor; ValueError otherwise."""
+    if (not isinstance(out, torch.Tensor) or out.dim() != 5 or out.shape[0] != n
+            or tuple(out.shape[2:]) != patch):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"predictor must return a (n={n}, K, *{patch}) tensor, got {got}")
+    return out
+
+
+def _accumulate_windows(
+    image: torch.Tensor,
+    predictor: Callable[[torch.Tensor], torch.Tensor],
+    batches: list[list[tuple[int, ...]]],
+    patch: tuple[int, int, int],
+    weight: torch.Tensor,
+    run_device: torch.device,
+    progress: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``predictor`` on every batch of window starts of the padded ``image`` (1, C, *padded).
+
+    Returns ``(total, weight_sum)``: the weighted sum of the outputs (K, *padded) and the sum of the
+    weights (*padded), both on ``weight``'s device and in its dtype.
+    """
+    padded = tuple(int(s) for s in image.shape[2:])
+    acc_device, acc_dtype = weight.device, weight.dtype
     total: torch.Tensor | None = None  # (K, *padded), allocated once K is known
-    weight_sum = torch.zeros(padded, dtype=accumulate_dtype, device=acc_device)
-
+    weight_sum = torch.zeros(padded, dtype=acc_dtype, device=acc_device)
     for batch in tqdm(batches, desc="sliding window", disable=not progress, dynamic_ncols=True, leave=False):
         windows = [tuple(slice(s, s + p) for s, p in zip(start, patch)) for start in batch]
-        x = torch.cat([image[(slice(None), slice(None), *w)] for w in windows]).to(run_device)
-        out = predictor(x)
-        if (not isinstance(out, torch.Tensor) or out.dim() != 5 or out.shape[0] != len(batch)
-                or tuple(out.shape[2:]) != patch):
-            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(f"predictor must return a (n={len(batch)}, K, *{patch}) tensor, got {got}")
-        out = out.to(device=acc_device, dtype=accumulate_dtype)
+        x = torch.cat([image[(slice(None), slice(None), *w)] for w in windows]).to(run_device)  # (n, C, *patch)
+        out = _checked_output(predictor(x), len(batch), patch)  # (n, K, *patch)
+        out = out.to(device=acc_device, dtype=acc_dtype)
         if total is None:
-            total = torch.zeros((out.shape[1], *padded), dtype=accumulate_dtype, device=acc_device)
+            total = torch.zeros((out.shape[1], *padded), dtype=acc_dtype, device=acc_device)
         elif out.shape[1] != total.shape[0]:
             raise ValueError(f"predictor returned {out.shape[1]} channels, earlier {total.shape[0]}")
         for w, o in zip(windows, out):
             total[(slice(None), *w)] += o * weight
             weight_sum[w] += weight
-
     assert total is not None  # there is always at least one window
-    crop = tuple(slice(lo, lo + s) for lo, s in zip(pad_lo, spatial))
-    total /= weight_sum  # in place: no second full-size buffer
-    return total[(slice(None), *crop)].to(torch.float32).contiguous()[None]
+    return total, weight_sum
