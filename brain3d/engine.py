@@ -18,35 +18,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from brain3d import metrics as M
 from brain3d import report
 from brain3d.data.sampling import iter_from
 from brain3d.sliding_window import sliding_window_inference
+from brain3d.tasks import Task, TaskSet
 
 log = logging.getLogger("brain3d.engine")
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or Inf; the message names the epoch, step and the batch's subjects."""
-
-
-@dataclass
-class TaskSpec:
-    """What the loop needs to know about the task: the head to read and how targets are scaled.
-
-    Regression targets are standardised with the training set's mean and std (``target_mean``,
-    ``target_std``) so a unit-scale head learns quickly; predictions are mapped back before metrics.
-    """
-
-    name: str  # "classification" | "regression" | "segmentation"; also the head's name
-    target_mean: float = 0.0
-    target_std: float = 1.0
-
-    def encode(self, target: torch.Tensor) -> torch.Tensor:
-        return (target - self.target_mean) / self.target_std if self.name == "regression" else target
-
-    def decode(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits * self.target_std + self.target_mean if self.name == "regression" else logits
 
 
 @dataclass
@@ -126,7 +107,7 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer,
     scheduler,
     scaler: torch.amp.GradScaler,
-    task: TaskSpec,
+    task: TaskSet | Task,
     device: torch.device,
     amp_dtype: torch.dtype | None,
     epoch: int,
@@ -168,6 +149,7 @@ def train_one_epoch(
     Raises:
         NonFiniteLossError: a NaN/Inf loss, naming the epoch, step and subject ids of the batch.
     """
+    tasks = as_task_set(task, loss_fn)
     model.train()
     optimizer.zero_grad(set_to_none=True)
     state = EpochProgress(**(progress_state.to_dict() if progress_state else {}))
@@ -186,21 +168,20 @@ def train_one_epoch(
         batch = next(batches)  # the time spent here is time the model waits for data
         state.data_wait += time.perf_counter() - wait_start
         image = batch["image"].to(device, non_blocking=True)  # (B, 1, D, H, W); a no-op for device-resident data
-        target = batch["target"].to(device, non_blocking=True)  # (B, 1) or (B, 1, D, H, W)
+        targets, labelled = tasks.targets(to_device(batch, device))  # {head: (B, 1) or (B, 1, D, H, W)}
         if augment is not None:
             generator = torch.Generator().manual_seed(augment_seed * 1_000_003 + epoch * 100_003 + step)
-            if task.name == "segmentation":
-                image, target = augment(image, target, generator=generator)
-            else:
-                image, _ = augment(image, None, generator=generator)
-        target = task.encode(target)
+            mask_task = tasks.mask_task  # a mask moves with the image; scalar targets are unchanged
+            image, mask = augment(image, targets[mask_task.name] if mask_task else None, generator=generator)
+            if mask_task is not None:
+                targets[mask_task.name] = mask
         steps_optimizer = (step + 1) % accumulate_grad_batches == 0 or step + 1 == num_batches
         # DistributedDataParallel: gradients are all-reduced only on the micro-batch before an optimizer step.
         sync = model.no_sync() if hasattr(model, "no_sync") and not steps_optimizer else contextlib.nullcontext()
         with sync:
             with autocast(device, amp_dtype):
-                logits = model(to_memory_format(image, channels_last))[task.name]
-            loss = loss_fn(logits, target)  # float32: the loss casts its inputs
+                logits = model(to_memory_format(image, channels_last))  # {head: logits}
+            loss, _ = tasks.loss(logits, targets, labelled)  # float32: the losses cast their inputs
             scaler.scale(loss / accumulate_grad_batches).backward()
         state.add_loss(step, batch["subject_id"], loss, image.shape[0])  # stays on the device until settled
         state.volumes += image.shape[0]
@@ -250,18 +231,35 @@ def log_progress_line(state: EpochProgress, epoch: int, elapsed_s: float, left_s
              state.volumes / max(elapsed_s, 1e-9), left // 60, left % 60)
 
 
-def _forward(model: torch.nn.Module, image: torch.Tensor, head: str, device: torch.device, amp_dtype,
-             channels_last: bool = False) -> torch.Tensor:
-    with autocast(device, amp_dtype):
-        return model(to_memory_format(image, channels_last))[head]
+def as_task_set(task: TaskSet | Task, loss_fn: torch.nn.Module | None) -> TaskSet:
+    """The engine's heads: a :class:`~brain3d.tasks.TaskSet`, or one :class:`~brain3d.tasks.Task` (a single
+    head, trained with ``loss_fn`` unless it has its own)."""
+    if isinstance(task, TaskSet):
+        for head in task:
+            head.loss_fn = head.loss_fn or loss_fn
+        return task
+    task.loss_fn = task.loss_fn or loss_fn
+    return TaskSet([task], multi=False)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A batch's ``target`` (a tensor, or ``{head: tensor}`` with ``labelled``) on ``device``."""
+    moved = dict(batch)
+    for key in ("target", "labelled"):
+        value = batch.get(key)
+        if isinstance(value, dict):
+            moved[key] = {name: v.to(device, non_blocking=True) for name, v in value.items()}
+        elif value is not None:
+            moved[key] = value.to(device, non_blocking=True)
+    return moved
 
 
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
     loader,
-    loss_fn: torch.nn.Module,
-    task: TaskSpec,
+    loss_fn: torch.nn.Module | None,
+    task: TaskSet | Task,
     device: torch.device,
     amp_dtype: torch.dtype | None,
     epoch: int = 0,
@@ -272,14 +270,17 @@ def evaluate(
     collect_cases: bool = False,
     max_cases: int | None = None,
 ) -> tuple[dict[str, float], dict]:
-    """Validation loss and task metrics over ``loader``.
+    """Validation loss and every head's metrics over ``loader``.
 
     Returns:
-        (metrics, outputs): metrics holds "loss" and the task's metrics (classification: auc, accuracy,
-        balanced_accuracy; regression: mae, rmse, pearson_r in target units; segmentation: mean per-subject
-        dice and iou at threshold 0.5). outputs holds, for segmentation, "preview": the first subject's
-        "image", "target" and "probability" as (D, H, W) arrays for the TensorBoard overlay; otherwise
-        "predictions" (logits for classification, values for regression) and "targets", (N,) arrays.
+        (metrics, outputs): metrics holds "loss" and each head's metrics under ``TaskSet.record_key`` without
+        the ``val_`` prefix (one head: "auc", "mae", "dice"...; multi-task: "sex_auc", "age_mae"...):
+        classification auc, accuracy, balanced_accuracy; regression mae, rmse, pearson_r in target units;
+        segmentation mean per-subject dice and iou at threshold 0.5; each over the subjects labelled for
+        that head. outputs holds, per head name, ``{"predictions", "targets"}`` (N,) arrays (logits for
+        classification, values for regression) or, for segmentation, ``{"preview"}``: the first subject's
+        "image", "target" and "probability" (D, H, W) arrays for the TensorBoard overlay; and the same
+        entries of the first head at the top level (the single-task layout).
 
     ``sliding_window`` (segmentation after patch training): ``{"patch_size", "overlap", "batch_size",
     "accumulate_device"}``; each whole volume (batch of one) is predicted by Gaussian-weighted sliding
@@ -292,105 +293,66 @@ def evaluate(
     are put back in the original subject order and the metrics computed on the whole, as one process would.
 
     ``collect_cases`` (report.html): also return ``outputs["cases"]``, the ``max_cases`` worst subjects (None:
-    all), worst first, each ``{"subject_id", "slices" (brain3d.report.orthogonal_slices: three small 2-D
-    slices of image, truth and prediction, not the volumes), "badness"}`` plus ``"dice"`` (segmentation),
-    ``"probability"`` (sigmoid of the logit) and ``"label"`` (classification), ``"prediction"`` and ``"target"``
-    (regression, in target units); and ``outputs["cases_total"]``, the subjects seen. Only the worst so far
-    are kept (brain3d.report.WorstCases), so memory stays bounded for any validation set. Distributed: each
-    rank collects its own subjects only (they are not gathered; the caller on rank 0 shows rank 0's share).
+    all) of the first head (of the segmentation head in a multi-task run), worst first, each ``{"subject_id",
+    "slices" (brain3d.report.orthogonal_slices: three small 2-D slices of image, truth and prediction, not the
+    volumes), "badness"}`` plus ``"dice"`` (segmentation), ``"probability"`` and ``"label"``
+    (classification), ``"prediction"`` and ``"target"`` (regression, in target units); ``outputs["cases_task"]``
+    the kind of that head, and ``outputs["cases_total"]``, the subjects seen. Only the worst so far are kept
+    (brain3d.report.WorstCases), so memory stays bounded. Distributed: each rank collects its own subjects
+    only (they are not gathered; the caller on rank 0 shows rank 0's share).
     """
+    tasks = as_task_set(task, loss_fn)
     model.eval()
     total_loss, total_volumes = 0.0, 0
-    outputs, targets, dice, iou = [], [], [], []
-    preview = None
+    collected = {head.name: head.new_outputs() for head in tasks}
+    shown = tasks.mask_task or next(iter(tasks))  # the head whose worst subjects report.html pictures
     worst = report.WorstCases(max_cases) if collect_cases else None
     for batch in tqdm(loader, desc=f"epoch {epoch} val", leave=False, disable=not progress, dynamic_ncols=True):
         image = batch["image"].to(device, non_blocking=True)
-        raw_target = batch["target"].to(device, non_blocking=True)
-        if sliding_window is not None:
-            logits = sliding_window_inference(
-                image, lambda window: _forward(model, window, task.name, device, amp_dtype, channels_last),
+        targets, labelled = tasks.targets(to_device(batch, device))
+        if sliding_window is not None:  # one segmentation head (patch training is refused for other tasks)
+            name = shown.name
+            logits = {name: sliding_window_inference(
+                image, lambda window: _forward(model, window, device, amp_dtype, channels_last)[name],
                 sliding_window["patch_size"], overlap=sliding_window["overlap"],
                 batch_size=sliding_window["batch_size"],
                 accumulate_device=sliding_window.get("accumulate_device") or device,
-            )
+            )}
         else:
-            logits = _forward(model, image, task.name, device, amp_dtype, channels_last)
-        total_loss += loss_fn(logits, task.encode(raw_target)).item() * image.shape[0]
+            logits = _forward(model, image, device, amp_dtype, channels_last)
+        total_loss += tasks.loss(logits, targets, labelled)[0].item() * image.shape[0]
         total_volumes += image.shape[0]
-        if task.name == "segmentation":
-            probability = torch.sigmoid(logits.float())  # (B, 1, D, H, W)
-            predicted = probability > 0.5
-            dice.append(M.dice_per_sample(predicted, raw_target > 0.5))
-            iou.append(M.iou_per_sample(predicted, raw_target > 0.5))
-            if worst is not None:
-                for b, value in enumerate(np.asarray(dice[-1]).reshape(-1).tolist()):
-                    worst.offer(1.0 - value, lambda b=b, value=value: {
-                        "subject_id": str(batch["subject_id"][b]), "dice": value,
-                        "slices": report.orthogonal_slices(image[b, 0].float().cpu().numpy(),
-                                                           truth=(raw_target[b, 0] > 0.5).cpu().numpy(),
-                                                           prediction=predicted[b, 0].cpu().numpy())})
-            if preview is None:
-                preview = {
-                    "image": image[0, 0].float().cpu().numpy(),
-                    "target": raw_target[0, 0].cpu().numpy(),
-                    "probability": probability[0, 0].cpu().numpy(),
-                }
-        else:
-            outputs.append(task.decode(logits.float()).cpu())
-            targets.append(raw_target.float().cpu())
-            if worst is not None:
-                _offer_cases(worst, task, batch["subject_id"], image, outputs[-1], targets[-1])
+        for head in tasks:
+            head.collect(collected[head.name], logits[head.name], targets[head.name], labelled[head.name], batch,
+                         image, worst if head is shown else None)
+    parts = {head.name: head.parts(collected[head.name]) for head in tasks}
     if gather is not None:
-        if task.name == "segmentation":
-            part = {"dice": _flat(dice), "iou": _flat(iou)}
-        else:
-            part = {"predictions": _flat(outputs), "targets": _flat(targets)}
-        parts = gather({"loss": total_loss, "volumes": total_volumes, **part})
-        total_loss = sum(p["loss"] for p in parts)
-        total_volumes = sum(p["volumes"] for p in parts)
-        merged = {key: _interleave([p[key] for p in parts]) for key in part}
-        if task.name == "segmentation":
-            dice, iou = [merged["dice"]], [merged["iou"]]
-        else:
-            outputs, targets = [torch.from_numpy(merged["predictions"])], [torch.from_numpy(merged["targets"])]
+        total_loss, total_volumes, parts = _gather_parts(gather, total_loss, total_volumes, parts)
     results = {"loss": total_loss / max(total_volumes, 1)}
-    if task.name == "segmentation":
-        results.update(M.segmentation_metrics(np.concatenate([np.asarray(d) for d in dice]),
-                                              np.concatenate([np.asarray(v) for v in iou])))
-        return results, {"preview": preview, **_cases(worst)}
-    predictions, targets = torch.cat(outputs).reshape(-1).numpy(), torch.cat(targets).reshape(-1).numpy()
-    metric_fn = M.classification_metrics if task.name == "classification" else M.regression_metrics
-    results.update(metric_fn(predictions, targets))
-    return results, {"predictions": predictions, "targets": targets, **_cases(worst)}
+    outputs: dict = {}
+    for head in tasks:
+        for metric, value in head.metrics(parts[head.name]).items():
+            results[tasks.record_key(head.name, metric)[len("val_"):]] = value
+        outputs[head.name] = {"preview": collected[head.name]["preview"]} if head.reads_mask else parts[head.name]
+    outputs.update(outputs[next(iter(tasks)).name])  # single task: outputs["predictions"] / ["preview"]
+    if worst is not None:
+        outputs.update({"cases": worst.sorted(), "cases_total": worst.total, "cases_task": shown.kind})
+    return results, outputs
 
 
-def _offer_cases(worst: report.WorstCases, task: TaskSpec, subject_ids, image: torch.Tensor,
-                 values: torch.Tensor, targets: torch.Tensor) -> None:
-    """Classification / regression: offer a batch's subjects to ``worst``. ``values`` are logits
-    (classification) or decoded values (regression), (B, 1) on the CPU; the image's slices are cut only for
-    subjects that enter."""
-    for b, (value, target) in enumerate(zip(values.reshape(-1).tolist(), targets.reshape(-1).tolist())):
-        if task.name == "classification":
-            probability = 1.0 / (1.0 + math.exp(-value)) if value > -700 else 0.0
-            badness, scores = abs(probability - target), {"probability": probability, "label": target}
-        else:
-            badness, scores = abs(value - target), {"prediction": value, "target": target}
-        worst.offer(badness, lambda b=b, scores=scores: {
-            "subject_id": str(subject_ids[b]), **scores,
-            "slices": report.orthogonal_slices(image[b, 0].float().cpu().numpy())})
+def _forward(model: torch.nn.Module, image: torch.Tensor, device: torch.device, amp_dtype,
+             channels_last: bool = False) -> dict[str, torch.Tensor]:
+    with autocast(device, amp_dtype):
+        return model(to_memory_format(image, channels_last))
 
 
-def _cases(worst: report.WorstCases | None) -> dict:
-    """``{"cases", "cases_total"}`` for evaluate's outputs when cases were collected, else nothing."""
-    return {} if worst is None else {"cases": worst.sorted(), "cases_total": worst.total}
-
-
-def _flat(values: list) -> np.ndarray:
-    """Per-sample values collected batch by batch (tensors or arrays) as one flat numpy array."""
-    if not values:
-        return np.zeros(0, dtype=np.float32)
-    return np.concatenate([np.asarray(v.cpu() if isinstance(v, torch.Tensor) else v).reshape(-1) for v in values])
+def _gather_parts(gather: Callable[[dict], list[dict]], total_loss: float, total_volumes: int,
+                  parts: dict[str, dict]) -> tuple[float, int, dict[str, dict]]:
+    """Distributed validation: every rank's loss sums and per-subject arrays, put back in subject order."""
+    gathered = gather({"loss": total_loss, "volumes": total_volumes, "parts": parts})
+    merged = {name: {key: _interleave([p["parts"][name][key] for p in gathered]) for key in arrays}
+              for name, arrays in parts.items()}
+    return sum(p["loss"] for p in gathered), sum(p["volumes"] for p in gathered), merged
 
 
 def _interleave(parts: list[np.ndarray]) -> np.ndarray:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-__all__ = ["TASKS", "FLIP_AXES", "flip_combinations", "predict_outputs"]
+__all__ = ["TASKS", "FLIP_AXES", "flip_combinations", "predict_outputs", "predict_heads"]
 
 TASKS = ("classification", "regression", "segmentation")
 FLIP_AXES = (2, 3, 4)  # the spatial axes of a (B, C, D, H, W) batch
@@ -73,25 +73,41 @@ def predict_outputs(
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    return predict_heads(models, image, {head_name: task}, tta=tta, amp_dtype=amp_dtype)[head_name]
+
+
+@torch.no_grad()
+def predict_heads(
+    models: Sequence[nn.Module],
+    image: torch.Tensor,
+    heads: dict[str, str],
+    tta: bool = False,
+    amp_dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """:func:`predict_outputs` for several heads of the same models at once (``heads``: head name -> task),
+    one forward pass per model and flip for all of them. Returns ``{head name: averaged output}``."""
+    for head_name, task in heads.items():
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r} (head {head_name!r})")
     models = list(models)
     if not models:
         raise ValueError("predict_outputs: need at least one model")
     if image.dim() != 5:
         raise ValueError(f"predict_outputs: expected a 5-D image (B, C, D, H, W), got shape {tuple(image.shape)}")
     flips = flip_combinations() if tta else [()]
-    total: torch.Tensor | None = None
+    totals: dict[str, torch.Tensor] = {}
     for model in models:
         for axes in flips:
             x = torch.flip(image, axes) if axes else image
             with _autocast(image.device, amp_dtype):
                 outputs = model(x)
-            if head_name not in outputs:
-                raise ValueError(f"model has no head {head_name!r}; heads: {sorted(outputs)}")
-            out = outputs[head_name].float()
-            if task != "regression":
-                out = torch.sigmoid(out)
-            if axes and out.dim() == 5:  # voxel-wise: flip back onto the input's grid
-                out = torch.flip(out, axes)
-            total = out if total is None else total + out
-    assert total is not None
-    return total / (len(models) * len(flips))
+            for head_name, task in heads.items():
+                if head_name not in outputs:
+                    raise ValueError(f"model has no head {head_name!r}; heads: {sorted(outputs)}")
+                out = outputs[head_name].float()
+                if task != "regression":
+                    out = torch.sigmoid(out)
+                if axes and out.dim() == 5:  # voxel-wise: flip back onto the input's grid
+                    out = torch.flip(out, axes)
+                totals[head_name] = out if head_name not in totals else totals[head_name] + out
+    return {name: total / (len(models) * len(flips)) for name, total in totals.items()}

@@ -37,6 +37,7 @@ import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -636,78 +637,137 @@ def choose_plan(cfg: DictConfig, fp: dict, budget: Budget, step_bytes: Callable[
     Raises:
         ConfigError: the baseline alone exceeds the budget, or not even the smallest input fits.
     """
-    from brain3d.memory_probe import largest_fitting_batch
-
     task = cfg.task.name
+    plan, per_subject = _geometry_plan(fp, cfg)
+    available = _step_available_bytes(budget)
+    max_fraction = float(cfg.data.get("resident_max_fraction", 0.5))
+    cap, cap_reason = batch_cap(cfg, budget.device, num_train)
+    shape = list(plan.overrides["data.shape"])
+    # room(volume_shapes) -> (bytes left for the step, bytes of the preprocessed volumes, held in memory?)
+    room = partial(_step_room, task=task, available=available, max_fraction=max_fraction)
+    if task == "segmentation":
+        input_shape, (step_budget, data_bytes, held) = _segmentation_input(plan, cfg, shape, per_subject, step_bytes,
+                                                                           room, budget.reason)
+    else:
+        input_shape, (step_budget, data_bytes, held) = _whole_volume_input(plan, cfg, shape, len(per_subject),
+                                                                           step_bytes, room, budget.reason)
+    step_peak, trials = _choose_batch(plan, task, input_shape, step_bytes, step_budget, cap, cap_reason,
+                                      budget.device)
+    if not held:
+        _set_resident_elsewhere(plan, data_bytes, max_fraction, available, budget.device)
+    plan.set("trainer.precision", precision[0], precision[1])
+    plan.memory = _memory_summary(budget, data_bytes if held else 0, step_peak, input_shape, trials)
+    return plan
+
+
+def _geometry_plan(fp: dict, cfg: DictConfig) -> tuple[Plan, np.ndarray]:
+    """A plan holding :func:`choose_geometry`'s overrides and reasons, and the per-subject shapes (N, 3)."""
     overrides, reasons, per_subject = choose_geometry(fp, cfg)
     plan = Plan()
     for key, value in overrides.items():
         plan.set(key, value, reasons.get(key))
+    return plan, per_subject
+
+
+def _step_available_bytes(budget: Budget) -> int:
+    """Bytes the budget leaves for the step and the resident data (total less baseline and margin); raises
+    ConfigError when nothing is left."""
     available = budget.total - budget.baseline - budget.margin
     if available <= 0:
         raise ConfigError(f"the memory budget ({size_text(budget.total)}, {budget.reason}) is smaller than what the "
                           f"training process takes before its first step ({size_text(budget.baseline)}) and beside it "
                           f"({size_text(budget.margin)}); raise plan.memory_gb")
-    max_fraction = float(cfg.data.get("resident_max_fraction", 0.5))
-    cap, cap_reason = batch_cap(cfg, budget.device, num_train)
-    shape = list(plan.overrides["data.shape"])
-    n = len(per_subject)
+    return available
 
-    def room(volume_shapes) -> tuple[int, int, bool]:
-        """(bytes left for the step, bytes of the preprocessed volumes, held in memory?)"""
-        data = resident_bytes(volume_shapes, task)
-        held = data <= max_fraction * available
-        return available - (data if held else 0), data, held
 
-    step_budget, data_bytes, held = room(np.tile(shape, (n, 1)))
-    input_shape = shape
-    if task == "segmentation":
-        whole = step_bytes(shape, 2)
-        if _fits(whole, step_budget):
-            plan.reasons["data.shape"] += (f"; whole volumes: a step of 2 needs {size_text(whole)} of the "
-                                           f"{size_text(step_budget)} left for it")
-            if cfg.data.get("patch_size"):
-                plan.set("data.patch_size", None, "whole volumes fit the budget")
+def _step_room(volume_shapes, task: str, available: int, max_fraction: float) -> tuple[int, int, bool]:
+    """(bytes left for the step, bytes of the preprocessed volumes, held in memory?) for volumes of
+    ``volume_shapes`` (N, 3): they are held when they take at most ``max_fraction`` of ``available``."""
+    data = resident_bytes(volume_shapes, task)
+    held = data <= max_fraction * available
+    return available - (data if held else 0), data, held
+
+
+def _largest_fitting_cube(shape: Sequence[int], step_bytes: Callable[[Sequence[int], int], int | None],
+                          step_budget: float) -> int | None:
+    """The largest cube edge (a multiple of 16 from ``MIN_PATCH_EDGE``, at most the smallest axis and smaller than
+    the largest) whose batch-2 step fits ``step_budget``; None if none does. A step's memory grows with the edge:
+    bisect."""
+    edges = [e for e in range(MIN_PATCH_EDGE, min(shape) + 1, 16) if e < max(shape)]
+    best, lo, hi = None, 0, len(edges) - 1
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if _fits(step_bytes([edges[mid]] * 3, 2), step_budget):
+            best, lo = edges[mid], mid + 1
         else:
-            if plan.overrides["preprocess"] == "spacing":
-                step_budget, data_bytes, held = room(per_subject)  # each head-cropped volume kept whole
-            edges = [e for e in range(MIN_PATCH_EDGE, min(shape) + 1, 16) if e < max(shape)]
-            best, lo, hi = None, 0, len(edges) - 1
-            while lo <= hi:  # a step's memory grows with the edge: bisect for the largest that fits
-                mid = (lo + hi) // 2
-                if _fits(step_bytes([edges[mid]] * 3, 2), step_budget):
-                    best, lo = edges[mid], mid + 1
-                else:
-                    hi = mid - 1
-            if best is None:
-                raise ConfigError(f"whole {_x(shape)} volumes and even {MIN_PATCH_EDGE}^3 patches in batches of 2 need "
-                                  f"{_need(step_bytes([MIN_PATCH_EDGE] * 3, 2))} per step, more than the "
-                                  f"{size_text(step_budget)} the budget leaves ({budget.reason}); raise "
-                                  f"plan.memory_gb or use a smaller model (backbone.width=0.5)")
-            input_shape = [best] * 3
-            plan.set("data.patch_size", input_shape, f"whole {_x(shape)} volumes in batches of 2 need {_need(whole)} "
-                     f"per step, more than the {size_text(step_budget)} left: the largest cube (a multiple of 16) "
-                     f"whose batch-2 step fits; validation runs on whole volumes by sliding windows")
-            if plan.overrides["preprocess"] == "spacing":
-                plan.set("data.shape", None, "patch training keeps each head-cropped volume whole (their sizes vary)")
-    else:
+            hi = mid - 1
+    return best
+
+
+def _segmentation_input(plan: Plan, cfg: DictConfig, shape: list[int], per_subject: np.ndarray,
+                        step_bytes: Callable[[Sequence[int], int], int | None], room: Callable,
+                        budget_reason: str) -> tuple[list[int], tuple[int, int, bool]]:
+    """Segmentation: whole volumes when a step of 2 fits, else the largest fitting cube as ``data.patch_size``
+    (updating ``plan``). Returns (the training input shape, ``room`` of the volumes held)."""
+    fit = room(np.tile(shape, (len(per_subject), 1)))
+    whole = step_bytes(shape, 2)
+    if _fits(whole, fit[0]):
+        plan.reasons["data.shape"] += (f"; whole volumes: a step of 2 needs {size_text(whole)} of the "
+                                       f"{size_text(fit[0])} left for it")
         if cfg.data.get("patch_size"):
-            plan.set("data.patch_size", None, f"task={task} trains on whole volumes")
-        factor, spacing = 1.0, plan.overrides.get("preprocess.spacing")
-        while not _fits(step_bytes(input_shape, 1), step_budget):
-            factor *= 1.25
-            input_shape = round_to_multiple([v / factor for v in shape], 8, up=True)
-            if min(input_shape) < 16:
-                raise ConfigError(f"a step of one {_x(shape)} volume does not fit the {size_text(step_budget)} the "
-                                  f"budget leaves ({budget.reason}), even downsampled; raise plan.memory_gb")
-            step_budget, data_bytes, held = room(np.tile(input_shape, (n, 1)))
-        if factor > 1.0:
-            plan.set("data.shape", input_shape, f"{_x(shape)} downsampled {factor:.2f}x: a step of one volume at "
-                     f"full size needs {_need(step_bytes(shape, 1))}, more than the budget leaves")
-            if spacing is not None:
-                plan.set("preprocess.spacing", [round(v * factor, 3) for v in spacing],
-                         f"the median voxel size {_mm(spacing)} coarsened {factor:.2f}x to fit the budget")
-    safe = available_bytes(budget.device) if budget.device.type == "cpu" else None  # beyond it: the OOM killer
+            plan.set("data.patch_size", None, "whole volumes fit the budget")
+        return shape, fit
+    if plan.overrides["preprocess"] == "spacing":
+        fit = room(per_subject)  # each head-cropped volume kept whole
+    step_budget = fit[0]
+    best = _largest_fitting_cube(shape, step_bytes, step_budget)
+    if best is None:
+        raise ConfigError(f"whole {_x(shape)} volumes and even {MIN_PATCH_EDGE}^3 patches in batches of 2 need "
+                          f"{_need(step_bytes([MIN_PATCH_EDGE] * 3, 2))} per step, more than the "
+                          f"{size_text(step_budget)} the budget leaves ({budget_reason}); raise "
+                          f"plan.memory_gb or use a smaller model (backbone.width=0.5)")
+    input_shape = [best] * 3
+    plan.set("data.patch_size", input_shape, f"whole {_x(shape)} volumes in batches of 2 need {_need(whole)} "
+             f"per step, more than the {size_text(step_budget)} left: the largest cube (a multiple of 16) "
+             f"whose batch-2 step fits; validation runs on whole volumes by sliding windows")
+    if plan.overrides["preprocess"] == "spacing":
+        plan.set("data.shape", None, "patch training keeps each head-cropped volume whole (their sizes vary)")
+    return input_shape, fit
+
+
+def _whole_volume_input(plan: Plan, cfg: DictConfig, shape: list[int], n: int,
+                        step_bytes: Callable[[Sequence[int], int], int | None], room: Callable,
+                        budget_reason: str) -> tuple[list[int], tuple[int, int, bool]]:
+    """Classification / regression: whole volumes, downsampled in steps of 1.25x (shape and voxel size) until a
+    step of 1 fits (updating ``plan``). Returns (the training input shape, ``room`` of the ``n`` volumes held)."""
+    fit = room(np.tile(shape, (n, 1)))
+    if cfg.data.get("patch_size"):
+        plan.set("data.patch_size", None, f"task={cfg.task.name} trains on whole volumes")
+    factor, spacing, input_shape = 1.0, plan.overrides.get("preprocess.spacing"), shape
+    while not _fits(step_bytes(input_shape, 1), fit[0]):
+        factor *= 1.25
+        input_shape = round_to_multiple([v / factor for v in shape], 8, up=True)
+        if min(input_shape) < 16:
+            raise ConfigError(f"a step of one {_x(shape)} volume does not fit the {size_text(fit[0])} the "
+                              f"budget leaves ({budget_reason}), even downsampled; raise plan.memory_gb")
+        fit = room(np.tile(input_shape, (n, 1)))
+    if factor > 1.0:
+        plan.set("data.shape", input_shape, f"{_x(shape)} downsampled {factor:.2f}x: a step of one volume at "
+                 f"full size needs {_need(step_bytes(shape, 1))}, more than the budget leaves")
+        if spacing is not None:
+            plan.set("preprocess.spacing", [round(v * factor, 3) for v in spacing],
+                     f"the median voxel size {_mm(spacing)} coarsened {factor:.2f}x to fit the budget")
+    return input_shape, fit
+
+
+def _choose_batch(plan: Plan, task: str, input_shape: Sequence[int],
+                  step_bytes: Callable[[Sequence[int], int], int | None], step_budget: int, cap: int,
+                  cap_reason: str, device: torch.device) -> tuple[int, list]:
+    """Set ``data.batch_size``: the largest batch whose step fits ``step_budget`` with ``STEP_SLACK`` to spare, at
+    most ``cap``. Returns (that step's peak bytes, the probe's (batch, bytes) trials)."""
+    from brain3d.memory_probe import largest_fitting_batch
+
+    safe = available_bytes(device) if device.type == "cpu" else None  # beyond it: the OOM killer
     batch, trials = largest_fitting_batch(lambda b: step_bytes(input_shape, b), int(step_budget / (1 + STEP_SLACK)),
                                           start=min(2 if task == "segmentation" else 1, cap), maximum=cap,
                                           safe_limit_bytes=safe)
@@ -715,17 +775,25 @@ def choose_plan(cfg: DictConfig, fp: dict, budget: Budget, step_bytes: Callable[
     plan.set("data.batch_size", int(batch), f"the largest batch whose step fits the {size_text(step_budget)} left "
              f"({size_text(step_peak)} at {batch}; tried " + ", ".join(f"{b}: {_need(p)}" for b, p in trials) +
              f"), at most {cap}: {cap_reason}")
-    if not held:
-        # on a GPU, host RAM holds them at no cost to the budget when they fit it; else workers read the disk cache
-        where = ("host" if budget.device.type == "cuda"
-                 and data_bytes <= max_fraction * available_bytes(torch.device("cpu")) else "off")
-        plan.set("data.resident", where, f"the preprocessed volumes ({size_text(data_bytes)}) would take more than "
-                 f"data.resident_max_fraction={max_fraction:g} of the budget: " +
-                 ("held in host RAM instead" if where == "host" else "workers read them from the disk cache"))
-    plan.set("trainer.precision", precision[0], precision[1])
-    resident = data_bytes if held else 0
+    return step_peak, trials
+
+
+def _set_resident_elsewhere(plan: Plan, data_bytes: int, max_fraction: float, available: int,
+                            device: torch.device) -> None:
+    """The preprocessed volumes do not fit the budget: ``data.resident=host`` on a GPU when host RAM holds them (at
+    no cost to the budget), else ``off`` (workers read the disk cache)."""
+    where = ("host" if device.type == "cuda"
+             and data_bytes <= max_fraction * available_bytes(torch.device("cpu")) else "off")
+    plan.set("data.resident", where, f"the preprocessed volumes ({size_text(data_bytes)}) would take more than "
+             f"data.resident_max_fraction={max_fraction:g} of the budget: " +
+             ("held in host RAM instead" if where == "host" else "workers read them from the disk cache"))
+
+
+def _memory_summary(budget: Budget, resident: int, step_peak: int, input_shape: Sequence[int],
+                    trials: list) -> dict[str, Any]:
+    """``Plan.memory``: the budget, its parts and the expected peak (bytes and text), the input shape and trials."""
     expected = budget.baseline + budget.margin + resident + int(step_peak * (1 + STEP_SLACK))
-    plan.memory = {
+    return {
         "device": str(budget.device), "budget_bytes": int(budget.total), "budget": size_text(budget.total),
         "budget_reason": budget.reason,
         "baseline_bytes": int(budget.baseline), "baseline": size_text(budget.baseline),
@@ -735,7 +803,6 @@ def choose_plan(cfg: DictConfig, fp: dict, budget: Budget, step_bytes: Callable[
         "expected_peak_bytes": int(expected), "expected_peak": size_text(expected),
         "input_shape": [int(v) for v in input_shape], "batch_trials": [[b, p] for b, p in trials],
     }
-    return plan
 
 
 def measure_budget(cfg: DictConfig, device: torch.device, process_bytes: int, weight_bytes: int) -> Budget:

@@ -23,19 +23,20 @@ import torch
 from omegaconf import DictConfig, ListConfig
 from tqdm.auto import tqdm
 
-from brain3d import evaluation, report
+from brain3d import report
 from brain3d.checkpoint import load_checkpoint
 from brain3d.cli import config_dir, keys_help, progress_mode, report_user_error, run_command
-from brain3d.data.manifest import TASK_TARGET_COLS, Manifest, ManifestError
-from brain3d.data.nifti import NativeGrid, load_mask, load_nifti_with_grid, save_on_native_grid
+from brain3d.command_setup import read_manifest
+from brain3d.data.manifest import Manifest, ManifestError
+from brain3d.data.nifti import NativeGrid, load_nifti_with_grid, save_on_native_grid
 from brain3d.data.preprocess import invert_geometry, preprocess_volume, validate_settings
 from brain3d.errors import ConfigError
 from brain3d.hardware import resolve_device, resolve_precision
-from brain3d.inference import predict_outputs
+from brain3d.inference import predict_heads, predict_outputs
 from brain3d.models.model import build_model
 from brain3d.saliency import grad_cam
 from brain3d.sliding_window import sliding_window_inference
-from brain3d.train import read_manifest
+from brain3d.tasks import MULTITASK, PredictionContext, TaskSet, head_configs, task_set_from_checkpoint
 
 log = logging.getLogger("brain3d.predict")
 
@@ -50,7 +51,7 @@ def load_models(paths: list[str], device: torch.device) -> tuple[list[torch.nn.M
     for path in paths:
         state = load_checkpoint(path, map_location="cpu")
         config = state["config"]
-        model = build_model(config["backbone"], config["task"]["head"], head_name=state["head_name"])
+        model = build_model(config["backbone"], head_configs(config["task"]))
         model.load_state_dict(state["model"])
         models.append(model.to(device).eval())
         states.append({k: v for k, v in state.items() if k not in ("model", "optimizer", "scheduler", "scaler", "rng")})
@@ -92,12 +93,17 @@ def manifest_columns(data_cfg: DictConfig, train_data: dict) -> tuple[dict, dict
     return columns, origins
 
 
-def no_metrics_reason(manifest: Manifest, task: str, columns: dict, origins: dict) -> str:
+def no_metrics_reason(manifest: Manifest, tasks: TaskSet, columns: dict, origins: dict) -> str:
     """Why no metrics.json is written, as one log line: a silently missing file looks like a bug, and the
     usual cause (a column named otherwise than in training) is fixed by one override."""
-    key = "mask_col" if task == "segmentation" else "target_col"
-    name = columns[key] or TASK_TARGET_COLS[task]
-    origin = origins[key] if columns[key] else f"the default target column of {task}"
+    if tasks.multi:
+        missing = [f"{t.name}: {t.column!r}" for t in tasks if t.column not in manifest.columns]
+        return (f"no metrics.json: no subject has a label for any head ({'; '.join(missing) or 'every cell empty'}"
+                f" missing from the manifest); predictions only")
+    task = next(iter(tasks))
+    key = "mask_col" if task.reads_mask else "target_col"
+    name = columns[key] or task.default_column
+    origin = origins[key] if columns[key] else f"the default target column of {task.kind}"
     if name not in manifest.columns:
         return (f"no metrics.json: the manifest has no column {name!r} ({origin}); predictions only "
                 f"(data.{key}=NAME names the column to evaluate on)")
@@ -157,157 +163,157 @@ def predict(cfg: DictConfig) -> dict:
     if cfg.saliency not in (None, "gradcam"):
         raise ConfigError(f"saliency={cfg.saliency!r} is not one of null, gradcam")
     models, states = load_models(paths, device)
-    task, head = states[0]["task"], states[0]["head_name"]
-    shape = states[0]["config"]["data"]["shape"]
-    class_names = states[0].get("class_names")
-    if cfg.saliency and task == "segmentation":
-        raise ConfigError("saliency=gradcam is for classification and regression checkpoints")
-    log.info("%d checkpoint(s), task %s, input shape %s, device %s, precision %s, tta %s",
-             len(models), task, shape, device, precision, cfg.tta)
-
-    columns, origins = manifest_columns(cfg.data, states[0]["config"].get("data") or {})
-    manifest = read_manifest(cfg.data, task, require_targets=False, class_names=class_names, **columns)
-    log_skipped(manifest)
-    id_col = manifest.id_col  # predictions.csv keeps the manifest's name (e.g. participant_id)
+    tasks = task_set_from_checkpoint(states[0])
+    if len(states) > 1:  # each member's bias correction was fitted on its own validation split: none for the mean
+        for task in tasks:
+            task.bias_correction = None
+    if cfg.saliency and (tasks.multi or tasks.mask_task is not None):
+        raise ConfigError("saliency=gradcam is for single-task classification and regression checkpoints")
+    log.info("%d checkpoint(s), task %s (heads %s), input shape %s, device %s, precision %s, tta %s", len(models),
+             states[0]["task"], ", ".join(tasks.names), states[0]["config"]["data"]["shape"], device, precision,
+             cfg.tta)
+    manifest, columns, origins = read_prediction_manifest(cfg, states[0], tasks)
     seen = training_subject_ids(states, paths)
     warn_training_subjects([s.subject_id for s in manifest.subjects], seen)
-    # The checkpoint's preprocessing, applied exactly as in training (older checkpoints: resize to data.shape).
-    train_config = states[0]["config"]
-    settings = validate_settings(train_config.get("preprocess") or {"mode": "resize", "shape": list(shape)})
-    patch_size = train_config["data"].get("patch_size")
-
-    rows, case_rows = [], []
+    rows, evaluated = [], {task.name: [] for task in tasks}  # evaluated: per head, the rows with a label
     worst = report.WorstCases(int(cfg.get("report_subjects", 16)))  # report.html: the worst subjects' slices
-    for subject in tqdm(manifest.subjects, desc="predict", disable=progress_mode(cfg.progress) != "bars",
-                        dynamic_ncols=True):
-        image_ras, _, grid = load_nifti_with_grid(subject.image)
-        image, _, info = preprocess_volume(image_ras, grid.voxel_size_mm, settings)
-        x = torch.from_numpy(image)[None, None]  # (1, 1, D, H, W); stays on the CPU for sliding windows
-        # One model at a time: each checkpoint maps its own outputs back (its own target scaling).
-        outputs = []
-        for model, state in zip(models, states):
-            if patch_size and task == "segmentation":
-                # Patch-trained: whole volume by Gaussian-weighted windows, probabilities averaged (nnU-Net)
-                out = sliding_window_inference(
-                    x, lambda w, m=model: predict_outputs([m], w, head, task, tta=cfg.tta, amp_dtype=amp_dtype),
-                    patch_size, overlap=cfg.sw_overlap, batch_size=cfg.sw_batch_size, compute_device=device,
-                    accumulate_device=cfg.get("sw_device") or "cpu",
-                )
-            else:
-                out = predict_outputs([model], x.to(device), head, task, tta=cfg.tta, amp_dtype=amp_dtype)
-            if task == "regression":
-                out = out * state["target_std"] + state["target_mean"]
-            outputs.append(out.cpu())
-        output = torch.stack(outputs).mean(0)  # probabilities or values, averaged over the ensemble
+    for index, subject in enumerate(tqdm(manifest.subjects, desc="predict", dynamic_ncols=True,
+                                         disable=progress_mode(cfg.progress) != "bars")):
         in_training = None if seen is None else subject.subject_id in seen
-        row = {id_col: subject.subject_id, "in_training_split": in_training}
-
-        if task == "segmentation":
-            probability = invert_geometry(output[0, 0].numpy(), info, "trilinear")  # back on the input's RAS grid
-            mask = (probability > cfg.threshold).astype(np.uint8)
-            save_like_input(probability.astype(np.float32), grid, out_dir / f"{subject.subject_id}_prob.nii.gz",
-                            np.float32)
-            save_like_input(mask, grid, out_dir / f"{subject.subject_id}_mask.nii.gz", np.uint8)
-            row["predicted_volume_ml"] = float(mask.sum() * np.prod(grid.voxel_size_mm) / 1000.0)
-            if subject.mask is not None:
-                true_mask, _ = load_mask(subject.mask)
-                case = evaluation.segmentation_case_metrics(mask, true_mask, grid.voxel_size_mm)
-                case_rows.append({id_col: subject.subject_id, "in_training_split": in_training, **case})
-        elif task == "classification":
-            probability = float(output.reshape(-1)[0])
-            row["probability"] = probability
-            row["predicted_class"] = class_names[int(probability > cfg.threshold)]
-            if subject.target is not None:
-                row["true_class"] = class_names[int(subject.target)]
-                row["target"] = subject.target
-        else:
-            value = float(output.reshape(-1)[0])
-            row["prediction"] = value
-            correction = states[0].get("bias_correction") if len(states) == 1 else None
-            if correction:
-                row["prediction_corrected"] = float(evaluation.apply_bias_correction(np.array([value]), correction)[0])
-            if subject.target is not None:
-                row["target"] = subject.target
-                row["brain_age_gap"] = value - subject.target
-                if correction:
-                    row["brain_age_gap_corrected"] = row["prediction_corrected"] - subject.target
-
-        if cfg.saliency == "gradcam":
-            cams = [grad_cam(model, x.to(device), head) for model in models]
-            cam = invert_geometry(np.mean(cams, axis=0)[0], info, "trilinear")
-            save_like_input(cam.astype(np.float32), grid, out_dir / f"{subject.subject_id}_saliency.nii.gz", np.float32)
-        offer_report_case(worst, task, subject, row, image_ras, grid.voxel_size_mm, len(rows),
-                          mask=mask if task == "segmentation" else None,
-                          true_mask=true_mask if task == "segmentation" and subject.mask is not None else None,
-                          dice=case["dice"] if task == "segmentation" and subject.mask is not None else None)
+        row, evaluations, picture = predict_subject(cfg, subject, models, states, tasks, out_dir, device, amp_dtype)
+        row = {manifest.id_col: subject.subject_id, "in_training_split": in_training, **row}
+        for name, result in evaluations.items():
+            if result is not None:
+                evaluated[name].append((row, result))
+        offer_report_case(worst, tasks, subject, row, evaluations, picture, index)
         rows.append(row)
-
     write_csv(out_dir / "predictions.csv", rows)
-    metrics = {}
-    n_boot = int(cfg.bootstrap_samples)
-    # Metrics over the rows that have a target (or mask); the others are predicted only.
-    evaluated = case_rows if task == "segmentation" else [r for r in rows if "target" in r]
-    if evaluated and len(evaluated) < len(rows):
-        log.info("metrics over the %d of %d subjects with a %s", len(evaluated), len(rows),
-                 "mask" if task == "segmentation" else "target")
-    if task == "classification" and evaluated:
-        probs = np.array([r["probability"] for r in evaluated])
-        labels = np.array([r["target"] for r in evaluated])
-        metrics = evaluation.classification_report(probs, labels, threshold=cfg.threshold, num_samples=n_boot)
-        metrics["positive_class"] = class_names[1]
-        write_csv(out_dir / "metrics.csv", evaluated)
-    elif task == "regression" and evaluated:
-        pred = np.array([r["prediction"] for r in evaluated])
-        target = np.array([r["target"] for r in evaluated])
-        metrics = evaluation.regression_report(pred, target, num_samples=n_boot)
-        if "prediction_corrected" in evaluated[0]:
-            corrected = np.array([r["prediction_corrected"] for r in evaluated])
-            metrics["bias_corrected"] = evaluation.regression_report(corrected, target, num_samples=n_boot)
-        write_csv(out_dir / "metrics.csv", evaluated)
-    elif task == "segmentation" and case_rows:
-        cases = [{k: v for k, v in r.items() if k not in (id_col, "in_training_split")} for r in case_rows]
-        metrics = evaluation.segmentation_report(cases, num_samples=n_boot)
-        metrics["threshold"] = cfg.threshold
-        write_csv(out_dir / "metrics.csv", case_rows)
-    if metrics:
-        metrics = {"task": task, "checkpoints": paths, "tta": bool(cfg.tta), **metrics,
-                   "num_in_training_split": count_in_training(evaluated)}
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    else:
-        log.warning("%s", no_metrics_reason(manifest, task, columns, origins))
+    metrics = write_metrics(cfg, out_dir, paths, tasks, manifest.id_col, rows, evaluated)
+    if not metrics:
+        log.warning("%s", no_metrics_reason(manifest, tasks, columns, origins))
+    shown = tasks.mask_task or next(iter(tasks))
     report.ReportGuard("report.html")(
-        report.write_prediction_report, out_dir, task, metrics, worst.sorted(), int(cfg.get("report_subjects", 16)),
-        total_cases=worst.total, scored=bool(evaluated), class_names=class_names,
+        report.write_prediction_report, out_dir, shown.kind, metrics, worst.sorted(),
+        int(cfg.get("report_subjects", 16)), total_cases=worst.total, scored=bool(evaluated[shown.name]),
+        class_names=shown.class_names,
         note="Each picture shows the input scan on its own grid (reoriented to RAS, in mm proportions)"
              + (" with the written mask (red) and, where the manifest has one, the true mask (green)."
-                if task == "segmentation" else "."))
+                if shown.reads_mask else "."))
     log.info("wrote %d predictions to %s%s", len(rows), out_dir, " with metrics.json" if metrics else "")
     return metrics
 
 
-def offer_report_case(worst: report.WorstCases, task: str, subject, row: dict, image_ras: np.ndarray, voxel_size_mm,
-                      index: int, mask=None, true_mask=None, dice: float | None = None) -> None:
-    """One subject for report.html, ranked as the run report ranks them: 1 - Dice, |p - label|,
-    |prediction - target|; subjects without a target come after the scored ones, in manifest order. Slices are
-    cut (on the input's RAS grid) only for subjects among the worst so far."""
-    values: dict = {"subject_id": subject.subject_id}
-    badness = -1e9 - index  # unscored: after every scored subject, in manifest order
-    if task == "segmentation":
-        values["predicted_volume_ml"] = row.get("predicted_volume_ml")
-        if dice is not None:
-            values["dice"], badness = float(dice), 1.0 - float(dice)
-    elif task == "classification":
-        values["probability"] = row["probability"]
-        if subject.target is not None:
-            values["label"] = float(subject.target)
-            badness = abs(row["probability"] - float(subject.target))
+def read_prediction_manifest(cfg: DictConfig, state: dict, tasks: TaskSet) -> tuple[Manifest, dict, dict]:
+    """The manifest, read with the checkpoint's columns and class names (targets optional: a row without one
+    is predicted, not evaluated); also the columns and where each came from (for messages)."""
+    columns, origins = manifest_columns(cfg.data, state["config"].get("data") or {})
+    if tasks.multi:
+        heads = [(t.name, t.kind, t.column) for t in tasks]
+        class_names = {t.name: t.class_names for t in tasks if t.class_names is not None}
+        manifest = read_manifest(cfg.data, MULTITASK, require_targets=False, class_names=class_names or None,
+                                 heads=heads, **columns)
     else:
-        values["prediction"] = row["prediction"]
-        if subject.target is not None:
-            values["target"] = float(subject.target)
-            badness = abs(row["prediction"] - float(subject.target))
-    worst.offer(badness, lambda: {**values, "slices": report.orthogonal_slices(
-        image_ras, truth=true_mask, prediction=mask, voxel_size_mm=voxel_size_mm)})
+        manifest = read_manifest(cfg.data, state["task"], require_targets=False,
+                                 class_names=next(iter(tasks)).class_names, **columns)
+    log_skipped(manifest)
+    return manifest, columns, origins
+
+
+def predict_subject(cfg: DictConfig, subject, models, states, tasks: TaskSet, out_dir: Path, device,
+                    amp_dtype) -> tuple[dict, dict, dict]:
+    """One subject: load (RAS), preprocess exactly as in training (older checkpoints: resize to data.shape),
+    predict every head (ensemble mean, optional flip TTA, sliding windows after patch training), write its
+    outputs on the input's grid. Returns (predictions.csv columns, {head: evaluation row or None}, what
+    report.html needs to draw it)."""
+    train_config = states[0]["config"]
+    settings = validate_settings(train_config.get("preprocess") or {"mode": "resize",
+                                                                    "shape": list(train_config["data"]["shape"])})
+    image_ras, _, grid = load_nifti_with_grid(subject.image)
+    image, _, info = preprocess_volume(image_ras, grid.voxel_size_mm, settings)
+    x = torch.from_numpy(image)[None, None]  # (1, 1, D, H, W); stays on the CPU for sliding windows
+    outputs = ensemble_outputs(cfg, x, models, states, tasks, train_config["data"].get("patch_size"), device,
+                               amp_dtype)
+    where = PredictionContext(subject.subject_id, grid, info, out_dir, cfg.threshold, save_like_input)
+    row, evaluations = {}, {}
+    for task in tasks:
+        label = subject.labels.get(task.name) if tasks.multi else (subject.mask if task.reads_mask else subject.target)
+        columns, evaluations[task.name] = task.predict_subject(outputs[task.name], label, where)
+        row.update(columns)
+    if cfg.saliency == "gradcam":
+        head = next(iter(tasks)).name
+        cams = [grad_cam(model, x.to(device), head) for model in models]
+        cam = invert_geometry(np.mean(cams, axis=0)[0], info, "trilinear")
+        save_like_input(cam.astype(np.float32), grid, out_dir / f"{subject.subject_id}_saliency.nii.gz", np.float32)
+    return row, evaluations, {"image_ras": image_ras, "voxel_size_mm": grid.voxel_size_mm, "mask": where.mask,
+                              "true_mask": where.true_mask}
+
+
+def ensemble_outputs(cfg: DictConfig, x: torch.Tensor, models, states, tasks: TaskSet, patch_size, device,
+                     amp_dtype) -> dict[str, torch.Tensor]:
+    """Every head's output averaged over the checkpoints: probabilities (classification, segmentation) or
+    values in target units (regression: each checkpoint maps its own outputs back with its own scaling)."""
+    kinds = {task.name: task.kind for task in tasks}
+    per_model = []
+    for model, state in zip(models, states):
+        if patch_size and tasks.mask_task is not None and not tasks.multi:
+            # Patch-trained: the whole volume by Gaussian-weighted windows, probabilities averaged (nnU-Net)
+            name = tasks.mask_task.name
+            out = {name: sliding_window_inference(
+                x, lambda w, m=model: predict_outputs([m], w, name, "segmentation", tta=cfg.tta, amp_dtype=amp_dtype),
+                patch_size, overlap=cfg.sw_overlap, batch_size=cfg.sw_batch_size, compute_device=device,
+                accumulate_device=cfg.get("sw_device") or "cpu")}
+        else:
+            out = predict_heads([model], x.to(device), kinds, tta=cfg.tta, amp_dtype=amp_dtype)
+        own = task_set_from_checkpoint(state)
+        per_model.append({name: own[name].decode(value).cpu() if own[name].kind == "regression" else value.cpu()
+                          for name, value in out.items()})
+    return {name: torch.stack([o[name] for o in per_model]).mean(0) for name in kinds}
+
+
+def write_metrics(cfg: DictConfig, out_dir: Path, paths: list[str], tasks: TaskSet, id_col: str, rows: list[dict],
+                  evaluated: dict[str, list]) -> dict:
+    """metrics.json (bootstrap intervals) and metrics.csv (one row per evaluated subject) over the rows with a
+    target (or mask); {} when none has one. A multi-task checkpoint: metrics.json holds each head under
+    ``heads`` and metrics.csv every subject with any label (a segmentation head's case metrics prefixed)."""
+    n_boot = int(cfg.bootstrap_samples)
+    per_head, csv_rows = {}, {}
+    for task in tasks:
+        pairs = evaluated[task.name]
+        if not pairs:
+            continue
+        if len(pairs) < len(rows):
+            log.info("metrics of %s over the %d of %d subjects with a %s", task.name, len(pairs), len(rows),
+                     "mask" if task.reads_mask else "target")
+        per_head[task.name] = task.prediction_metrics([result for _, result in pairs], n_boot, cfg.threshold)
+        for row, result in pairs:
+            entry = csv_rows.setdefault(row[id_col], dict(row) if not task.reads_mask or tasks.multi else
+                                        {id_col: row[id_col], "in_training_split": row["in_training_split"]})
+            if task.reads_mask:
+                entry.update({task.out_key(k): v for k, v in result.items()})
+    if not per_head:
+        return {}
+    evaluated_rows = [r for r in rows if r[id_col] in csv_rows]
+    write_csv(out_dir / "metrics.csv", [csv_rows[r[id_col]] for r in evaluated_rows])
+    head_metrics = {"heads": per_head} if tasks.multi else next(iter(per_head.values()))
+    metrics = {"task": MULTITASK if tasks.multi else next(iter(tasks)).kind, "checkpoints": paths,
+               "tta": bool(cfg.tta), **head_metrics, "num_in_training_split": count_in_training(evaluated_rows)}
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def offer_report_case(worst: report.WorstCases, tasks: TaskSet, subject, row: dict, evaluations: dict,
+                      picture: dict, index: int) -> None:
+    """One subject for report.html, ranked as the run report ranks them (by the segmentation head in a
+    multi-task run): 1 - Dice, |p - label|, |prediction - target|; subjects without a target come after the
+    scored ones, in manifest order. Slices are cut (on the input's RAS grid) only for subjects among the
+    worst so far."""
+    shown = tasks.mask_task or next(iter(tasks))
+    badness, values = shown.report_case(row, evaluations[shown.name])
+    if badness is None:
+        badness = -1e9 - index  # unscored: after every scored subject, in manifest order
+    worst.offer(badness, lambda: {"subject_id": subject.subject_id, **values, "slices": report.orthogonal_slices(
+        picture["image_ras"], truth=picture["true_mask"], prediction=picture["mask"],
+        voxel_size_mm=picture["voxel_size_mm"])})
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:

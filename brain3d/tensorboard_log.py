@@ -8,13 +8,17 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
 
-def log_epoch(writer: SummaryWriter, record: dict[str, float], epoch: int) -> None:
+def log_epoch(writer: SummaryWriter, record: dict[str, float], epoch: int, heads=()) -> None:
     """Scalars of one epoch's ``record`` (keys like ``train_loss``, ``val_dice``) as ``train/loss``,
-    ``val/dice``…, so TensorBoard groups train and val; ``lr`` and throughput go under ``optim/``."""
+    ``val/dice``…, so TensorBoard groups train and val; ``lr`` and throughput go under ``optim/``.
+    A multi-task run's ``heads``: ``val_<head>_<metric>`` goes to ``val/<head>/<metric>``."""
     for key, value in record.items():
         if key == "epoch" or value is None:
             continue
         split, _, name = key.partition("_")
+        head = next((h for h in heads if name.startswith(f"{h}_")), None)
+        if split in ("train", "val") and head is not None:
+            name = f"{head}/{name[len(head) + 1:]}"
         tag = f"{split}/{name}" if split in ("train", "val") else f"optim/{key}"
         writer.add_scalar(tag, value, epoch)
 

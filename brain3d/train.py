@@ -13,6 +13,7 @@ recorded and returns NaN instead of stopping the others (brain3d.sweep).
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ import random
 import resource
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +46,19 @@ from brain3d.checkpoint import (
     save_checkpoint,
 )
 from brain3d.cli import config_dir, groups_help, progress_mode, report_user_error, run_command
-from brain3d.data.cache import default_cache_root
+from brain3d.command_setup import (  # noqa: F401 (prepare_manifest, cache_root: as brain3d.train offered them)
+    build_loss,
+    cache_root,
+    check_input_geometry,
+    ignored_manifest,
+    prepare_manifest,
+    preprocessed_cache_dir,
+    read_manifest,
+)
 from brain3d.data.dataset import VolumeDataset
 from brain3d.data.loaders import build_loaders, shutdown_workers
-from brain3d.data.manifest import ManifestError, load_manifest, split_subjects
+from brain3d.data.manifest import ManifestError, split_subjects
 from brain3d.data.preprocess import validate_settings
-from brain3d.data.sources import source_manifest
-from brain3d.data.synthetic import make_synthetic_dataset, synthetic_cache_dir
 from brain3d.errors import ConfigError
 from brain3d.evaluation import fit_bias_correction
 from brain3d.hardware import (
@@ -60,10 +68,10 @@ from brain3d.hardware import (
     resolve_device,
     resolve_precision,
 )
-from brain3d.models.heads import check_segmentation_shape
 from brain3d.models.model import build_model, count_parameters
 from brain3d.preemption import EXIT_INTERRUPTED, Preempted, StopRequest, stop_on_signals
 from brain3d.sweep import in_multirun, record_job_error
+from brain3d.tasks import MULTITASK, Task, TaskSet, build_task_set, head_configs
 from brain3d.tensorboard_log import log_config, log_epoch, log_hparams, overlay_mid_slices
 
 log = logging.getLogger("brain3d.train")
@@ -74,96 +82,12 @@ OmegaConf.register_new_resolver("brain3d.optuna_direction", lambda mode: {"max":
                                 replace=True)
 OmegaConf.register_new_resolver("brain3d.loss_choice", lambda losses: f"choice({','.join(losses)})", replace=True)
 
-TASKS = ("classification", "regression", "segmentation")
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def ignored_manifest(data_cfg: DictConfig) -> str | None:
-    """A ``data.manifest`` that the data source would ignore (it used to train on the phantoms and exit 0)."""
-    if not data_cfg.get("manifest") or data_cfg.source == "nifti":
-        return None
-    if data_cfg.source == "synthetic":
-        return (f"data.manifest={data_cfg.manifest} is set, but data=synthetic (the default) trains on built-in "
-                "phantoms and ignores it; add data=nifti to train on your manifest")
-    return (f"data.manifest={data_cfg.manifest} is set, but data={data_cfg.source} builds its manifest from data.root; "
-            "use data=nifti to train on your manifest")
-
-
-def prepare_manifest(data_cfg: DictConfig, task_name: str | None = None, require_targets: bool = True) -> Path:
-    """``data.source``: synthetic -> generate (once, cached) the built-in phantoms; nifti -> ``data.manifest``."""
-    problem = ignored_manifest(data_cfg)
-    if problem:
-        raise ConfigError(problem)
-    if data_cfg.source == "synthetic":
-        root = cache_root(data_cfg) / "synthetic"
-        out_dir = synthetic_cache_dir(root, data_cfg.num_subjects, tuple(data_cfg.shape), data_cfg.seed)
-        return make_synthetic_dataset(out_dir, data_cfg.num_subjects, tuple(data_cfg.shape), data_cfg.seed)
-    if data_cfg.source == "nifti":
-        if not data_cfg.get("manifest"):
-            raise ConfigError("data=nifti needs data.manifest=PATH (a CSV or TSV, one row per subject)")
-        return Path(str(data_cfg.manifest)).expanduser()
-    if data_cfg.source in ("bids", "msd"):
-        try:
-            # a regular manifest written from the folder's layout (BIDS: participants.tsv only where targets are needed)
-            return source_manifest(data_cfg, task=task_name, require_targets=require_targets)
-        except ValueError as err:
-            raise ConfigError(f"data={data_cfg.source}: {err}") from err
-    raise ConfigError(f"data.source={data_cfg.source!r} is not one of synthetic, nifti, bids, msd")
-
-
-def read_manifest(data_cfg: DictConfig, task_name: str, **overrides):
-    """Check the data source's manifest with the ``data`` group's column and check settings
-    (``overrides`` replace or add load_manifest arguments, e.g. ``check_data=False``)."""
-    kwargs = dict(
-        id_col=data_cfg.id_col, image_col=data_cfg.image_col, target_col=data_cfg.target_col,
-        mask_col=data_cfg.mask_col, split_col=data_cfg.split_col, group_col=data_cfg.get("group_col"),
-        positive_label=data_cfg.get("positive_label"), check_data=data_cfg.check_data,
-        on_error=data_cfg.get("on_error", "raise"), mask_values=data_cfg.get("mask_values", "binary"),
-        affine_tolerance=data_cfg.get("affine_tolerance", 1e-3),
-    )
-    manifest_path = prepare_manifest(data_cfg, task_name, overrides.get("require_targets", True))
-    return load_manifest(manifest_path, task_name, **{**kwargs, **overrides})
-
-
-def cache_root(data_cfg: DictConfig) -> Path:
-    """``data.cache_dir`` (configs/data: ``$BRAIN3D_CACHE_DIR``, else ``~/.cache/brain3d``); when it is empty or
-    absent, the same default (brain3d.data.cache.default_cache_root)."""
-    value = data_cfg.get("cache_dir")
-    return Path(str(value)).expanduser() if value else default_cache_root()
-
-
-def preprocessed_cache_dir(data_cfg: DictConfig) -> Path:
-    """Where preprocessed volumes are kept (memory-mapped .npy): ``<data.cache_dir>/preprocessed``."""
-    return cache_root(data_cfg) / "preprocessed"
-
-
-def check_input_geometry(task_name: str, settings: dict, patch_size) -> None:
-    """Shapes that cannot work are refused before any data is read.
-
-    Segmentation needs every trained input divisible by 16 (patches, or whole volumes of preprocess.shape);
-    whole-volume training needs a fixed ``shape`` so volumes batch together.
-    """
-    if patch_size is not None:
-        if task_name != "segmentation":
-            raise ConfigError(f"data.patch_size is for segmentation; task={task_name} trains on whole volumes")
-        try:
-            check_segmentation_shape(tuple(patch_size))
-        except ValueError as err:
-            raise ConfigError(f"data.patch_size: {err}") from err
-        return
-    if settings.get("shape") is None:
-        raise ConfigError("preprocess.shape (data.shape) is null: whole-volume training needs a fixed shape; "
-                          "set data.shape=[D,H,W], or data.patch_size for segmentation")
-    if task_name == "segmentation":
-        try:
-            check_segmentation_shape(tuple(settings["shape"]))
-        except ValueError as err:
-            raise ConfigError(f"data.shape: {err}") from err
 
 
 def build_optimizer(optimizer_cfg: DictConfig, model: torch.nn.Module, device: torch.device):
@@ -180,19 +104,6 @@ def build_optimizer(optimizer_cfg: DictConfig, model: torch.nn.Module, device: t
         else:
             del options["fused"]
     return instantiate(options)(transfer.optimizer_param_groups(model, options.get("lr"), backbone_lr_scale))
-
-
-def build_loss(cfg: DictConfig) -> torch.nn.Module:
-    """Instantiate ``cfg.loss`` after checking that it fits the task (``task.losses`` lists those that do)."""
-    name = cfg.loss.name
-    if name not in cfg.task.losses:
-        raise ConfigError(
-            f"loss={name} does not fit task={cfg.task.name}; "
-            f"valid losses for {cfg.task.name}: {', '.join(cfg.task.losses)}"
-        )
-    loss_cfg = OmegaConf.to_container(cfg.loss, resolve=True)
-    loss_cfg.pop("name")
-    return instantiate(loss_cfg)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -284,6 +195,81 @@ def restore_scheduler(scheduler, optimizer: torch.optim.Optimizer, state: dict, 
                     optimizer.param_groups[0]["lr"], old_lr)
 
 
+@dataclass
+class Run:
+    """One training run's state, filled phase by phase (:func:`set_up`, :func:`load_data`, :func:`build_model_phase`,
+    :func:`build_loaders_phase`, :func:`resume`, :func:`open_logs`) and then changed by the epochs. A checkpoint is
+    made from it (:func:`checkpoint_state`) and ``summary.json`` at the end (:func:`finish`)."""
+
+    cfg: DictConfig
+    stop: StopRequest
+    # set-up
+    device: torch.device = None
+    rank: int = 0
+    world_size: int = 1
+    run_dir: Path = None
+    precision: str = "fp32"
+    amp_dtype: torch.dtype | None = None
+    precision_reason: str = ""
+    tasks: TaskSet = None  # the heads: their losses, target scaling, class names, metrics
+    settings: dict = None  # preprocessing (brain3d.data.preprocess.validate_settings)
+    patch_size: tuple | None = None
+    config_dict: dict = None
+    resume_path: Path | None = None
+    resume_state: dict | None = None
+    init_state: dict | None = None
+    bars: bool = False
+    line_every_s: float | None = None
+    # data
+    manifest: Any = None
+    train_subjects: list = field(default_factory=list)
+    val_subjects: list = field(default_factory=list)
+    train_set: VolumeDataset = None
+    val_set: VolumeDataset = None
+    sliding_window: dict | None = None
+    augment: Any = None
+    # model, loaders, optimizer
+    model: torch.nn.Module = None
+    forward_model: torch.nn.Module = None  # the compiled one with trainer.compile (validation runs it)
+    train_model: torch.nn.Module = None  # forward_model, wrapped in DistributedDataParallel when distributed
+    num_parameters: int = 0
+    init_report: dict | None = None
+    channels_last: bool = False
+    batch_record: dict = None
+    train_loader: Any = None
+    val_loader: Any = None
+    residence: Any = None
+    optimizer: torch.optim.Optimizer = None
+    scheduler: Any = None
+    scaler: torch.amp.GradScaler = None
+    accumulate: int = 1
+    steps_per_epoch: int = 1
+    # progress
+    history: list = field(default_factory=list)
+    best: dict = None
+    start_epoch: int = 0
+    epoch: int = 0  # the epoch in progress (0-based)
+    resume_position: engine.EpochProgress = field(default_factory=engine.EpochProgress)
+    writer: Any = None
+    report_note: str = ""
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main_rank(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def last_path(self) -> Path:
+        return self.run_dir / "checkpoints" / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.run_dir / "checkpoints" / "best.pt"
+
+
 def train(cfg: DictConfig, stop: StopRequest | None = None, record_config=None) -> float:
     """Train one model as ``cfg`` says; return the best value of the monitored validation metric.
 
@@ -292,349 +278,482 @@ def train(cfg: DictConfig, stop: StopRequest | None = None, record_config=None) 
     :class:`~brain3d.preemption.Preempted`. ``record_config`` (``main``: write the run's ``.hydra/`` files) is
     called once the resume check has passed, so nothing in the run folder changes before that.
     """
-    stop = stop or StopRequest()
-    if cfg.task.name not in TASKS:
-        raise ConfigError(f"task.name={cfg.task.name!r} is not one of {TASKS}")
+    run = set_up(cfg, stop or StopRequest())  # device, precision, heads, checks; the resume checkpoint read
+    if record_config is not None and run.main_rank:
+        record_config()
+    load_data(run)  # every manifest row checked once, the split, the datasets
+    build_model_phase(run)  # model, trainer.init_from / freeze_backbone, memory layout
+    build_loaders_phase(run)  # batch size (auto: probed), loaders, compile / DistributedDataParallel
+    build_optimizer_phase(run)  # optimizer, scheduler, grad scaler
+    resume(run)  # weights, optimizer, scheduler, RNG, history from trainer.resume
+    open_logs(run)  # checkpoints folder, TensorBoard
+    run_epochs(run)
+    return finish(run)  # summary.json, hparams
+
+
+def set_up(cfg: DictConfig, stop: StopRequest) -> Run:
+    """Device and processes, precision, the heads and their losses, and every check that needs no data; the
+    resume checkpoint is read and compared with this config here, before anything is written."""
+    run = Run(cfg, stop)
     trainer_cfg, data_cfg = cfg.trainer, cfg.data
-    device = resolve_device(trainer_cfg.device)
+    run.device = resolve_device(trainer_cfg.device)
     # Distributed (torchrun, WORLD_SIZE > 1): rank 0's run folder is every rank's (Hydra's timestamped folder
     # can differ by a second between ranks); only rank 0 writes files.
-    rank, world_size = dist_utils.init_distributed(device)
-    distributed = world_size > 1
-    main_rank = rank == 0
-    if distributed:
-        if device.type == "cuda":
-            device = torch.device("cuda", torch.cuda.current_device())
-        run_dir = Path(dist_utils.broadcast_object(str(cfg.output_dir)))
-        if trainer_cfg.get("sync_batchnorm", False) and device.type != "cuda":
+    run.rank, run.world_size = dist_utils.init_distributed(run.device)
+    run.run_dir = Path(cfg.output_dir)
+    if run.distributed:
+        if run.device.type == "cuda":
+            run.device = torch.device("cuda", torch.cuda.current_device())
+        run.run_dir = Path(dist_utils.broadcast_object(str(cfg.output_dir)))
+        if trainer_cfg.get("sync_batchnorm", False) and run.device.type != "cuda":
             raise ConfigError("trainer.sync_batchnorm=true needs CUDA GPUs: torch's SyncBatchNorm does not run on CPU "
                               "(gloo)")
-        if not main_rank:
-            _quiet_secondary_rank(Path(cfg.output_dir), run_dir)
-    else:
-        run_dir = Path(cfg.output_dir)
-    if main_rank:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        if not run.main_rank:
+            _quiet_secondary_rank(Path(cfg.output_dir), run.run_dir)
+    if run.main_rank:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(trainer_cfg.seed)
-    precision, amp_dtype, precision_reason = resolve_precision(trainer_cfg.precision, device)
-    configure_backends(device, trainer_cfg.get("cudnn_benchmark", True))
-    loss_fn = build_loss(cfg)
-    monitor, monitor_mode = cfg.task.monitor, cfg.task.monitor_mode
-    if monitor_mode not in ("min", "max"):
-        raise ConfigError(f"task.monitor_mode={monitor_mode!r} is not one of min, max")
+    run.precision, run.amp_dtype, run.precision_reason = resolve_precision(trainer_cfg.precision, run.device)
+    configure_backends(run.device, trainer_cfg.get("cudnn_benchmark", True))
+    run.tasks = build_tasks(cfg)
+    run.best = {"name": cfg.task.monitor, "value": None, "epoch": None, "mode": cfg.task.monitor_mode}
+    if cfg.task.monitor_mode not in ("min", "max"):
+        raise ConfigError(f"task.monitor_mode={cfg.task.monitor_mode!r} is not one of min, max")
     try:
-        settings = validate_settings(cfg.preprocess)
+        run.settings = validate_settings(cfg.preprocess)
     except ValueError as err:
         raise ConfigError(f"preprocess: {err}") from err
-    patch_size = tuple(data_cfg.patch_size) if data_cfg.get("patch_size") else None
-    check_input_geometry(cfg.task.name, settings, patch_size)
-    resume_path = resolve_resume_path(trainer_cfg.resume, run_dir)
-    config_dict = OmegaConf.to_container(cfg, resolve=True)
+    run.patch_size = tuple(data_cfg.patch_size) if data_cfg.get("patch_size") else None
+    check_input_geometry(cfg.task.name, run.settings, run.patch_size, run.tasks.kinds)
+    run.resume_path = resolve_resume_path(trainer_cfg.resume, run.run_dir)
+    run.config_dict = OmegaConf.to_container(cfg, resolve=True)
     # A resume is checked against the checkpoint's config before anything is written (record_config: the
     # run's .hydra/ files), so a refused resume leaves the run folder as it was.
-    resume_state = load_resume_state(resume_path, config_dict, device) if resume_path is not None else None
+    if run.resume_path is not None:
+        run.resume_state = load_resume_state(run.resume_path, run.config_dict, run.device)
     # trainer.init_from: another run's weights for a fresh start, its backbone checked here (before anything is
     # written); loaded into the model once it is built. A resume wins: its checkpoint holds this run's weights.
-    init_from, init_state = trainer_cfg.get("init_from"), None
-    if init_from and resume_state is None:
-        init_state = transfer.load_init_checkpoint(init_from, config_dict["backbone"])
-    if record_config is not None and main_rank:
-        record_config()
-    log.info("run folder %s | device %s | precision %s (%s)", run_dir, device, precision, precision_reason)
+    if trainer_cfg.get("init_from") and run.resume_state is None:
+        run.init_state = transfer.load_init_checkpoint(trainer_cfg.init_from, run.config_dict["backbone"])
+    log.info("run folder %s | device %s | precision %s (%s)", run.run_dir, run.device, run.precision,
+             run.precision_reason)
     # trainer.progress: tqdm bars on a terminal, plain lines every progress_interval_s in a log file (auto)
     progress = progress_mode(trainer_cfg.progress)
-    bars = progress == "bars" and main_rank
-    line_every_s = float(trainer_cfg.get("progress_interval_s") or 60) if progress == "lines" and main_rank else None
+    run.bars = progress == "bars" and run.main_rank
+    if progress == "lines" and run.main_rank:
+        run.line_every_s = float(trainer_cfg.get("progress_interval_s") or 60)
+    return run
 
-    # ---- data: check every row once, up front, then split by subject --------------------------------
-    if distributed and not main_rank:
+
+def build_tasks(cfg: DictConfig) -> TaskSet:
+    """The run's heads (brain3d.tasks): task=<kind> trains one with the ``loss`` group (checked against
+    task.losses); task=multitask each of task.heads with its own loss and weight."""
+    if cfg.task.name == MULTITASK:
+        return build_task_set(cfg.task)
+    return build_task_set(cfg.task, build_loss(cfg), cfg.data)
+
+
+def load_data(run: Run) -> None:
+    """Check every manifest row once, up front (all problems reported together), split by subject, fit the
+    target scaling on the training subjects, and build the datasets."""
+    cfg, data_cfg, tasks = run.cfg, run.cfg.data, run.tasks
+    if run.distributed and not run.main_rank:
         dist_utils.barrier()  # rank 0 first: it generates / converts the data once, the others then read it
-    manifest = read_manifest(data_cfg, cfg.task.name)
-    if distributed and main_rank:
+    heads = [(t.name, t.kind, t.column) for t in tasks] if tasks.multi else None
+    run.manifest = manifest = read_manifest(data_cfg, cfg.task.name, heads=heads)
+    if run.distributed and run.main_rank:
         dist_utils.barrier()
-    manifest_path = manifest.path
     for skipped in manifest.skipped:  # data.on_error=skip
         log.warning("skipped line %s (%s): %s", skipped["line"], skipped["subject_id"] or "no id",
                     "; ".join(skipped["reasons"]))
-    train_subjects, val_subjects = split_subjects(
-        manifest.subjects, data_cfg.val_fraction, data_cfg.split_seed, stratify=cfg.task.name == "classification",
+    stratify = tasks.stratify_task
+    run.train_subjects, run.val_subjects = split_subjects(
+        manifest.subjects, data_cfg.val_fraction, data_cfg.split_seed, stratify=stratify is not None,
         num_folds=data_cfg.num_folds, fold=data_cfg.fold,
+        stratify_by=stratify.name if tasks.multi and stratify else None,
     )
-    if main_rank:
-        with open(run_dir / "split.csv", "w") as f:
+    if run.main_rank:
+        with open(run.run_dir / "split.csv", "w") as f:
             f.write("subject_id,split\n")
             f.writelines(f"{s.subject_id},{split}\n"
-                         for split, group in (("train", train_subjects), ("val", val_subjects)) for s in group)
-    log.info("%s: %d subjects -> %d train, %d val", manifest_path, len(manifest.subjects), len(train_subjects),
-             len(val_subjects))
-
-    task = engine.TaskSpec(cfg.task.name)
-    if task.name == "regression":
-        values = np.array([s.target for s in train_subjects], dtype=np.float64)
-        task.target_mean, task.target_std = float(values.mean()), float(max(values.std(), 1e-6))
+                         for split, group in (("train", run.train_subjects), ("val", run.val_subjects)) for s in group)
+    log.info("%s: %d subjects -> %d train, %d val", manifest.path, len(manifest.subjects), len(run.train_subjects),
+             len(run.val_subjects))
+    for task in tasks:
+        task.class_names = manifest.head_class_names.get(task.name) if tasks.multi else manifest.class_names
+        values = labels_of(run.train_subjects, task, tasks)
+        if tasks.multi:
+            log.info("head %s (%s, column %r): %d of %d training and %d of %d validation subjects labelled",
+                     task.name, task.kind, task.column, len(values), len(run.train_subjects),
+                     len(labels_of(run.val_subjects, task, tasks)), len(run.val_subjects))
+            if not values:
+                raise ConfigError(f"task.heads.{task.name}: no training subject has a label in column "
+                                  f"{task.column!r}; remove the head (task.heads.{task.name}=null) or add labels")
+        if values and not task.reads_mask:
+            task.fit_scaling(np.array(values, dtype=np.float64))  # regression: mean and std; others nothing
     cache_dir = preprocessed_cache_dir(data_cfg) if data_cfg.get("cache", False) else None
-    train_set = VolumeDataset(train_subjects, task.name, settings, cache_dir, patch_size,
-                              data_cfg.get("foreground_fraction", 0.33), seed=trainer_cfg.seed)
+    dataset_heads = [(t.name, t.kind) for t in tasks] if tasks.multi else None
+    task_name = next(iter(tasks)).kind if not tasks.multi else MULTITASK
+    run.train_set = VolumeDataset(run.train_subjects, task_name, run.settings, cache_dir, run.patch_size,
+                                  data_cfg.get("foreground_fraction", 0.33), seed=cfg.trainer.seed, heads=dataset_heads)
     # Distributed: each rank validates subjects rank, rank+W, ...; engine.evaluate gathers them (gather=...).
-    val_set = VolumeDataset(val_subjects[rank::world_size] if distributed else val_subjects, task.name, settings,
-                            cache_dir)  # whole volumes, never augmented
-    sliding_window = None
-    if patch_size:
-        sliding_window = {"patch_size": patch_size, "overlap": trainer_cfg.sw_overlap,
-                          "batch_size": trainer_cfg.sw_batch_size, "accumulate_device": trainer_cfg.get("sw_device")}
-    augment = instantiate(cfg.augment)
+    val_subjects = run.val_subjects[run.rank::run.world_size] if run.distributed else run.val_subjects
+    run.val_set = VolumeDataset(val_subjects, task_name, run.settings, cache_dir,
+                                heads=dataset_heads)  # whole volumes, never augmented
+    if run.patch_size:
+        trainer_cfg = cfg.trainer
+        run.sliding_window = {"patch_size": run.patch_size, "overlap": trainer_cfg.sw_overlap,
+                              "batch_size": trainer_cfg.sw_batch_size,
+                              "accumulate_device": trainer_cfg.get("sw_device")}
+    run.augment = instantiate(cfg.augment)
 
-    # ---- model, optimizer, scheduler, scaler ---------------------------------------------------------
-    model = build_model(cfg.backbone, cfg.task.head, head_name=task.name).to(device)
-    num_parameters = count_parameters(model)
-    log.info("model: backbone %s + head %s, %s parameters", cfg.backbone._target_, cfg.task.head._target_,
-             f"{num_parameters:,}")
-    init_report = resume_state.get("init_from") if resume_state is not None else None
-    if init_state is not None:  # the backbone and the heads whose names and shapes match; the rest stays fresh
-        init_report = transfer.apply_init_checkpoint(model, init_state, init_from)
-        del init_state
-        log.info("%s", transfer.describe_init(init_report))
+
+def labels_of(subjects: list, task: Task, tasks: TaskSet) -> list:
+    """The labels ``task`` learns from among ``subjects`` (a multi-task head: those labelled for it)."""
+    if tasks.multi:
+        return [s.labels[task.name] for s in subjects if s.labels.get(task.name) is not None]
+    return [s.mask if task.reads_mask else s.target for s in subjects]
+
+
+def build_model_phase(run: Run) -> None:
+    """The backbone and heads, trainer.init_from's weights, trainer.freeze_backbone, the memory layout."""
+    cfg, trainer_cfg = run.cfg, run.cfg.trainer
+    model = build_model(cfg.backbone, head_configs(cfg.task)).to(run.device)
+    run.num_parameters = count_parameters(model)
+    log.info("model: backbone %s + heads %s, %s parameters", cfg.backbone._target_,
+             ", ".join(f"{t.name} ({t.kind})" for t in run.tasks), f"{run.num_parameters:,}")
+    init_from = trainer_cfg.get("init_from")
+    run.init_report = run.resume_state.get("init_from") if run.resume_state is not None else None
+    if run.init_state is not None:  # the backbone and the heads whose names and shapes match; the rest stays fresh
+        run.init_report = transfer.apply_init_checkpoint(model, run.init_state, init_from)
+        run.init_state = None
+        log.info("%s", transfer.describe_init(run.init_report))
     elif init_from:
         log.info("trainer.init_from=%s not applied: resuming from %s, which holds this run's weights",
-                 init_from, resume_path)
+                 init_from, run.resume_path)
     if trainer_cfg.get("freeze_backbone", False):  # only the heads train; the backbone's BatchNorm stays in eval
         frozen = transfer.freeze_backbone(model)
         log.info("trainer.freeze_backbone: %s backbone parameters frozen, BatchNorm statistics fixed; %s trained",
-                 f"{frozen:,}", f"{num_parameters - frozen:,}")
+                 f"{frozen:,}", f"{run.num_parameters - frozen:,}")
         if not init_from:
             log.warning("trainer.freeze_backbone=true without trainer.init_from: the backbone stays at its random "
                         "initialisation")
-    if device.type == "cpu" and amp_dtype is torch.bfloat16:
+    if run.device.type == "cpu" and run.amp_dtype is torch.bfloat16:
         guard_cpu_bf16_convolutions(model)  # a oneDNN bf16 defect on 2-voxel-thin inputs (brain3d.hardware)
-    channels_last = resolve_channels_last(trainer_cfg.get("channels_last", True))
-    if channels_last:  # (N, D, H, W, C) layout: faster convolutions with cuDNN on GPUs and oneDNN on CPUs
+    run.channels_last = resolve_channels_last(trainer_cfg.get("channels_last", True))
+    if run.channels_last:  # (N, D, H, W, C) layout: faster convolutions with cuDNN on GPUs and oneDNN on CPUs
         model = model.to(memory_format=torch.channels_last_3d)
     if trainer_cfg.get("grad_checkpointing", False):
         if not hasattr(model.backbone, "grad_checkpointing"):
             raise ConfigError(f"trainer.grad_checkpointing: backbone {cfg.backbone._target_} has no "
                               "grad_checkpointing attribute")
         model.backbone.grad_checkpointing = True
-    # data.batch_size (auto: the largest batch whose forward + backward fits, tried on the device with a copy of
-    # the model; brain3d.memory_probe), then the loaders, which need it. A resumed auto run keeps the batch its
-    # checkpoint was trained with, so the steps per epoch stay the same; the config keeps "auto".
-    if resume_state is not None and resume_state.get("batch_size_search"):
-        batch_record = resume_state["batch_size_search"]
-        if batch_record["mode"] == "auto":
-            log.info("data.batch_size=auto: %d, as found when the run began (%s)", batch_record["value"], resume_path)
+    run.model = model
+
+
+def build_loaders_phase(run: Run) -> None:
+    """data.batch_size (auto: the largest batch whose forward + backward fits, tried on the device with a copy
+    of the model; brain3d.memory_probe), the loaders, and the module the loop runs (compiled, DDP)."""
+    data_cfg, trainer_cfg, tasks = run.cfg.data, run.cfg.trainer, run.tasks
+    # A resumed auto run keeps the batch its checkpoint was trained with, so the steps per epoch stay the
+    # same; the config keeps "auto".
+    if run.resume_state is not None and run.resume_state.get("batch_size_search"):
+        run.batch_record = run.resume_state["batch_size_search"]
+        if run.batch_record["mode"] == "auto":
+            log.info("data.batch_size=auto: %d, as found when the run began (%s)", run.batch_record["value"],
+                     run.resume_path)
     else:
-        input_shape = (1, *(patch_size or settings["shape"]))  # one input (C, D, H, W)
-        batch_record = memory_probe.resolve_batch_size(
-            data_cfg, model, loss_fn, task.name, input_shape, device, amp_dtype, channels_last,
-            num_train=max(1, len(train_set) // world_size), datasets=[train_set, val_set])
-        if distributed and batch_record["mode"] == "auto":  # every rank trains the same batch: the smallest found
-            batch_record["value"] = min(dist_utils.all_gather_object(batch_record["value"]))
-    batch_size = batch_record["value"]
+        if tasks.multi and str(data_cfg.batch_size) == "auto":
+            raise ConfigError("data.batch_size=auto is not available for task=multitask yet; set data.batch_size=N")
+        head = next(iter(tasks))
+        input_shape = (1, *(run.patch_size or run.settings["shape"]))  # one input (C, D, H, W)
+        run.batch_record = memory_probe.resolve_batch_size(
+            data_cfg, run.model, head.loss_fn, head.kind, input_shape, run.device, run.amp_dtype, run.channels_last,
+            num_train=max(1, len(run.train_set) // run.world_size), datasets=[run.train_set, run.val_set])
+        if run.distributed and run.batch_record["mode"] == "auto":  # every rank trains the smallest batch found
+            run.batch_record["value"] = min(dist_utils.all_gather_object(run.batch_record["value"]))
+    batch_size = run.batch_record["value"]
     # Patch training validates whole volumes of any size by sliding windows: one volume per batch.
     loader_cfg = OmegaConf.create({**OmegaConf.to_container(data_cfg, resolve=True), "batch_size": batch_size})
-    train_loader, val_loader, residence = build_loaders(
-        train_set, val_set, loader_cfg, device, trainer_cfg.seed, val_batch_size=1 if patch_size else batch_size,
-        rank=rank, world_size=world_size, progress=bars)
-    if distributed and len(train_loader) == 0:
-        raise ConfigError(f"{len(train_set)} training volumes in batches of {batch_size} give fewer batches "
-                          f"than the {world_size} processes; use fewer processes or a smaller data.batch_size")
+    run.train_loader, run.val_loader, run.residence = build_loaders(
+        run.train_set, run.val_set, loader_cfg, run.device, trainer_cfg.seed,
+        val_batch_size=1 if run.patch_size else batch_size, rank=run.rank, world_size=run.world_size,
+        progress=run.bars)
+    if run.distributed and len(run.train_loader) == 0:
+        raise ConfigError(f"{len(run.train_set)} training volumes in batches of {batch_size} give fewer batches "
+                          f"than the {run.world_size} processes; use fewer processes or a smaller data.batch_size")
     # trainer.compile: the loop runs the compiled module; `model` stays the plain one, so checkpoints hold its
     # state_dict (names without compile's "_orig_mod." prefix) and load into an uncompiled model.
-    forward_model = model
     compile_option = trainer_cfg.get("compile", False)
     # true -> torch's default backend (inductor); a string names the backend (e.g. aot_eager)
     compile_kwargs = {} if compile_option is True else {"backend": str(compile_option)}
-    if compile_option:
-        forward_model = torch.compile(model, **compile_kwargs)
-    train_model = forward_model  # what train_one_epoch runs: DistributedDataParallel around it when distributed
-    if distributed:
+    run.forward_model = torch.compile(run.model, **compile_kwargs) if compile_option else run.model
+    run.train_model = run.forward_model
+    if run.distributed:
         if trainer_cfg.get("sync_batchnorm", False):
             if trainer_cfg.get("freeze_backbone", False):  # a frozen BatchNorm uses no batch statistics to sync
-                model.heads = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.heads)
+                run.model.heads = torch.nn.SyncBatchNorm.convert_sync_batchnorm(run.model.heads)
             else:
-                model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            forward_model = torch.compile(model, **compile_kwargs) if compile_option else model
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            forward_model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = build_optimizer(cfg.optimizer, model, device)
-    accumulate = int(trainer_cfg.accumulate_grad_batches)
-    steps_per_epoch = math.ceil(len(train_loader) / accumulate)
-    scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=steps_per_epoch * trainer_cfg.max_epochs,
-                                           steps_per_epoch=steps_per_epoch)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+                run.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(run.model)
+            run.forward_model = torch.compile(run.model, **compile_kwargs) if compile_option else run.model
+        run.train_model = torch.nn.parallel.DistributedDataParallel(
+            run.forward_model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
 
-    history: list[dict[str, float]] = []
-    best = {"name": monitor, "value": None, "epoch": None, "mode": monitor_mode}
-    start_epoch = 0
-    resume_position = engine.EpochProgress()  # batches of start_epoch already trained (a mid-epoch checkpoint)
-    bias_correction = None  # regression: refitted on each epoch's validation predictions
-    if resume_state is not None:
-        state = resume_state
-        load_model_weights(model, state["model"], resume_path)
-        optimizer.load_state_dict(state["optimizer"])
-        restore_scheduler(scheduler, optimizer, state, trainer_cfg.max_epochs)
-        if state["scaler"] and scaler.is_enabled():  # empty when saved by a run in another precision than fp16
-            scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and state["rng"].get("cuda"):
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        history, best, start_epoch = state["history"], state["best"], state["epoch"]
-        resume_position = engine.EpochProgress.from_dict(state.get("epoch_progress"))
-        bias_correction = state.get("bias_correction")
-        if distributed and not main_rank:  # the saved running loss is rank 0's: count it once, not once per rank
-            resume_position.loss_sum, resume_position.volumes = 0.0, 0
-        # Worded as the stop message was ("stopped at epoch 2, after batch 3/6" / "at the end of epoch 2").
-        where = (f"epoch {start_epoch + 1}, after batch {resume_position.batches_done}/{len(train_loader)}"
-                 if resume_position.batches_done else f"the end of epoch {start_epoch}")
-        log.info("resumed from %s at %s", resume_path, where)
-    checkpoint_dir = run_dir / "checkpoints"
-    last_path, best_path = checkpoint_dir / "last.pt", checkpoint_dir / "best.pt"
-    if main_rank:
-        remove_stale_temp_files(checkpoint_dir)  # left by a process killed (SIGKILL) while writing a checkpoint
-    # Scalars are logged per epoch (step = epoch number). A resumed run purges any steps the stopped process
-    # logged after its last checkpoint (a SIGKILL between logging and saving), so no epoch appears twice.
-    if main_rank:
-        writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"),
-                               purge_step=start_epoch + 1 if resume_path else None)
-    else:
-        writer = _NullWriter()  # other ranks compute, rank 0 writes
-    if resume_path is None:
-        log_config(writer, config_dict)
 
-    def checkpoint_state(epochs_done: int, position: engine.EpochProgress | None) -> dict:
-        """Everything a resume needs: ``epochs_done`` whole epochs, plus for a mid-epoch checkpoint the
-        ``position`` in the next one (batches done and the running sums of its train loss). Read at call
-        time, so it holds the current model, optimizer, RNG, history and best."""
-        return {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "epoch": epochs_done,
-            "epoch_progress": position.to_dict() if position is not None else None,
-            "history": history, "best": best,
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
-            "config": config_dict, "task": task.name, "head_name": task.name, "num_parameters": num_parameters,
-            "class_names": manifest.class_names, "target_mean": task.target_mean, "target_std": task.target_std,
-            "bias_correction": bias_correction,
-            # brain3d-predict warns about (and marks) subjects the model was trained on
-            "train_subject_ids": [s.subject_id for s in train_subjects],
-            "batch_size_search": batch_record,  # {"value", "mode", ...}: a resumed data.batch_size=auto keeps it
-            "init_from": init_report,  # what trainer.init_from loaded when the run began (None: a fresh init)
-        }
+def build_optimizer_phase(run: Run) -> None:
+    """The optimizer (after the model's final form: SyncBatchNorm replaces modules), its schedule over
+    trainer.max_epochs, and fp16's gradient scaler."""
+    cfg = run.cfg
+    run.optimizer = build_optimizer(cfg.optimizer, run.model, run.device)
+    run.accumulate = int(cfg.trainer.accumulate_grad_batches)
+    run.steps_per_epoch = math.ceil(len(run.train_loader) / run.accumulate)
+    run.scheduler = instantiate(cfg.scheduler)(run.optimizer, total_steps=run.steps_per_epoch * cfg.trainer.max_epochs,
+                                               steps_per_epoch=run.steps_per_epoch)
+    run.scaler = torch.amp.GradScaler(run.device.type, enabled=run.precision == "fp16")
 
-    def stop_now(where: str) -> None:
-        """After last.pt is saved: leave with Preempted (main exits with stop.exit_code: 75, or 130 for SIGINT)."""
-        writer.close()
-        log.warning("%s received: stopped at %s and saved %s; the same command with trainer.resume=auto continues "
-                    "(exit code %d)", stop.signal_name, where, last_path, stop.exit_code)
-        raise Preempted(f"stopped by {stop.signal_name} at {where}")
 
-    # Called by the engine after every optimizer step (no gradients pending, so the state is complete).
-    every_n = trainer_cfg.get("checkpoint_every_n_steps")
+def resume(run: Run) -> None:
+    """trainer.resume: weights, optimizer, scheduler (planned for this max_epochs), scaler, RNG, history, the
+    best so far and the position in the epoch, from the checkpoint :func:`set_up` checked."""
+    state = run.resume_state
+    if state is None:
+        return
+    load_model_weights(run.model, state["model"], run.resume_path)
+    run.optimizer.load_state_dict(state["optimizer"])
+    restore_scheduler(run.scheduler, run.optimizer, state, run.cfg.trainer.max_epochs)
+    if state["scaler"] and run.scaler.is_enabled():  # empty when saved by a run in another precision than fp16
+        run.scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if run.device.type == "cuda" and state["rng"].get("cuda"):
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    run.history, run.best, run.start_epoch = state["history"], state["best"], state["epoch"]
+    run.resume_position = engine.EpochProgress.from_dict(state.get("epoch_progress"))
+    for task in run.tasks:  # regression: the bias correction refitted at the last validation
+        saved = (state.get("tasks") or {}).get("heads", {}).get(task.name, {})
+        task.bias_correction = saved.get("bias_correction", state.get("bias_correction"))
+    if run.distributed and not run.main_rank:  # the saved running loss is rank 0's: count it once, not once per rank
+        run.resume_position.loss_sum, run.resume_position.volumes = 0.0, 0
+    # Worded as the stop message was ("stopped at epoch 2, after batch 3/6" / "at the end of epoch 2").
+    position = run.resume_position.batches_done
+    where = (f"epoch {run.start_epoch + 1}, after batch {position}/{len(run.train_loader)}"
+             if position else f"the end of epoch {run.start_epoch}")
+    log.info("resumed from %s at %s", run.resume_path, where)
+
+
+def open_logs(run: Run) -> None:
+    """The checkpoints folder (cleared of temp files a SIGKILL left) and TensorBoard. Scalars are logged per
+    epoch (step = epoch number); a resumed run purges any steps the stopped process logged after its last
+    checkpoint (a SIGKILL between logging and saving), so no epoch appears twice."""
+    if not run.main_rank:
+        run.writer = _NullWriter()  # other ranks compute, rank 0 writes
+        return
+    remove_stale_temp_files(run.run_dir / "checkpoints")
+    run.writer = SummaryWriter(log_dir=str(run.run_dir / "tensorboard"),
+                               purge_step=run.start_epoch + 1 if run.resume_path else None)
+    if run.resume_path is None:
+        log_config(run.writer, run.config_dict)
+    if run.distributed:
+        run.report_note = (f"distributed over {run.world_size} processes: the subject pictures are rank 0's share of "
+                           "the validation subjects (the metrics are over all of them)")
+
+
+def checkpoint_state(run: Run, epochs_done: int, position: engine.EpochProgress | None) -> dict:
+    """Everything a resume needs: ``epochs_done`` whole epochs, plus for a mid-epoch checkpoint the ``position``
+    in the next one (batches done and the running sums of its train loss); and what brain3d-predict needs to
+    rebuild the heads (``tasks``; single-task runs also keep the older top-level keys)."""
+    first = next(iter(run.tasks))
+    return {
+        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "epoch": epochs_done,
+        "epoch_progress": position.to_dict() if position is not None else None,
+        "history": run.history, "best": run.best,
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if run.device.type == "cuda" else []},
+        "config": run.config_dict, "task": run.cfg.task.name, "num_parameters": run.num_parameters,
+        "head_name": None if run.tasks.multi else first.name,
+        "class_names": None if run.tasks.multi else first.class_names,
+        "target_mean": first.target_mean, "target_std": first.target_std,
+        "bias_correction": None if run.tasks.multi else first.bias_correction,
+        "tasks": run.tasks.state(),  # per head: kind, column, class names, target scaling, bias correction
+        # brain3d-predict warns about (and marks) subjects the model was trained on
+        "train_subject_ids": [s.subject_id for s in run.train_subjects],
+        "batch_size_search": run.batch_record,  # {"value", "mode", ...}: a resumed data.batch_size=auto keeps it
+        "init_from": run.init_report,  # what trainer.init_from loaded when the run began (None: a fresh init)
+    }
+
+
+def stop_now(run: Run, where: str) -> None:
+    """After last.pt is saved: leave with Preempted (main exits with stop.exit_code: 75, or 130 for SIGINT)."""
+    run.writer.close()
+    log.warning("%s received: stopped at %s and saved %s; the same command with trainer.resume=auto continues "
+                "(exit code %d)", run.stop.signal_name, where, run.last_path, run.stop.exit_code)
+    raise Preempted(f"stopped by {run.stop.signal_name} at {where}")
+
+
+def after_optimizer_step(run: Run, position: engine.EpochProgress) -> bool:
+    """Called by the engine after every optimizer step (no gradients pending, so the state is complete): the
+    step log line, a stop request (True ends the epoch there), trainer.checkpoint_every_n_steps."""
+    trainer_cfg = run.cfg.trainer
+    step = run.epoch * run.steps_per_epoch + math.ceil(position.batches_done / run.accumulate)  # optimizer steps
     log_every_n = trainer_cfg.get("log_every_n_steps")
-    step_sleep = float(trainer_cfg.get("debug_step_sleep") or 0)  # testing aid (not documented): slows each step
+    if log_every_n and step % log_every_n == 0:
+        position.settle()  # read back the losses still on the device (one sync, only on logging steps)
+        log.info("step %d: epoch %d, batch %d/%d, train_loss=%.4g", step, run.epoch + 1, position.batches_done,
+                 len(run.train_loader), position.loss_sum / max(position.volumes, 1))
+    if trainer_cfg.get("debug_step_sleep"):  # testing aid (not documented): slows each step
+        time.sleep(float(trainer_cfg.debug_step_sleep))
+    if dist_utils.any_rank(run.stop.requested, run.device) if run.distributed else run.stop.requested:
+        return True  # the engine ends the epoch here; the loop saves and stops (every rank at the same step)
+    every_n = trainer_cfg.get("checkpoint_every_n_steps")
+    if every_n and step % every_n == 0 and position.batches_done < len(run.train_loader) and run.main_rank:
+        save_checkpoint(checkpoint_state(run, run.epoch, position), run.last_path)  # the epoch's end saves anyway
+    return False
 
-    def after_optimizer_step(position: engine.EpochProgress) -> bool:
-        step = epoch * steps_per_epoch + math.ceil(position.batches_done / accumulate)  # optimizer steps so far
-        if log_every_n and step % log_every_n == 0:
-            position.settle()  # read back the losses still on the device (one sync, only on logging steps)
-            log.info("step %d: epoch %d, batch %d/%d, train_loss=%.4g", step, epoch + 1, position.batches_done,
-                     len(train_loader), position.loss_sum / max(position.volumes, 1))
-        if step_sleep:
-            time.sleep(step_sleep)
-        if dist_utils.any_rank(stop.requested, device) if distributed else stop.requested:
-            return True  # the engine ends the epoch here; the loop saves and stops (every rank at the same step)
-        if every_n and step % every_n == 0 and position.batches_done < len(train_loader) and main_rank:
-            save_checkpoint(checkpoint_state(epoch, position), last_path)  # the epoch's end saves anyway
-        return False
 
-    # trainer.report: report.html (curves, metrics, the trainer.report_subjects worst validation subjects)
-    # after every validation; drawing never stops training (ReportGuard logs one warning) and is timed (debug).
-    report_enabled = bool(trainer_cfg.get("report", True))
-    report_subjects = int(trainer_cfg.get("report_subjects", 16))
-    write_report = report.ReportGuard("report.html")
-    report_note = (f"distributed over {world_size} processes: the subject pictures are rank 0's share of the "
-                   "validation subjects (the metrics are over all of them)") if distributed else ""
-
-    # ---- the loop -------------------------------------------------------------------------------------
-    # trainer.epochs_per_run ends this process early (time-limited cluster jobs); the schedule still plans
-    # for max_epochs, and the same command with trainer.resume=auto continues where it stopped.
+def run_epochs(run: Run) -> None:
+    """The loop: per epoch train, validate, log, checkpoint. trainer.epochs_per_run ends this process early
+    (time-limited cluster jobs); the schedule still plans for max_epochs, and the same command with
+    trainer.resume=auto continues where it stopped."""
+    trainer_cfg = run.cfg.trainer
     end_epoch = trainer_cfg.max_epochs
     if trainer_cfg.epochs_per_run:
-        end_epoch = min(end_epoch, start_epoch + int(trainer_cfg.epochs_per_run))
-    epochs = tqdm(range(start_epoch, end_epoch), desc="epochs", initial=start_epoch,
-                  total=trainer_cfg.max_epochs, disable=not bars, dynamic_ncols=True)
-    stop.armed = True  # from here a Ctrl-C finishes the step and saves last.pt (a second one exits at once)
+        end_epoch = min(end_epoch, run.start_epoch + int(trainer_cfg.epochs_per_run))
+    epochs = tqdm(range(run.start_epoch, end_epoch), desc="epochs", initial=run.start_epoch,
+                  total=trainer_cfg.max_epochs, disable=not run.bars, dynamic_ncols=True)
+    run.stop.armed = True  # from here a Ctrl-C finishes the step and saves last.pt (a second one exits at once)
     for epoch in epochs:
-        # The epoch's shuffle order, and its patch seeds: they travel with the indices, to persistent workers too.
-        train_loader.batch_sampler.set_epoch(epoch, shuffle_seed=trainer_cfg.seed * 100_003 + epoch)
-        train_stats = engine.train_one_epoch(
-            train_model, train_loader, loss_fn, optimizer, scheduler, scaler, task, device, amp_dtype, epoch + 1,
-            accumulate_grad_batches=accumulate, gradient_clip_norm=trainer_cfg.gradient_clip_norm,
-            progress=bars, log_every_s=line_every_s, augment=augment,
-            augment_seed=trainer_cfg.seed + 1_000 * rank,  # rank 0 (and a single process): the seed itself
-            progress_state=resume_position if epoch == start_epoch else None,
-            after_optimizer_step=after_optimizer_step, channels_last=channels_last,
-        )
-        if train_stats["stopped"]:  # a stop signal: save the position in this epoch and leave
-            position = train_stats["position"]
-            if main_rank:
-                save_checkpoint(checkpoint_state(epoch, position), last_path)
-            stop_now(f"epoch {epoch + 1}, after batch {position.batches_done}/{len(train_loader)}")
-        if distributed:
-            # The epoch's loss over every rank's volumes; validation and checkpoints use rank 0's BatchNorm statistics.
-            loss_sum, volumes, volumes_per_second = dist_utils.all_reduce_sum(
-                [train_stats["position"].loss_sum, train_stats["position"].volumes, train_stats["volumes_per_second"]],
-                device)
-            train_stats["loss"], train_stats["volumes_per_second"] = loss_sum / max(volumes, 1), volumes_per_second
-            dist_utils.broadcast_buffers(model)
-        val_stats, val_outputs = engine.evaluate(forward_model, val_loader, loss_fn, task, device, amp_dtype, epoch + 1,
-                                                 bars, sliding_window=sliding_window,
-                                                 channels_last=channels_last,
-                                                 gather=dist_utils.all_gather_object if distributed else None,
-                                                 collect_cases=report_enabled and main_rank, max_cases=report_subjects)
-        record = {"epoch": epoch + 1, "train_loss": train_stats["loss"],
-                  **{f"val_{k}": v for k, v in val_stats.items()},
-                  "lr": train_stats["lr"], "train_volumes_per_second": train_stats["volumes_per_second"],
-                  "train_data_wait_fraction": train_stats["data_wait_fraction"]}
-        history.append(record)
-        log_epoch(writer, record, epoch + 1)
-        if main_rank:
-            write_history_csv(history, run_dir / "metrics.csv")  # the table so far: a killed run leaves it
-        preview = val_outputs.get("preview")
-        if preview is not None and trainer_cfg.log_images:
-            panel = overlay_mid_slices(preview["image"], preview["target"], preview["probability"])
-            writer.add_image("val/mid_slices", panel, epoch + 1, dataformats="HWC")
-        writer.flush()
-        if monitor not in record:
-            recorded = sorted(k for k in record if k.startswith("val_"))
-            raise ConfigError(f"task.monitor={monitor!r} is not a recorded metric; choose one of {recorded}")
-        improved = is_better(record[monitor], best["value"], monitor_mode)
-        if improved:
-            best = {"name": monitor, "value": float(record[monitor]), "epoch": epoch + 1, "mode": monitor_mode}
-        if task.name == "regression":
-            bias_correction = fit_bias_correction_or_none(val_outputs)
-        if main_rank:
-            state = checkpoint_state(epoch + 1, None)
-            save_checkpoint(state, last_path)
-            if improved:
-                save_checkpoint(state, best_path)
-        if main_rank and report_enabled:  # report.html, refreshed each validation; a failure is one warning
-            write_report(report.write_run_report, run_dir, history, best, task.name, val_outputs.get("cases", []),
-                         report_subjects, total_cases=val_outputs.get("cases_total"),
-                         class_names=manifest.class_names, note=report_note)
-        summary_line = " ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch")
-        log.info("epoch %d/%d %s%s", epoch + 1, trainer_cfg.max_epochs, summary_line, " (best)" if improved else "")
+        run.epoch = epoch
+        train_stats = train_epoch(run)
+        record, val_outputs = validate_epoch(run, train_stats)
+        improved = log_and_checkpoint(run, record, val_outputs)
+        monitor = run.best["name"]
         epochs.set_postfix(train_loss=f"{record['train_loss']:.4f}", **{monitor: f"{record[monitor]:.4f}"})
-        stop_requested = dist_utils.any_rank(stop.requested, device) if distributed else stop.requested
+        log.info("epoch %d/%d %s%s", epoch + 1, trainer_cfg.max_epochs,
+                 " ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"), " (best)" if improved else "")
+        stop_requested = dist_utils.any_rank(run.stop.requested, run.device) if run.distributed else run.stop.requested
         if stop_requested and epoch + 1 < end_epoch:  # the signal came during validation: last.pt is saved
-            stop_now(f"the end of epoch {epoch + 1}")
+            stop_now(run, f"the end of epoch {epoch + 1}")
 
-    # ---- summary --------------------------------------------------------------------------------------
+
+def train_epoch(run: Run) -> dict:
+    """One epoch of training (engine.train_one_epoch); a stop signal saves last.pt with the position in the
+    epoch and leaves. Distributed: the loss over every rank's volumes."""
+    trainer_cfg, epoch = run.cfg.trainer, run.epoch
+    # The epoch's shuffle order, and its patch seeds: they travel with the indices, to persistent workers too.
+    run.train_loader.batch_sampler.set_epoch(epoch, shuffle_seed=trainer_cfg.seed * 100_003 + epoch)
+    stats = engine.train_one_epoch(
+        run.train_model, run.train_loader, None, run.optimizer, run.scheduler, run.scaler, run.tasks, run.device,
+        run.amp_dtype, epoch + 1, accumulate_grad_batches=run.accumulate,
+        gradient_clip_norm=trainer_cfg.gradient_clip_norm, progress=run.bars, log_every_s=run.line_every_s,
+        augment=run.augment, augment_seed=trainer_cfg.seed + 1_000 * run.rank,  # rank 0 (one process): the seed
+        progress_state=run.resume_position if epoch == run.start_epoch else None,
+        after_optimizer_step=functools.partial(after_optimizer_step, run), channels_last=run.channels_last,
+    )
+    if stats["stopped"]:  # a stop signal: save the position in this epoch and leave
+        position = stats["position"]
+        if run.main_rank:
+            save_checkpoint(checkpoint_state(run, epoch, position), run.last_path)
+        stop_now(run, f"epoch {epoch + 1}, after batch {position.batches_done}/{len(run.train_loader)}")
+    if run.distributed:
+        # The epoch's loss over every rank's volumes; validation and checkpoints use rank 0's BatchNorm statistics.
+        loss_sum, volumes, volumes_per_second = dist_utils.all_reduce_sum(
+            [stats["position"].loss_sum, stats["position"].volumes, stats["volumes_per_second"]], run.device)
+        stats["loss"], stats["volumes_per_second"] = loss_sum / max(volumes, 1), volumes_per_second
+        dist_utils.broadcast_buffers(run.model)
+    return stats
+
+
+def validate_epoch(run: Run, train_stats: dict) -> tuple[dict, dict]:
+    """Validation (engine.evaluate, gathered over ranks) and the epoch's record: the history row that goes to
+    metrics.csv, TensorBoard and summary.json."""
+    report_enabled = bool(run.cfg.trainer.get("report", True)) and run.main_rank
+    val_stats, val_outputs = engine.evaluate(
+        run.forward_model, run.val_loader, None, run.tasks, run.device, run.amp_dtype, run.epoch + 1, run.bars,
+        sliding_window=run.sliding_window, channels_last=run.channels_last,
+        gather=dist_utils.all_gather_object if run.distributed else None,
+        collect_cases=report_enabled, max_cases=int(run.cfg.trainer.get("report_subjects", 16)))
+    record = {"epoch": run.epoch + 1, "train_loss": train_stats["loss"],
+              **{f"val_{k}": v for k, v in val_stats.items()},
+              "lr": train_stats["lr"], "train_volumes_per_second": train_stats["volumes_per_second"],
+              "train_data_wait_fraction": train_stats["data_wait_fraction"]}
+    return record, val_outputs
+
+
+def log_and_checkpoint(run: Run, record: dict, val_outputs: dict) -> bool:
+    """The epoch's record to the history, metrics.csv and TensorBoard; best / last checkpoints; report.html.
+    Returns whether the monitored metric improved."""
+    trainer_cfg, epoch, monitor = run.cfg.trainer, run.epoch, run.best["name"]
+    run.history.append(record)
+    log_epoch(run.writer, record, epoch + 1, heads=run.tasks.names if run.tasks.multi else ())
+    if run.main_rank:
+        write_history_csv(run.history, run.run_dir / "metrics.csv")  # the table so far: a killed run leaves it
+    mask_task = run.tasks.mask_task
+    preview = val_outputs.get(mask_task.name, {}).get("preview") if mask_task else None
+    if preview is not None and trainer_cfg.log_images:
+        panel = overlay_mid_slices(preview["image"], preview["target"], preview["probability"])
+        run.writer.add_image("val/mid_slices", panel, epoch + 1, dataformats="HWC")
+    run.writer.flush()
+    if monitor not in record:
+        recorded = sorted(k for k in record if k.startswith("val_"))
+        raise ConfigError(f"task.monitor={monitor!r} is not a recorded metric; choose one of {recorded}")
+    improved = is_better(record[monitor], run.best["value"], run.best["mode"])
+    if improved:
+        run.best = {**run.best, "value": float(record[monitor]), "epoch": epoch + 1}
+    for task in run.tasks:
+        if task.kind == "regression":  # the brain-age bias correction, refitted on this validation
+            task.bias_correction = fit_bias_correction_or_none(val_outputs[task.name])
+    if run.main_rank:
+        state = checkpoint_state(run, epoch + 1, None)
+        save_checkpoint(state, run.last_path)
+        if improved:
+            save_checkpoint(state, run.best_path)
+    if run.main_rank and trainer_cfg.get("report", True):  # report.html each validation; a failure is one warning
+        shown = run.tasks.mask_task or next(iter(run.tasks))
+        REPORT_GUARD(report.write_run_report, run.run_dir, run.history, run.best, shown.kind,
+                     val_outputs.get("cases", []), int(trainer_cfg.get("report_subjects", 16)),
+                     total_cases=val_outputs.get("cases_total"), class_names=shown.class_names, note=run.report_note)
+    return improved
+
+
+REPORT_GUARD = report.ReportGuard("report.html")  # one warning when drawing fails; training goes on
+
+
+def finish(run: Run) -> float:
+    """summary.json, TensorBoard's hparams, the loaders' workers shut down; returns the best monitored value."""
+    summary = run_summary(run)
+    if run.main_rank:
+        (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    cfg, monitor = run.cfg, run.best["name"]
+    losses = cfg.loss.name if not run.tasks.multi else "+".join(
+        str(OmegaConf.select(cfg, f"task.heads.{t.name}.loss") or t.losses[0]) for t in run.tasks)
+    hparam_values = {"task": cfg.task.name, "backbone": cfg.backbone._target_.rsplit(".", 1)[-1], "loss": losses,
+                     "width": cfg.backbone.get("width"), "lr": cfg.optimizer.lr,
+                     "batch_size": run.batch_record["value"], "max_epochs": cfg.trainer.max_epochs}
+    if run.main_rank:
+        last = run.history[-1] if run.history else {}
+        log_hparams(run.writer, hparam_values,
+                    {"best_" + monitor: run.best["value"], **{k: v for k, v in last.items() if k.startswith("val_")}})
+    run.writer.close()
+    shutdown_workers(run.train_loader)  # persistent workers (data.resident=off): not left behind in-process
+    shutdown_workers(run.val_loader)
+    log.info("done: best %s=%s at epoch %s; summary %s", monitor, run.best["value"], run.best["epoch"],
+             run.run_dir / "summary.json")
+    # Distributed: every rank waits here until rank 0 has written its outputs, so no rank tears the process
+    # group down while another still uses it (gloo aborts the process otherwise).
+    dist_utils.barrier()
+    return float(run.best["value"]) if run.best["value"] is not None else float("nan")
+
+
+def run_summary(run: Run) -> dict[str, Any]:
+    """summary.json: the run's outcome (best and final metrics, per head in a multi-task run), speed, memory,
+    device and precision, the data and the whole history."""
+    history, data_cfg, tasks = run.history, run.cfg.data, run.tasks
     final = history[-1] if history else {}
     summary: dict[str, Any] = {
-        "task": task.name,
-        "num_parameters": num_parameters,
+        "task": run.cfg.task.name,
+        "num_parameters": run.num_parameters,
         "epochs_completed": len(history),
-        "best_metric": best,
+        "best_metric": run.best,
         "final_train": {"loss": final.get("train_loss")},
         "final_val": {k[4:]: v for k, v in final.items() if k.startswith("val_")},
         "train_volumes_per_second": (float(np.mean([h["train_volumes_per_second"] for h in history]))
@@ -642,53 +761,65 @@ def train(cfg: DictConfig, stop: StopRequest | None = None, record_config=None) 
         # share of training time spent waiting for the data loader (mean over epochs; older checkpoints lack it)
         "data_wait_fraction": (float(np.mean([h.get("train_data_wait_fraction", np.nan) for h in history]))
                                if history else None),
-        "peak_memory_mb": peak_memory_mb(device),
-        "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss",
-        "device": str(device),
-        "precision": precision,
-        "precision_reason": precision_reason,
-        "channels_last": channels_last,
+        "peak_memory_mb": peak_memory_mb(run.device),
+        "peak_memory_kind": "cuda_max_allocated" if run.device.type == "cuda" else "process_max_rss",
+        "device": str(run.device),
+        "precision": run.precision,
+        "precision_reason": run.precision_reason,
+        "channels_last": run.channels_last,
         # where the training data lived: device | host (memory-resident, batches gathered by index) | off (workers)
-        "data_resident": {"mode": residence.mode, "reason": residence.reason},
+        "data_resident": {"mode": run.residence.mode, "reason": run.residence.reason},
         # data.batch_size: fixed, or auto (the largest batch that fitted the memory budget, and the trials)
-        "batch_size": {k: batch_record.get(k) for k in ("value", "mode", "peak_memory_mb", "budget_mb", "budget_reason",
-                                                        "trials")},
-        "checkpoints": {"last": str(last_path.resolve()),
-                        "best": str(best_path.resolve()) if best_path.exists() else None},
-        "data": {"manifest": str(manifest_path), "num_train": len(train_subjects), "num_val": len(val_subjects),
-                 "num_skipped": len(manifest.skipped), "skipped": manifest.skipped,
-                 "num_folds": data_cfg.num_folds, "fold": data_cfg.fold if data_cfg.num_folds else None},
+        "batch_size": {k: run.batch_record.get(k) for k in ("value", "mode", "peak_memory_mb", "budget_mb",
+                                                            "budget_reason", "trials")},
+        "checkpoints": {"last": str(run.last_path.resolve()),
+                        "best": str(run.best_path.resolve()) if run.best_path.exists() else None},
+        "data": {"manifest": str(run.manifest.path), "num_train": len(run.train_subjects),
+                 "num_val": len(run.val_subjects), "num_skipped": len(run.manifest.skipped),
+                 "skipped": run.manifest.skipped, "num_folds": data_cfg.num_folds,
+                 "fold": data_cfg.fold if data_cfg.num_folds else None},
         "history": history,
     }
-    if init_report is not None:  # trainer.init_from: path, loaded parts, skipped ones with the reason, fresh ones
-        summary["init_from"] = init_report
-    if manifest.class_names is not None:
-        summary["class_names"] = manifest.class_names
-        summary["positive_class"] = manifest.class_names[1]
-    if task.name == "regression":
-        # The bar to beat: always predicting the training mean.
-        val_targets = np.array([s.target for s in val_subjects])
-        summary["target_mean"], summary["target_std"] = task.target_mean, task.target_std
-        summary["baseline_val_mae"] = float(np.abs(val_targets - task.target_mean).mean())
-    if distributed:
-        summary["distributed"] = {"world_size": world_size, "backend": "nccl" if device.type == "cuda" else "gloo"}
-    if main_rank:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    hparam_values = {"task": task.name, "backbone": cfg.backbone._target_.rsplit(".", 1)[-1], "loss": cfg.loss.name,
-                     "width": cfg.backbone.get("width"), "lr": cfg.optimizer.lr, "batch_size": batch_size,
-                     "max_epochs": trainer_cfg.max_epochs}
-    if main_rank:
-        log_hparams(writer, hparam_values,
-                    {"best_" + monitor: best["value"], **{k: v for k, v in final.items() if k.startswith("val_")}})
-    writer.close()
-    shutdown_workers(train_loader)  # persistent workers (data.resident=off): not left behind by an in-process run
-    shutdown_workers(val_loader)
-    log.info("done: best %s=%s at epoch %s; summary %s", monitor, best["value"], best["epoch"],
-             run_dir / "summary.json")
-    # Distributed: every rank waits here until rank 0 has written its outputs, so no rank tears the process
-    # group down while another still uses it (gloo aborts the process otherwise).
-    dist_utils.barrier()
-    return float(best["value"]) if best["value"] is not None else float("nan")
+    if run.init_report is not None:  # trainer.init_from: path, loaded parts, skipped ones with the reason, fresh ones
+        summary["init_from"] = run.init_report
+    if tasks.multi:
+        summary["heads"] = {task.name: head_summary(run, task, final) for task in tasks}
+        return summary
+    task = next(iter(tasks))
+    if task.class_names is not None:
+        summary["class_names"] = task.class_names
+        summary["positive_class"] = task.class_names[1]
+    if task.kind == "regression":
+        summary.update(regression_baseline(task, labels_of(run.val_subjects, task, tasks)))
+    if run.distributed:
+        summary["distributed"] = {"world_size": run.world_size,
+                                  "backend": "nccl" if run.device.type == "cuda" else "gloo"}
+    return summary
+
+
+def regression_baseline(task: Task, val_targets: list) -> dict:
+    """The bar to beat: always predicting the training mean (``baseline_val_mae``), with the target scaling."""
+    mae = float(np.abs(np.asarray(val_targets, dtype=np.float64) - task.target_mean).mean()) if val_targets else None
+    return {"target_mean": task.target_mean, "target_std": task.target_std, "baseline_val_mae": mae}
+
+
+def head_summary(run: Run, task: Task, final: dict) -> dict:
+    """A multi-task head's entry in summary.json: kind, column, labelled subjects, final validation metrics
+    (and the best value of its default metric over the epochs), class names or the regression baseline."""
+    prefix = f"val_{task.name}_"
+    metric, mode = task.metric
+    values = [h[prefix + metric] for h in run.history if h.get(prefix + metric) is not None
+              and math.isfinite(h[prefix + metric])]
+    entry = {"kind": task.kind, "column": task.column, "weight": task.weight,
+             "num_train_labelled": len(labels_of(run.train_subjects, task, run.tasks)),
+             "num_val_labelled": len(labels_of(run.val_subjects, task, run.tasks)),
+             "final_val": {k[len(prefix):]: v for k, v in final.items() if k.startswith(prefix)},
+             f"best_{metric}": (max(values) if mode == "max" else min(values)) if values else None}
+    if task.class_names is not None:
+        entry["class_names"] = task.class_names
+    if task.kind == "regression":
+        entry.update(regression_baseline(task, labels_of(run.val_subjects, task, run.tasks)))
+    return entry
 
 
 class _NullWriter:

@@ -76,8 +76,8 @@ def test_misspelt_key_in_a_sweep_and_under_a_chosen_group():
 
 def test_unknown_option_lists_the_valid_ones():
     message = cli.check_command_line("train", ["task=clasification"])
-    assert message == ("task=clasification is not an option of task; choose one of classification, regression, "
-                       "segmentation (did you mean classification?)")
+    assert message == ("task=clasification is not an option of task; choose one of classification, multitask, "
+                       "regression, segmentation (did you mean classification?)")
 
 
 @pytest.mark.parametrize("args, missing", [

@@ -19,6 +19,7 @@ from brain3d.data.loaders import make_loader
 from brain3d.data.preprocess import validate_settings
 from brain3d.data.sampling import ResumableBatchSampler
 from brain3d.models.model import build_model
+from brain3d.tasks import single_task
 from brain3d.train import build_loss, read_manifest
 
 from tests.conftest import read_summary, tiny_overrides
@@ -46,7 +47,7 @@ def evaluate_single_process(run_dir):
     loader = make_loader(val_set, cfg.data, torch.device("cpu"), shuffle=False, seed=cfg.trainer.seed)
     model = build_model(cfg.backbone, cfg.task.head, head_name=task_name)
     model.load_state_dict(state["model"])
-    task = engine.TaskSpec(task_name, state["target_mean"], state["target_std"])
+    task = single_task(task_name, None, state["target_mean"], state["target_std"])
     metrics, _ = engine.evaluate(model, loader, build_loss(cfg), task, torch.device("cpu"), None, progress=False)
     return metrics, len(val_ids)
 

@@ -9,6 +9,7 @@ from torch import nn
 from brain3d import engine
 from brain3d.losses import MSELoss
 from brain3d.schedulers import warmup_schedule
+from brain3d.tasks import single_task
 
 
 class TinyRegressor(nn.Module):
@@ -35,7 +36,7 @@ def run_epoch(model, loader, accumulate=1, clip=None, amp_dtype=None, lr=0.1):
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     scheduler = warmup_schedule(optimizer, total_steps=10, steps_per_epoch=10, kind="constant", warmup_epochs=0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    return engine.train_one_epoch(model, loader, MSELoss(), optimizer, scheduler, scaler, engine.TaskSpec("regression"),
+    return engine.train_one_epoch(model, loader, MSELoss(), optimizer, scheduler, scaler, single_task("regression"),
                                   torch.device("cpu"), amp_dtype, epoch=1, accumulate_grad_batches=accumulate,
                                   gradient_clip_norm=clip, progress=False)
 
@@ -87,7 +88,7 @@ def test_non_finite_loss_names_epoch_step_and_subjects():
 
 
 def test_regression_targets_are_standardised_and_decoded():
-    spec = engine.TaskSpec("regression", target_mean=50.0, target_std=10.0)
+    spec = single_task("regression", target_mean=50.0, target_std=10.0)
     assert spec.encode(torch.tensor([60.0])).item() == pytest.approx(1.0)
     assert spec.decode(torch.tensor([-2.0])).item() == pytest.approx(30.0)
-    assert engine.TaskSpec("classification").encode(torch.tensor([1.0])).item() == 1.0
+    assert single_task("classification").encode(torch.tensor([1.0])).item() == 1.0

@@ -20,6 +20,7 @@ from brain3d.data.sampling import ResumableBatchSampler, iter_from
 from brain3d.losses import MSELoss
 from brain3d.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, stop_on_signals
 from brain3d.schedulers import warmup_schedule
+from brain3d.tasks import single_task
 
 from tests.conftest import read_summary, run_train, tiny_overrides
 from tests.test_engine import TinyRegressor
@@ -71,7 +72,7 @@ def test_skip_holds_with_worker_processes():
 def _epoch(model, optimizer, scheduler, loader, **kwargs):
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     loader.generator.manual_seed(3)
-    return engine.train_one_epoch(model, loader, MSELoss(), optimizer, scheduler, scaler, engine.TaskSpec("regression"),
+    return engine.train_one_epoch(model, loader, MSELoss(), optimizer, scheduler, scaler, single_task("regression"),
                                   torch.device("cpu"), None, epoch=1, accumulate_grad_batches=2, progress=False,
                                   **kwargs)
 

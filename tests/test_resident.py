@@ -18,6 +18,7 @@ from brain3d.data.sampling import iter_from
 from brain3d.data.synthetic import make_synthetic_dataset
 from brain3d.errors import ConfigError
 from brain3d.losses import MSELoss
+from brain3d.tasks import single_task
 
 from tests.conftest import read_summary, run_train, tiny_overrides
 from tests.test_engine import TinyRegressor, batches, data
@@ -147,7 +148,7 @@ def test_deferred_finiteness_check_names_the_first_bad_step_and_its_subjects():
     with pytest.raises(engine.NonFiniteLossError,
                        match=r"epoch 1, step 3/4; subjects in the batch: \['sub-4', 'sub-5'\]"):
         engine.train_one_epoch(model, batches(images, targets, 2), MSELoss(), optimizer, scheduler, scaler,
-                               engine.TaskSpec("regression"), torch.device("cpu"), None, epoch=1, progress=False,
+                               single_task("regression"), torch.device("cpu"), None, epoch=1, progress=False,
                                sync_every=10)  # read back only at the epoch's end
 
 
@@ -160,7 +161,7 @@ def test_settled_loss_sum_equals_the_per_step_sum():
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         stats = engine.train_one_epoch(model, batches(images, targets, 2), MSELoss(), optimizer, scheduler,
-                                       torch.amp.GradScaler("cpu", enabled=False), engine.TaskSpec("regression"),
+                                       torch.amp.GradScaler("cpu", enabled=False), single_task("regression"),
                                        torch.device("cpu"), None, epoch=1, progress=False, sync_every=sync_every)
         results.append(stats["loss"])
     assert results[0] == results[1] > 0

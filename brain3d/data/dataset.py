@@ -44,6 +44,9 @@ class VolumeDataset(Dataset):
         cache_dir: folder of the preprocessed-volume cache, or None to preprocess on every read.
         patch_size: (D, H, W) of random training patches (segmentation), or None for whole volumes.
         foreground_fraction: share of patches centred on a foreground (lesion) voxel. Default 0.33 (nnU-Net).
+        heads: task="multitask": ``(head name, kind)`` per head; items then hold ``"target"`` and ``"labelled"``
+            as ``{head: tensor}`` (the mask (1, D, H, W) for the segmentation head, else (1,); an unlabelled
+            head gets zeros and ``labelled`` 0.0).
         seed: base of the patch randomness. Each item's patch comes from ``(seed, epoch, index)``, so it is the
             same whatever the number of workers and after a resume (call :meth:`set_epoch` each epoch).
     """
@@ -57,6 +60,7 @@ class VolumeDataset(Dataset):
         patch_size: Sequence[int] | None = None,
         foreground_fraction: float = 0.33,
         seed: int = 0,
+        heads: Sequence[tuple[str, str]] | None = None,
     ):
         if not 0.0 <= foreground_fraction <= 1.0:
             raise ValueError(f"data.foreground_fraction must be in [0, 1], got {foreground_fraction}")
@@ -68,6 +72,12 @@ class VolumeDataset(Dataset):
         self.foreground_fraction = foreground_fraction
         self.seed = seed
         self.epoch = 0
+        self.heads = [tuple(h) for h in heads] if heads else None
+
+    @property
+    def with_mask(self) -> bool:
+        """Items carry a mask (segmentation, or a multi-task run with a segmentation head)."""
+        return self.task == "segmentation" or any(kind == "segmentation" for _, kind in self.heads or ())
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -80,14 +90,35 @@ class VolumeDataset(Dataset):
         if isinstance(index, tuple):  # (index, epoch) from a ResumableBatchSampler with set_epoch (persistent workers)
             index, epoch = index
         subject = self.subjects[index]
-        image, mask, _ = load_preprocessed(subject, self.settings, self.task == "segmentation", self.cache_dir)
+        image, mask, _ = load_preprocessed(subject, self.settings, self.with_mask and subject.mask is not None,
+                                           self.cache_dir)
         if self.patch_size is not None:
             rng = np.random.default_rng([self.seed, epoch, index])
             image, mask = sample_training_patch(image, mask, self.patch_size, rng, self.foreground_fraction)
         # np.array copies: memory-mapped cache entries are read-only and must not be shared with torch
         item = {"image": torch.from_numpy(np.array(image, dtype=np.float32))[None], "subject_id": subject.subject_id}
-        if mask is not None:
+        if self.heads:
+            item["target"], item["labelled"] = head_targets(self.heads, subject, mask, image.shape)
+        elif mask is not None:
             item["target"] = torch.from_numpy(np.array(mask, dtype=np.float32))[None]
         else:
             item["target"] = torch.tensor([subject.target], dtype=torch.float32)
         return item
+
+
+def head_targets(heads: Sequence[tuple[str, str]], subject: Subject, mask: np.ndarray | None,
+                 spatial_shape: Sequence[int]) -> tuple[dict, dict]:
+    """task=multitask: ``({head: target tensor}, {head: (1,) float 1.0 labelled / 0.0 not})`` of one subject.
+    A segmentation head's target is the mask (1, D, H, W) (zeros without one); the others' (1,)."""
+    targets, labelled = {}, {}
+    for name, kind in heads:
+        if kind == "segmentation":
+            has = mask is not None
+            targets[name] = (torch.from_numpy(np.array(mask, dtype=np.float32))[None] if has
+                             else torch.zeros((1, *spatial_shape), dtype=torch.float32))
+        else:
+            value = subject.labels.get(name)
+            has = value is not None
+            targets[name] = torch.tensor([value if has else 0.0], dtype=torch.float32)
+        labelled[name] = torch.tensor([1.0 if has else 0.0])
+    return targets, labelled

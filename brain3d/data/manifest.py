@@ -22,6 +22,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import nibabel as nib
 import numpy as np
@@ -57,6 +58,8 @@ class Subject:
     group: str | None = None  # rows of one group (e.g. sessions of one participant) never straddle train and val;
     #                           None: the subject is its own group (keyed by subject_id)
     line: int | None = None  # the file's line the row starts on (header: line 1), as messages name it
+    # task=multitask: {head: class index / value, or the mask path (its segmentation head); None: no label}
+    labels: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -74,6 +77,9 @@ class Manifest:
     # ("" when empty), "problems": [str, ...] (as ManifestError lists them: "line 3 (sub-02), column 'image': ..."),
     # "reasons": [str, ...] (the same without the "line 3 (sub-02), " prefix)}.
     skipped: list[dict] = field(default_factory=list)
+    # task=multitask: {classification head: its class names}; the heads' columns as read ({head: column})
+    head_class_names: dict = field(default_factory=dict)
+    head_columns: dict = field(default_factory=dict)
 
 
 def read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -130,6 +136,45 @@ def _class_mapping(values: list[str], positive_label: str | None) -> tuple[list[
         negative = [v for v in distinct if v != str(positive_label)][0]
         return [negative, str(positive_label)], None
     return distinct, None
+
+
+def _read_value(kind: str, raw: str, col: str, class_names: list[str] | None, problems: list[str]) -> float | None:
+    """A target cell (not missing) as the class index (classification) or number (regression); else a problem
+    and None."""
+    if kind == "classification":
+        target = None
+        if class_names and class_names != ["0", "1"]:
+            target = float(class_names.index(raw)) if raw in class_names else None
+        elif raw in {"0", "1", "0.0", "1.0"}:
+            target = float(raw)
+        if target is None and class_names:
+            problems.append(f"column {col!r}: label {raw!r} is not one of {class_names}")
+        return target
+    try:
+        target = float(raw)
+    except ValueError:
+        target = None
+    if target is None or not math.isfinite(target):
+        problems.append(f"column {col!r}: {raw!r} is not a finite number")
+        return None
+    return target
+
+
+def _read_labels(row: dict, heads: Sequence[tuple[str, str, str]], class_names: dict, base: Path,
+                 problems: list[str]) -> tuple[dict, Path | None]:
+    """task=multitask: each head's label of one row (``{head: value or mask path}``; None where the cell is
+    empty: that head does not learn from the row) and the mask path of its segmentation head."""
+    labels: dict = {}
+    mask = None
+    for name, kind, col in heads:
+        raw = row.get(col)
+        if _is_missing(raw):
+            labels[name] = None
+        elif kind == "segmentation":
+            labels[name] = mask = _existing_file(row, col, "mask", base, problems)
+        else:
+            labels[name] = _read_value(kind, raw, col, class_names.get(name), problems)
+    return labels, mask
 
 
 def _resolve(base: Path, value: str) -> Path:
@@ -307,6 +352,7 @@ def load_manifest(
     on_error: str = "raise",
     affine_tolerance: float = 1e-3,
     mask_values: str = "binary",
+    heads: Sequence[tuple[str, str, str]] | None = None,
 ) -> Manifest:
     """Read and check a manifest for ``task``; raise one :class:`ManifestError` listing every problem.
 
@@ -337,6 +383,10 @@ def load_manifest(
         mask_values: "binary" (default): segmentation masks must hold only 0 and 1. "labels": masks may be
             integer label maps (e.g. the Medical Segmentation Decathlon's {0, 1, 2, 3}); brain3d's loader
             (``load_mask``: value > 0.5) then trains on every label > 0 as one foreground.
+        heads: task="multitask": ``(head name, kind, column)`` per head. Every column must exist (when
+            ``require_targets``); an empty cell means the row has no label for that head (it still trains the
+            others) and is never a problem; ``Subject.labels`` holds the labels and ``Subject.mask`` the
+            segmentation head's mask; ``Manifest.head_class_names`` each classification head's labels.
 
     Raises:
         ManifestError: every problem found, each naming the file's line (the header is line 1), the row's
@@ -363,10 +413,15 @@ def load_manifest(
         needed["data.target_col"] = target_col
     if task == "segmentation":
         needed["data.mask_col"] = mask_col
+    for name, _, col in heads or ():
+        needed[f"task.heads.{name}.column"] = col
     for key, col in needed.items():
         if col not in columns and (require_targets or key in ("data.id_col", "data.image_col")):
             problems.append(f"column {col!r} ({key}) not found; the manifest has columns {columns}")
-    has_targets = (target_col in columns) if task in TASK_TARGET_COLS else (mask_col in columns)
+    if heads:
+        has_targets = all(col in columns for _, _, col in heads)
+    else:
+        has_targets = (target_col in columns) if task in TASK_TARGET_COLS else (mask_col in columns)
     if problems:
         raise ManifestError(path, problems)
     if not rows:
@@ -385,6 +440,16 @@ def load_manifest(
             class_names, err = _class_mapping(present, positive_label)
             if err:
                 problems.append(f"column {target_col!r}: {err}")
+
+    head_class_names: dict[str, list[str]] = {}
+    for name, kind, col in heads or ():
+        present = [r[col] for r in rows if col in columns and not _is_missing(r.get(col))]
+        if kind == "classification" and class_names is not None and isinstance(class_names, dict):
+            head_class_names[name] = [str(c) for c in class_names[name]]
+        elif kind == "classification" and present:
+            head_class_names[name], err = _class_mapping(present, positive_label)
+            if err:
+                problems.append(f"column {col!r} (task.heads.{name}): {err}")
 
     # Pass 1, per row, no file opened: ids, paths, targets, split values.
     subjects: list[Subject] = []
@@ -414,25 +479,15 @@ def load_manifest(
             if _is_missing(raw):
                 if require_targets:  # prediction: an empty target only means this row is not evaluated
                     mine.append(f"column {target_col!r}: empty target")
-            elif task == "classification":
-                if class_names and class_names != ["0", "1"]:
-                    target = float(class_names.index(raw)) if raw in class_names else None
-                elif raw in {"0", "1", "0.0", "1.0"}:
-                    target = float(raw)
-                if target is None and class_names:
-                    mine.append(f"column {target_col!r}: label {raw!r} is not one of {class_names}")
             else:
-                try:
-                    target = float(raw)
-                except ValueError:
-                    target = None
-                if target is None or not math.isfinite(target):
-                    mine.append(f"column {target_col!r}: {raw!r} is not a finite number")
-                    target = None
+                target = _read_value(task, raw, target_col, class_names, mine)
 
         mask = None
         if task == "segmentation" and has_targets and (require_targets or not _is_missing(r.get(mask_col))):
             mask = _existing_file(r, mask_col, "mask", base, mine)
+        labels: dict = {}
+        if heads:
+            labels, mask = _read_labels(r, heads, head_class_names, base, mine)
 
         split = None
         if split_col in columns and not _is_missing(r.get(split_col)):
@@ -442,7 +497,7 @@ def load_manifest(
 
         group = r.get(group_col) if use_groups else None
         group = None if _is_missing(group) else group
-        subjects.append(Subject(sid, image, i, target, mask, split, group, line))
+        subjects.append(Subject(sid, image, i, target, mask, split, group, line, labels))
 
     # Pass 2, the headers, in parallel: not NIfTI, not one 3-D volume, mask shape / grid vs the image's.
     jobs = [(s, col, p) for s in subjects for col, p in ((image_col, s.image), (mask_col, s.mask)) if p is not None]
@@ -475,6 +530,8 @@ def load_manifest(
                     mask_info = None
         if mask_info is None:
             s.mask = None
+            if heads and s.labels:  # the segmentation head's label goes with it (the row is reported)
+                s.labels = {k: (None if isinstance(v, Path) else v) for k, v in s.labels.items()}
         if image_info is None:
             s.image = None
 
@@ -522,7 +579,8 @@ def load_manifest(
     if not subjects:
         raise ManifestError(path, all_problems + ["every row has a problem: data.on_error=skip leaves no subject"])
     return Manifest(path, subjects, id_col, target_col if task in TASK_TARGET_COLS and has_targets else None,
-                    class_names, columns, has_targets, skipped)
+                    class_names if not heads else None, columns, has_targets, skipped, head_class_names,
+                    {name: col for name, _, col in heads or ()})
 
 
 def _group_key(s: Subject) -> str:
@@ -532,7 +590,7 @@ def _group_key(s: Subject) -> str:
 
 def split_subjects(
     subjects: list[Subject], val_fraction: float, seed: int, stratify: bool,
-    num_folds: int | None = None, fold: int = 0,
+    num_folds: int | None = None, fold: int = 0, stratify_by: str | None = None,
 ) -> tuple[list[Subject], list[Subject]]:
     """Split by subject GROUP into (train, val): all rows of a group go to the same side.
 
@@ -544,6 +602,9 @@ def split_subjects(
     both sets keep the class balance), then either:
 
     - ``num_folds`` None: ``round(n * val_fraction)`` of the n groups (at least one, never all) go to validation;
+    ``stratify_by`` (task=multitask): stratify by that head's label (``Subject.labels``) instead of the target;
+    subjects without it form a stratum of their own.
+
     - ``num_folds`` K: they are dealt round-robin into K folds and fold ``fold`` is the validation set, so
       the K runs ``fold=0..K-1`` validate every group exactly once.
 
@@ -578,7 +639,8 @@ def split_subjects(
     strata: dict[object, list[list[Subject]]] = {}
     for members in free:
         first = min(members, key=lambda s: s.row)
-        strata.setdefault(first.target if stratify else None, []).append(members)
+        key = (first.labels.get(stratify_by) if stratify_by else first.target) if stratify else None
+        strata.setdefault(key, []).append(members)
     dealt = 0  # continue the round-robin across classes so fold sizes stay within one of each other
     for key in sorted(strata, key=str):
         shuffled = [strata[key][j] for j in rng.permutation(len(strata[key]))]

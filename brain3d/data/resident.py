@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from brain3d.data.dataset import VolumeDataset, load_preprocessed
+from brain3d.data.dataset import VolumeDataset, head_targets, load_preprocessed
 from brain3d.data.patches import mask_foreground_voxels, training_patch_start
 
 log = logging.getLogger("brain3d.data")
@@ -73,7 +73,7 @@ def estimated_bytes(datasets: Sequence[VolumeDataset]) -> int | None:
         if shape is None:
             return None
         voxels = int(np.prod([int(s) for s in shape]))
-        total += len(dataset) * voxels * (4 + (1 if dataset.task == "segmentation" else 0))
+        total += len(dataset) * voxels * (4 + (1 if dataset.with_mask else 0))
     return total
 
 
@@ -153,14 +153,16 @@ class ResidentVolumes:
         self.dataset = dataset
         self.device = device
         self.images: list[torch.Tensor] = []
-        self.targets: list[torch.Tensor] = []  # masks (uint8) for segmentation, else (1,) float32
+        self.targets: list = []  # masks (uint8) for segmentation, else (1,) float32; multi-task {head: either}
+        self.labelled: list[dict] = []  # multi-task: {head: (1,) 1.0 / 0.0} per subject
         self.foreground: list[np.ndarray | None] = []
         self.nbytes = 0
-        with_mask = dataset.task == "segmentation"
+        with_mask = dataset.with_mask
 
         def read(index: int):
             subject = dataset.subjects[index]
-            return load_preprocessed(subject, dataset.settings, with_mask, dataset.cache_dir)
+            return load_preprocessed(subject, dataset.settings, with_mask and subject.mask is not None,
+                                     dataset.cache_dir)
 
         indices = range(len(dataset))
         if num_threads > 0:
@@ -173,20 +175,24 @@ class ResidentVolumes:
             for index, (image, mask, _) in enumerate(tqdm(items, total=len(dataset), desc="data to memory",
                                                           leave=False, disable=not progress, dynamic_ncols=True)):
                 image_t = torch.from_numpy(np.array(image, dtype=np.float32))[None]  # a copy of the memory map
-                if with_mask:
+                if dataset.heads:  # multi-task: {head: target}, masks kept as uint8, and the labelled flags
+                    targets, labelled = head_targets(dataset.heads, dataset.subjects[index], mask, image.shape)
+                    target_t = {name: t.to(torch.uint8) if t.dim() > 1 else t for name, t in targets.items()}
+                    self.labelled.append({name: flag.to(device) for name, flag in labelled.items()})
+                elif with_mask:
                     target_t = torch.from_numpy(np.array(mask, dtype=np.uint8))[None]
                 else:
                     target_t = torch.tensor([dataset.subjects[index].target], dtype=torch.float32)
-                self.nbytes += image_t.nbytes + target_t.nbytes
+                self.nbytes += image_t.nbytes + sum(t.nbytes for t in _values(target_t))
                 if budget is not None and self.nbytes > budget:
                     expected = self.nbytes / (index + 1) * len(dataset)
                     raise ResidentMemoryError(
                         f"{len(dataset)} volumes need about {size_text(expected)} in memory, more than the "
                         f"{size_text(budget)} allowed (data.resident_max_fraction of the free memory)")
                 self.images.append(image_t.to(device))
-                self.targets.append(target_t.to(device))
+                self.targets.append(_to(target_t, device))
                 coords = None
-                if dataset.patch_size is not None and with_mask:
+                if dataset.patch_size is not None and mask is not None:
                     coords = mask_foreground_voxels(mask).astype(np.int32)  # as the dataset finds them
                 self.foreground.append(coords)
         finally:
@@ -209,14 +215,38 @@ class ResidentVolumes:
             if dataset.patch_size is not None:
                 rng = np.random.default_rng([dataset.seed, epoch, index])  # the dataset's generator
                 spatial = tuple(image.shape[1:])
+                has_mask = any(t.dim() > 1 for t in _values(target))
                 start = training_patch_start(spatial, dataset.patch_size, rng, dataset.foreground_fraction,
-                                             has_mask=target.dim() > 1, foreground_coords=self.foreground[index])
+                                             has_mask=has_mask, foreground_coords=self.foreground[index])
                 image = crop(image, start, dataset.patch_size)
-                if target.dim() > 1:
-                    target = crop(target, start, dataset.patch_size)
+                target = _map(target, lambda t: crop(t, start, dataset.patch_size) if t.dim() > 1 else t)
             images.append(image)
             targets.append(target)
-        return {"image": torch.stack(images), "target": torch.stack(targets).float(), "subject_id": subject_ids}
+        batch = {"image": torch.stack(images), "subject_id": subject_ids}
+        if dataset.heads:
+            batch["target"] = {name: torch.stack([t[name] for t in targets]).float() for name, _ in dataset.heads}
+            batch["labelled"] = {name: torch.stack([self.labelled[_index(i)][name] for i in indices])
+                                 for name, _ in dataset.heads}
+        else:
+            batch["target"] = torch.stack(targets).float()
+        return batch
+
+
+def _index(item) -> int:
+    return item[0] if isinstance(item, tuple) else item
+
+
+def _values(target) -> list[torch.Tensor]:
+    """The tensors of a target: itself, or a multi-task ``{head: tensor}``'s values."""
+    return list(target.values()) if isinstance(target, dict) else [target]
+
+
+def _map(target, fn):
+    return {name: fn(t) for name, t in target.items()} if isinstance(target, dict) else fn(target)
+
+
+def _to(target, device: torch.device):
+    return _map(target, lambda t: t.to(device))
 
 
 def crop(volume: torch.Tensor, start: Sequence[int], size: Sequence[int]) -> torch.Tensor:

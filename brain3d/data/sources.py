@@ -226,6 +226,90 @@ def _read_sessions(path: Path) -> tuple[list[str], dict[str, dict[str, str]]]:
     return [c for c in columns if c != "session_id" and c], sessions
 
 
+def _mask_root_index(root: Path, mask_root: str | os.PathLike | None, mask_suffix: str | None,
+                     extension: Sequence[str]) -> dict[str, list[tuple[str, Path]]] | None:
+    """The masks under ``mask_root`` (relative to ``root`` unless absolute), by participant (:func:`_mask_index`,
+    searched recursively); None when the masks sit next to the images (no ``mask_root``) or there are none."""
+    if mask_suffix is None or mask_root is None:
+        return None
+    mask_dir = Path(mask_root).expanduser()
+    mask_dir = _abs(mask_dir if mask_dir.is_absolute() else root / mask_dir)
+    if not mask_dir.is_dir():
+        raise ValueError(f"mask root {mask_dir} is not a folder")
+    return _mask_index(mask_dir, mask_suffix, extension, recursive=True)
+
+
+def _image_row(pid: str, prow: Mapping[str, str], sessions: Mapping[str, Mapping[str, str]], prefix: str,
+               session: str | None, image: Path) -> dict[str, str]:
+    """The manifest row of one image, without its mask: the participant's columns, overridden by its session's
+    (sessions.tsv), then subject_id / participant_id / session / image."""
+    row = {c: v for c, v in prow.items() if c != "participant_id"}
+    if session in sessions:
+        row.update({c: v for c, v in sessions[session].items() if c != "session_id" and c})
+    row.update(subject_id=prefix, participant_id=pid, session=session or "n/a", image=str(image))
+    return row
+
+
+def _image_masks(pid: str, prefix: str, image: Path, mask_suffix: str, extension: Sequence[str],
+                 masks_by_pid: Mapping[str, list[tuple[str, Path]]] | None) -> list[Path]:
+    """The masks matching one image: from the ``mask_root`` index when given, else from the image's folder."""
+    candidates = (masks_by_pid if masks_by_pid is not None
+                  else _mask_index(image.parent, mask_suffix, extension, recursive=False)).get(pid, [])
+    return _match_mask(prefix, candidates)
+
+
+def _bids_rows(root: Path, participants: Mapping[str, Mapping[str, str]], target_cols: list[str], suffix: str,
+               mask_suffix: str | None, extension: Sequence[str],
+               masks_by_pid: Mapping[str, list[tuple[str, Path]]] | None
+               ) -> tuple[list[dict[str, str]], list[str], list[str], list[str]]:
+    """Scan every participant's images: (manifest rows, target columns plus those the sessions.tsv files add,
+    participants without an image, "image -> masks" of the images matching several masks)."""
+    target_cols = list(target_cols)
+    out_rows: list[dict[str, str]] = []
+    missing: list[str] = []
+    ambiguous: list[str] = []
+    for pid, prow in participants.items():
+        images = _find_images(root / pid, pid, suffix, extension)
+        if not images:
+            missing.append(pid)
+            continue
+        s_cols, sessions = _read_sessions(root / pid / f"{pid}_sessions.tsv")
+        target_cols += [c for c in s_cols if c not in target_cols]
+        for prefix, session, image in images:
+            row = _image_row(pid, prow, sessions, prefix, session, image)
+            if mask_suffix is not None:
+                found = _image_masks(pid, prefix, image, mask_suffix, extension, masks_by_pid)
+                if len(found) > 1:
+                    ambiguous.append(f"{image} -> {', '.join(str(p) for p in found)}")
+                row["mask"] = str(_abs(found[0])) if len(found) == 1 else ""
+            out_rows.append(row)
+    return out_rows, target_cols, missing, ambiguous
+
+
+def _raise_bids_problems(root: Path, tsv: Path, suffix: str, mask_suffix: str | None, extension: Sequence[str],
+                         missing: Sequence[str], ambiguous: Sequence[str]) -> None:
+    """Raise ValueError listing the participants without an image, else the images matching several masks."""
+    if missing:
+        listed_in, fix = ((tsv, "remove them from participants.tsv") if tsv.is_file()
+                          else (f"{root} (its sub-* folders; no participants.tsv)", "remove those folders"))
+        raise ValueError(
+            f"{len(missing)} participant(s) of {listed_in} have no image {root}/<participant>/[ses-*/]anat/*_{suffix}"
+            f"{{{','.join(extension)}}}: {_listing(missing)} ({fix} or fix data.suffix)"
+        )
+    if ambiguous:
+        raise ValueError(f"{len(ambiguous)} image(s) match several '{mask_suffix}' masks: {_listing(ambiguous)}")
+
+
+def _write_bids_manifest(out_path: Path, rows: Sequence[Mapping[str, str]], target_cols: Sequence[str],
+                         with_mask: bool) -> Path:
+    """Write the rows under the header subject_id, participant_id, session, image[, mask], targets; a target a row
+    lacks (e.g. a sessions.tsv column of another participant) is written "n/a"."""
+    header = list(BIDS_COLUMNS[:4]) + (["mask"] if with_mask else []) + list(target_cols)
+    missing_value = {c: "n/a" for c in target_cols}
+    cells = ([r.get(c) or missing_value.get(c, "") for c in header] for r in rows)
+    return _write_csv_atomic(out_path, header, cells)
+
+
 def bids_manifest(
     root: str | os.PathLike,
     out_path: str | os.PathLike,
@@ -288,52 +372,11 @@ def bids_manifest(
         raise ValueError(f"the mask suffix {mask_suffix!r} is the image suffix")
     tsv = root / "participants.tsv"
     participants, target_cols = _load_participants(root, tsv, require_participants, target_col)
-
-    masks_by_pid: dict[str, list[tuple[str, Path]]] | None = None
-    if mask_suffix is not None and mask_root is not None:
-        mask_dir = Path(mask_root).expanduser()
-        mask_dir = _abs(mask_dir if mask_dir.is_absolute() else root / mask_dir)
-        if not mask_dir.is_dir():
-            raise ValueError(f"mask root {mask_dir} is not a folder")
-        masks_by_pid = _mask_index(mask_dir, mask_suffix, extension, recursive=True)
-
-    out_rows: list[dict[str, str]] = []
-    missing: list[str] = []
-    ambiguous: list[str] = []
-    for pid, prow in participants.items():
-        images = _find_images(root / pid, pid, suffix, extension)
-        if not images:
-            missing.append(pid)
-            continue
-        s_cols, sessions = _read_sessions(root / pid / f"{pid}_sessions.tsv")
-        target_cols += [c for c in s_cols if c not in target_cols]
-        for prefix, session, image in images:
-            row = {c: v for c, v in prow.items() if c != "participant_id"}
-            if session in sessions:
-                row.update({c: v for c, v in sessions[session].items() if c != "session_id" and c})
-            row.update(subject_id=prefix, participant_id=pid, session=session or "n/a", image=str(image))
-            if mask_suffix is not None:
-                candidates = (masks_by_pid if masks_by_pid is not None
-                              else _mask_index(image.parent, mask_suffix, extension, recursive=False)).get(pid, [])
-                found = _match_mask(prefix, candidates)
-                if len(found) > 1:
-                    ambiguous.append(f"{image} -> {', '.join(str(p) for p in found)}")
-                row["mask"] = str(_abs(found[0])) if len(found) == 1 else ""
-            out_rows.append(row)
-    if missing:
-        listed_in, fix = ((tsv, "remove them from participants.tsv") if tsv.is_file()
-                          else (f"{root} (its sub-* folders; no participants.tsv)", "remove those folders"))
-        raise ValueError(
-            f"{len(missing)} participant(s) of {listed_in} have no image {root}/<participant>/[ses-*/]anat/*_{suffix}"
-            f"{{{','.join(extension)}}}: {_listing(missing)} ({fix} or fix data.suffix)"
-        )
-    if ambiguous:
-        raise ValueError(f"{len(ambiguous)} image(s) match several '{mask_suffix}' masks: {_listing(ambiguous)}")
-
-    header = list(BIDS_COLUMNS[:4]) + (["mask"] if mask_suffix is not None else []) + target_cols
-    missing_value = {c: "n/a" for c in target_cols}  # a target a participant lacks (e.g. a sessions.tsv column)
-    cells = ([r.get(c) or missing_value.get(c, "") for c in header] for r in out_rows)
-    return _write_csv_atomic(out_path, header, cells)
+    masks_by_pid = _mask_root_index(root, mask_root, mask_suffix, extension)
+    rows, target_cols, missing, ambiguous = _bids_rows(root, participants, target_cols, suffix, mask_suffix,
+                                                       extension, masks_by_pid)
+    _raise_bids_problems(root, tsv, suffix, mask_suffix, extension, missing, ambiguous)
+    return _write_bids_manifest(out_path, rows, target_cols, with_mask=mask_suffix is not None)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -83,6 +83,134 @@ def _smooth_field(rng: np.random.Generator, X, Y, Z, amp: float, n_waves: int = 
     return out
 
 
+def _world_grid(shape: tuple[int, int, int], vox: tuple[float, float, float]) -> list[np.ndarray]:
+    """World coordinates (mm) of every voxel centre, origin at the volume centre: 3 x (D, H, W) float32."""
+    axes = [(np.arange(n, dtype=np.float32) - np.float32((n - 1) / 2)) * np.float32(v) for n, v in zip(shape, vox)]
+    return np.meshgrid(*axes, indexing="ij")
+
+
+def _head_coordinates(rng: np.random.Generator, X, Y, Z) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-subject pose and smooth deformation: head coordinates (Xh, Yh, Zh) in mm, each (D, H, W).
+
+    Draws (in this order): shift, yaw/pitch, then three displacement fields (x, y, z)."""
+    shift = rng.normal(0.0, 3.0, 3)  # head not exactly centred
+    yaw, pitch = rng.normal(0.0, np.deg2rad(4.0), 2)  # small rotations about z and x
+    X0, Y0, Z0 = X - np.float32(shift[0]), Y - np.float32(shift[1]), Z - np.float32(shift[2])
+    cy, sy, cp, sp = (np.float32(f) for f in (np.cos(yaw), np.sin(yaw), np.cos(pitch), np.sin(pitch)))
+    Xr = cy * X0 + sy * Y0
+    Yr = -sy * X0 + cy * Y0
+    Yh = cp * Yr + sp * Z0
+    Zh = -sp * Yr + cp * Z0
+    del X0, Y0, Z0, Yr
+    # Low-frequency displacement (~3 mm) so no two subjects share a shape.  The fields are evaluated at
+    # (Xr, Yh, Zh) as they stand: the z field sees the already displaced Yh.
+    Xh = Xr + _smooth_field(rng, Xr, Yh, Zh, 3.0)
+    Yh = Yh + _smooth_field(rng, Xr, Yh, Zh, 3.0)
+    Zh = Zh + _smooth_field(rng, Xr, Yh, Zh, 3.0)
+    return Xh, Yh, Zh
+
+
+def _head_size(rng: np.random.Generator, sex: int) -> tuple[float, np.ndarray]:
+    """(global scale of all radii, head ellipsoid radii (x, y, z) in mm): sex effect + individual variation."""
+    size = (1.09 if sex == 1 else 1.0) * rng.normal(1.0, 0.04)
+    aspect = rng.normal(1.0, 0.02, 3) * (np.array([0.98, 1.02, 1.0]) if sex == 1 else 1.0)
+    return size, _HEAD_RADII_MM * size * aspect
+
+
+def _ellipsoid_radius(Xh, Yh, Zh, radii: np.ndarray) -> np.ndarray:
+    """Normalised ellipsoid radius (1 on the surface) of every voxel: (D, H, W) float32."""
+    return np.sqrt((Xh / np.float32(radii[0])) ** 2 + (Yh / np.float32(radii[1])) ** 2
+                   + (Zh / np.float32(radii[2])) ** 2)
+
+
+def _head_labels(shape: tuple[int, int, int], Xh, Yh, Zh, head_r: np.ndarray) -> np.ndarray:
+    """(D, H, W) uint8 label map of the head shells: scalp, skull, and CSF filling the intracranial space."""
+    labels = np.zeros(shape, dtype=np.uint8)
+    rho_head = _ellipsoid_radius(Xh, Yh, Zh, head_r)
+    labels[rho_head < 1.0] = SCALP
+    labels[rho_head < 0.93] = SKULL
+    labels[rho_head < 0.86] = CSF  # intracranial space; the brain is painted over it
+    return labels
+
+
+def _paint_brain(rng: np.random.Generator, labels: np.ndarray, Xh, Yh, Zh, head_r: np.ndarray, size: float,
+                 af: float) -> tuple[np.ndarray, float]:
+    """Paint GM, WM, sulci and the interhemispheric fissure into ``labels`` (in place).
+
+    The brain shrinks with age inside the fixed skull (the gap fills with CSF).  Returns (rho, wm_edge): the
+    normalised brain radius (D, H, W) and the GM/WM border in it, which place the lesions."""
+    brain_r = head_r * 0.84 * (1.0 - 0.05 * af)
+    rho = _ellipsoid_radius(Xh, Yh, Zh, brain_r)
+    gm_mm = 7.0 * (1.0 - 0.3 * af) * size  # cortical ribbon thickness, thins with age
+    wm_edge = 1.0 - gm_mm / brain_r.mean()  # GM/WM border in normalised radius
+    # Gyral pattern: zero set of a sum of cosines (wavelength ~30 mm) = sulcal sheets.
+    k = np.float32(2 * np.pi / rng.uniform(26.0, 34.0))
+    ph = rng.uniform(0, 2 * np.pi, 3).astype(np.float32)
+    fold = np.cos(k * Xh + ph[0]) + np.cos(k * Yh + ph[1]) + np.cos(k * Zh + ph[2])  # in [-3, 3]
+    brain = rho < 1.0
+    labels[brain] = GM
+    # WM reaches into gyri (|fold| large) and recedes under sulci (fold ~ 0).
+    labels[rho < wm_edge + 0.04 * (np.abs(fold) / 3.0 - 0.3)] = WM
+    # Sulci (CSF) cut through the ribbon; they widen with age.
+    sulcus_w = 0.25 + 0.35 * af
+    labels[brain & (rho > wm_edge) & (np.abs(fold) < sulcus_w)] = CSF
+    # Interhemispheric fissure in the upper outer brain, widening with age.
+    labels[brain & (np.abs(Xh) < 1.8 + 1.2 * af) & (rho > 0.6) & (Zh > -0.2 * brain_r[2])] = CSF
+    return rho, wm_edge
+
+
+def _paint_ventricles(rng: np.random.Generator, labels: np.ndarray, Xh, Yh, Zh, size: float, af: float) -> None:
+    """Paint the two lateral ventricles (slightly curved ellipsoids that grow with age) as CSF, in place."""
+    vent_r = _VENTRICLE_RADII_MM * size * (1.0 + 0.8 * af) * rng.normal(1.0, 0.08)
+    zc = 8.0 * size - 0.006 * Yh**2  # centre line bends down towards the horns
+    for side in (-1.0, 1.0):
+        xc = side * (vent_r[0] + 1.5)  # beside the midline (septum between them)
+        inside = (((Xh - xc) / vent_r[0]) ** 2 + ((Yh - 2.0 * size) / vent_r[1]) ** 2
+                  + ((Zh - zc) / vent_r[2]) ** 2) < 1.0
+        labels[inside] = CSF
+
+
+def _paint_lesions(rng: np.random.Generator, labels: np.ndarray, rho: np.ndarray, wm_edge: float) -> np.ndarray:
+    """Paint 0-6 bright ellipsoids, placed in and clipped to white matter, into ``labels`` (in place).
+
+    Returns the lesion mask: (D, H, W) uint8, 1 = lesion."""
+    shape = labels.shape
+    wm = labels == WM
+    n_lesions = 0 if rng.random() < 0.1 else int(rng.integers(1, 7))
+    centres = np.flatnonzero(wm & (rho < wm_edge - 0.08))  # deep WM, away from the cortex
+    scale = min(shape) / 64.0  # radius 2-5 voxels at 64^3, proportionally larger on finer grids
+    for _ in range(n_lesions if centres.size else 0):
+        c = np.unravel_index(rng.choice(centres), shape)
+        r_vox = rng.uniform(2.0, 5.0) * scale * rng.uniform(0.7, 1.3, 3)  # per-axis radii (voxels)
+        box, blob = _voxel_ellipsoid(c, r_vox, shape)
+        labels[box][blob & wm[box]] = LESION  # WM only: never in CSF, GM or ventricles
+    return (labels == LESION).astype(np.uint8)
+
+
+def _voxel_ellipsoid(c, r_vox: np.ndarray, shape) -> tuple[tuple[slice, ...], np.ndarray]:
+    """(bounding box slices, boolean ellipsoid on that box) of the ellipsoid centred on voxel ``c`` with per-axis
+    radii ``r_vox`` (voxels), the box clipped to the grid: computed on the box only (cheap)."""
+    lo = [max(int(ci - np.ceil(r)), 0) for ci, r in zip(c, r_vox)]
+    hi = [min(int(ci + np.ceil(r)) + 1, n) for ci, r, n in zip(c, r_vox, shape)]
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    gi, gj, gk = np.ogrid[box]
+    blob = ((gi - c[0]) / r_vox[0]) ** 2 + ((gj - c[1]) / r_vox[1]) ** 2 + ((gk - c[2]) / r_vox[2]) ** 2 <= 1.0
+    return box, blob
+
+
+def _intensity_image(rng: np.random.Generator, labels: np.ndarray, X, Y, Z) -> np.ndarray:
+    """T1-ish image (D, H, W) float32 of a label map: tissue means (+-3 % per subject) x bias field + noise,
+    head only (background exactly 0, head voxels >= 0.01)."""
+    lut = _INTENSITY * rng.normal(1.0, 0.03, _INTENSITY.size).astype(np.float32)
+    image = lut[labels]  # (D, H, W) float32
+    bias = np.exp(_smooth_field(rng, X, Y, Z, 0.06, n_waves=3))  # smooth multiplicative, ~+-10 %
+    head = labels > BG
+    noise_sd = np.float32(rng.uniform(0.03, 0.05))
+    noise = rng.standard_normal(labels.shape, dtype=np.float32) * noise_sd
+    image = np.where(head, np.maximum(image * bias + noise, np.float32(0.01)), np.float32(0.0))
+    return image.astype(np.float32, copy=False)
+
+
 def make_phantom(
     shape: Sequence[int],
     sex: int,
@@ -115,96 +243,18 @@ def make_phantom(
     vox = _voxel_size(shape, voxel_size_mm)
     af = float(np.clip((age - 20.0) / 60.0, 0.0, 1.5))  # "age fraction": 0 at 20 y, 1 at 80 y
 
-    # World coordinates (mm) of every voxel centre, origin at the volume centre: 3 x (D, H, W).
-    axes = [(np.arange(n, dtype=np.float32) - np.float32((n - 1) / 2)) * np.float32(v) for n, v in zip(shape, vox)]
-    X, Y, Z = np.meshgrid(*axes, indexing="ij")
-
-    # --- per-subject pose and smooth deformation: head coordinates (Xh, Yh, Zh) in mm ---
-    shift = rng.normal(0.0, 3.0, 3)  # head not exactly centred
-    yaw, pitch = rng.normal(0.0, np.deg2rad(4.0), 2)  # small rotations about z and x
-    X0, Y0, Z0 = X - np.float32(shift[0]), Y - np.float32(shift[1]), Z - np.float32(shift[2])
-    cy, sy, cp, sp = (np.float32(f) for f in (np.cos(yaw), np.sin(yaw), np.cos(pitch), np.sin(pitch)))
-    Xr = cy * X0 + sy * Y0
-    Yr = -sy * X0 + cy * Y0
-    Yh = cp * Yr + sp * Z0
-    Zh = -sp * Yr + cp * Z0
-    # Low-frequency displacement (~3 mm) so no two subjects share a shape.
-    Xh = Xr + _smooth_field(rng, Xr, Yh, Zh, 3.0)
-    Yh = Yh + _smooth_field(rng, Xr, Yh, Zh, 3.0)
-    Zh = Zh + _smooth_field(rng, Xr, Yh, Zh, 3.0)
-    del X0, Y0, Z0, Yr
-
-    # --- head size and shape: sex effect + individual variation ---
-    size = (1.09 if sex == 1 else 1.0) * rng.normal(1.0, 0.04)  # global scale of all radii
-    aspect = rng.normal(1.0, 0.02, 3) * (np.array([0.98, 1.02, 1.0]) if sex == 1 else 1.0)
-    head_r = _HEAD_RADII_MM * size * aspect
-
-    labels = np.zeros(shape, dtype=np.uint8)  # (D, H, W) tissue label map
-    rho_head = np.sqrt((Xh / np.float32(head_r[0])) ** 2 + (Yh / np.float32(head_r[1])) ** 2
-                       + (Zh / np.float32(head_r[2])) ** 2)
-    labels[rho_head < 1.0] = SCALP
-    labels[rho_head < 0.93] = SKULL
-    labels[rho_head < 0.86] = CSF  # intracranial space; the brain is painted over it
-    del rho_head
-
-    # --- brain: shrinks with age inside the fixed skull (the gap fills with CSF) ---
-    brain_r = head_r * 0.84 * (1.0 - 0.05 * af)
-    rho = np.sqrt((Xh / np.float32(brain_r[0])) ** 2 + (Yh / np.float32(brain_r[1])) ** 2
-                  + (Zh / np.float32(brain_r[2])) ** 2)
-    gm_mm = 7.0 * (1.0 - 0.3 * af) * size  # cortical ribbon thickness, thins with age
-    wm_edge = 1.0 - gm_mm / brain_r.mean()  # GM/WM border in normalised radius
-    # Gyral pattern: zero set of a sum of cosines (wavelength ~30 mm) = sulcal sheets.
-    k = np.float32(2 * np.pi / rng.uniform(26.0, 34.0))
-    ph = rng.uniform(0, 2 * np.pi, 3).astype(np.float32)
-    fold = np.cos(k * Xh + ph[0]) + np.cos(k * Yh + ph[1]) + np.cos(k * Zh + ph[2])  # in [-3, 3]
-    brain = rho < 1.0
-    labels[brain] = GM
-    # WM reaches into gyri (|fold| large) and recedes under sulci (fold ~ 0).
-    labels[rho < wm_edge + 0.04 * (np.abs(fold) / 3.0 - 0.3)] = WM
-    # Sulci (CSF) cut through the ribbon; they widen with age.
-    sulcus_w = 0.25 + 0.35 * af
-    labels[brain & (rho > wm_edge) & (np.abs(fold) < sulcus_w)] = CSF
-    # Interhemispheric fissure in the upper outer brain, widening with age.
-    labels[brain & (np.abs(Xh) < 1.8 + 1.2 * af) & (rho > 0.6) & (Zh > -0.2 * brain_r[2])] = CSF
-    del fold
-
-    # --- lateral ventricles: two (slightly curved) ellipsoids that grow with age ---
-    vent_r = _VENTRICLE_RADII_MM * size * (1.0 + 0.8 * af) * rng.normal(1.0, 0.08)
-    zc = 8.0 * size - 0.006 * Yh**2  # centre line bends down towards the horns
-    for side in (-1.0, 1.0):
-        xc = side * (vent_r[0] + 1.5)  # beside the midline (septum between them)
-        inside = (((Xh - xc) / vent_r[0]) ** 2 + ((Yh - 2.0 * size) / vent_r[1]) ** 2
-                  + ((Zh - zc) / vent_r[2]) ** 2) < 1.0
-        labels[inside] = CSF
-    del zc, Xh, Yh, Zh, Xr
-
-    # --- lesions: 1-6 bright ellipsoids, placed in and clipped to white matter ---
-    wm = labels == WM
-    n_lesions = 0 if rng.random() < 0.1 else int(rng.integers(1, 7))
-    centres = np.flatnonzero(wm & (rho < wm_edge - 0.08))  # deep WM, away from the cortex
+    # The steps draw from ``rng`` in this fixed order (the cache and the tests depend on it): pose and
+    # deformation, head size, gyral pattern, ventricle size, lesions, intensities.
+    X, Y, Z = _world_grid(shape, vox)  # 3 x (D, H, W), mm
+    Xh, Yh, Zh = _head_coordinates(rng, X, Y, Z)  # 3 x (D, H, W), mm, in the subject's head frame
+    size, head_r = _head_size(rng, sex)
+    labels = _head_labels(shape, Xh, Yh, Zh, head_r)  # (D, H, W) tissue label map, painted in place below
+    rho, wm_edge = _paint_brain(rng, labels, Xh, Yh, Zh, head_r, size, af)
+    _paint_ventricles(rng, labels, Xh, Yh, Zh, size, af)
+    del Xh, Yh, Zh
+    mask = _paint_lesions(rng, labels, rho, wm_edge)
     del rho
-    scale = min(shape) / 64.0  # radius 2-5 voxels at 64^3, proportionally larger on finer grids
-    for _ in range(n_lesions if centres.size else 0):
-        c = np.unravel_index(rng.choice(centres), shape)
-        r_vox = rng.uniform(2.0, 5.0) * scale * rng.uniform(0.7, 1.3, 3)  # per-axis radii (voxels)
-        lo = [max(int(ci - np.ceil(r)), 0) for ci, r in zip(c, r_vox)]
-        hi = [min(int(ci + np.ceil(r)) + 1, n) for ci, r, n in zip(c, r_vox, shape)]
-        box = tuple(slice(a, b) for a, b in zip(lo, hi))
-        # Ellipsoid in voxel units on the bounding box only (cheap).
-        gi, gj, gk = np.ogrid[box]
-        blob = ((gi - c[0]) / r_vox[0]) ** 2 + ((gj - c[1]) / r_vox[1]) ** 2 + ((gk - c[2]) / r_vox[2]) ** 2 <= 1.0
-        labels[box][blob & wm[box]] = LESION  # WM only: never in CSF, GM or ventricles
-    mask = (labels == LESION).astype(np.uint8)
-
-    # --- intensities: tissue means (+-3 % per subject) x bias field + noise, head only ---
-    lut = _INTENSITY * rng.normal(1.0, 0.03, _INTENSITY.size).astype(np.float32)
-    image = lut[labels]  # (D, H, W) float32
-    bias = np.exp(_smooth_field(rng, X, Y, Z, 0.06, n_waves=3))  # smooth multiplicative, ~+-10 %
-    head = labels > BG
-    noise_sd = np.float32(rng.uniform(0.03, 0.05))
-    noise = rng.standard_normal(shape, dtype=np.float32) * noise_sd
-    image = np.where(head, np.maximum(image * bias + noise, np.float32(0.01)), np.float32(0.0))
-    return image.astype(np.float32, copy=False), mask
+    return _intensity_image(rng, labels, X, Y, Z), mask
 
 
 def synthetic_cache_dir(root: str | os.PathLike, num_subjects: int, shape: Sequence[int], seed: int) -> Path:
@@ -219,6 +269,81 @@ def synthetic_cache_dir(root: str | os.PathLike, num_subjects: int, shape: Seque
     """
     d, h, w = (int(s) for s in shape)
     return Path(root) / f"n{int(num_subjects)}_s{d}x{h}x{w}_seed{int(seed)}_v{GENERATOR_VERSION}"
+
+
+def _check_dataset_args(out_dir: Path, num_subjects: int, shape: Sequence[int],
+                        voxel_size_mm) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+    """(shape, voxel size) checked; raises ValueError on bad parameters and FileExistsError when ``out_dir``
+    holds something other than a dataset (the caller has already returned for an existing manifest)."""
+    if num_subjects < 1:
+        raise ValueError(f"num_subjects must be >= 1, got {num_subjects}")
+    shape = _check_shape(shape)
+    vox = _voxel_size(shape, voxel_size_mm)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} exists, is not empty and has no manifest.csv; refusing to overwrite")
+    return shape, vox
+
+
+def _subject_labels(seed: int, i: int) -> tuple[np.random.Generator, int, float]:
+    """(subject i's generator, sex, age): the generator has drawn the age and goes on to make the phantom."""
+    rng = np.random.default_rng([seed, i])
+    # Balanced sex: one F and one M per pair, the order drawn from the pair's own rng.
+    flip = int(np.random.default_rng([seed, i // 2, 1]).integers(2))
+    sex = (i % 2) ^ flip
+    age = round(float(rng.uniform(20.0, 80.0)), 1)  # the label is exactly the truth used
+    return rng, sex, age
+
+
+def _write_subjects(folder: Path, num_subjects: int, shape: tuple[int, int, int], seed: int,
+                    vox: tuple[float, float, float]) -> list[tuple]:
+    """Write every subject's image and mask under ``folder``; returns the manifest rows
+    (subject_id, image, mask, sex, age) with paths relative to ``folder``."""
+    affine = _affine(shape, vox)
+    rows = []
+    for i in range(num_subjects):
+        rng, sex, age = _subject_labels(seed, i)
+        image, mask = make_phantom(shape, sex, age, rng, vox)
+        sid = f"sub-{i:04d}"
+        img_rel = f"images/{sid}_T1w.nii.gz"
+        mask_rel = f"masks/{sid}_lesion.nii.gz"
+        save_nifti(image, affine, folder / img_rel, dtype=np.float32)
+        save_nifti(mask, affine, folder / mask_rel, dtype=np.uint8)
+        rows.append((sid, img_rel, mask_rel, sex, f"{age:.1f}"))
+    return rows
+
+
+def _write_dataset_json(path: Path, num_subjects: int, shape: tuple[int, int, int], seed: int,
+                        vox: tuple[float, float, float]) -> None:
+    """The generator parameters, beside the manifest."""
+    with open(path, "w") as f:
+        json.dump(
+            {
+                "num_subjects": int(num_subjects),
+                "shape": list(shape),
+                "seed": int(seed),
+                "voxel_size_mm": list(vox),
+                "GENERATOR_VERSION": GENERATOR_VERSION,
+            },
+            f,
+            indent=2,
+        )
+
+
+def _write_manifest_csv(path: Path, rows: list[tuple]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["subject_id", "image", "mask", "sex", "age"])
+        writer.writerows(rows)
+
+
+def _move_into_place(tmp: Path, out_dir: Path, manifest: Path) -> None:
+    """Rename the finished ``tmp`` folder to ``out_dir`` (atomic; works onto an absent or empty folder); losing the
+    race to a concurrent builder that finished first is fine."""
+    try:
+        os.replace(tmp, out_dir)
+    except OSError:
+        if not manifest.is_file():  # not a concurrent builder finishing first
+            raise
 
 
 def make_synthetic_dataset(
@@ -256,52 +381,14 @@ def make_synthetic_dataset(
     manifest = out_dir / "manifest.csv"
     if manifest.is_file():
         return manifest  # cached
-    if num_subjects < 1:
-        raise ValueError(f"num_subjects must be >= 1, got {num_subjects}")
-    shape = _check_shape(shape)
-    vox = _voxel_size(shape, voxel_size_mm)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir} exists, is not empty and has no manifest.csv; refusing to overwrite")
-
-    affine = _affine(shape, vox)
+    shape, vox = _check_dataset_args(out_dir, num_subjects, shape, voxel_size_mm)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        rows = []
-        for i in range(num_subjects):
-            rng = np.random.default_rng([seed, i])
-            # Balanced sex: one F and one M per pair, the order drawn from the pair's own rng.
-            flip = int(np.random.default_rng([seed, i // 2, 1]).integers(2))
-            sex = (i % 2) ^ flip
-            age = round(float(rng.uniform(20.0, 80.0)), 1)  # the label is exactly the truth used
-            image, mask = make_phantom(shape, sex, age, rng, vox)
-            sid = f"sub-{i:04d}"
-            img_rel = f"images/{sid}_T1w.nii.gz"
-            mask_rel = f"masks/{sid}_lesion.nii.gz"
-            save_nifti(image, affine, tmp / img_rel, dtype=np.float32)
-            save_nifti(mask, affine, tmp / mask_rel, dtype=np.uint8)
-            rows.append((sid, img_rel, mask_rel, sex, f"{age:.1f}"))
-        with open(tmp / "dataset.json", "w") as f:
-            json.dump(
-                {
-                    "num_subjects": int(num_subjects),
-                    "shape": list(shape),
-                    "seed": int(seed),
-                    "voxel_size_mm": list(vox),
-                    "GENERATOR_VERSION": GENERATOR_VERSION,
-                },
-                f,
-                indent=2,
-            )
-        with open(tmp / "manifest.csv", "w", newline="") as f:  # written last: marks completion
-            writer = csv.writer(f)
-            writer.writerow(["subject_id", "image", "mask", "sex", "age"])
-            writer.writerows(rows)
-        try:
-            os.replace(tmp, out_dir)  # atomic; works onto an absent or empty folder
-        except OSError:
-            if not manifest.is_file():  # not a concurrent builder finishing first
-                raise
+        rows = _write_subjects(tmp, num_subjects, shape, seed, vox)
+        _write_dataset_json(tmp / "dataset.json", num_subjects, shape, seed, vox)
+        _write_manifest_csv(tmp / "manifest.csv", rows)  # written last: marks completion
+        _move_into_place(tmp, out_dir, manifest)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

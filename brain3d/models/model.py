@@ -46,8 +46,8 @@ def _target(cfg: Any) -> str:
         return repr(cfg)
 
 
-def build_model(backbone_cfg: Any, head_cfg: Any, head_name: str) -> Brain3DModel:
-    """Instantiate a backbone and one head from Hydra configs (with ``_target_``).
+def build_model(backbone_cfg: Any, head_cfg: Any, head_name: str | None = None) -> Brain3DModel:
+    """Instantiate a backbone and its head(s) from Hydra configs (with ``_target_``).
 
     The head is instantiated with ``feature_channels=backbone.feature_channels``.
 
@@ -56,7 +56,8 @@ def build_model(backbone_cfg: Any, head_cfg: Any, head_name: str) -> Brain3DMode
             ``{"_target_": "brain3d.models.backbones.PlainBackbone", "width": 1.0}``.
         head_cfg: DictConfig or dict, e.g.
             ``{"_target_": "brain3d.models.heads.GlobalPoolHead", "out_features": 1}``.
-        head_name: key of the head in the model's output dict.
+        head_name: key of the head in the model's output dict. None: ``head_cfg`` maps each head's name to
+            its config (a multi-task model; brain3d.tasks.head_configs).
 
     Raises:
         TypeError: when the backbone is not an ``nn.Module`` with ``feature_channels``,
@@ -68,10 +69,13 @@ def build_model(backbone_cfg: Any, head_cfg: Any, head_name: str) -> Brain3DMode
             f"backbone target {_target(backbone_cfg)} built {type(backbone).__name__}, "
             "not an nn.Module with a feature_channels attribute"
         )
-    head = instantiate(head_cfg, feature_channels=list(backbone.feature_channels))
-    if not isinstance(head, nn.Module):
-        raise TypeError(f"head target {_target(head_cfg)} built {type(head).__name__}, not an nn.Module")
-    return Brain3DModel(backbone, {head_name: head})
+    head_cfgs = {head_name: head_cfg} if head_name is not None else dict(head_cfg)
+    heads = {}
+    for name, cfg in head_cfgs.items():
+        heads[name] = instantiate(cfg, feature_channels=list(backbone.feature_channels))
+        if not isinstance(heads[name], nn.Module):
+            raise TypeError(f"head target {_target(cfg)} built {type(heads[name]).__name__}, not an nn.Module")
+    return Brain3DModel(backbone, heads)
 
 
 def count_parameters(model: nn.Module) -> int:

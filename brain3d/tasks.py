@@ -1,0 +1,520 @@
+"""What differs between kinds of head: one small class per kind (classification, regression, segmentation).
+
+Each head of a run is a :class:`Task`: its name (the key of the model's outputs and of its metrics), the
+manifest column it learns from, its loss and loss weight. The class owns what its kind does differently:
+reading and encoding targets, the losses that fit it, its validation metrics (and the report's cases),
+the prediction columns and files, and whether the split is stratified on it. A fourth kind of head is one
+more class here, added to ``KINDS``.
+
+A run's heads are a :class:`TaskSet`. A single-task run (``task=classification|regression|segmentation``)
+has one head named after its kind, and batches carry ``"target"`` as one tensor, as they always have.
+``task=multitask`` has several heads (``task.heads.<name>``): batches carry ``"target"`` and ``"labelled"``
+as ``{head: tensor}``; a subject without a head's label has ``labelled=False`` there and that head's loss
+leaves it out (:meth:`TaskSet.loss`), while the other heads still learn from it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from brain3d import evaluation, report
+from brain3d import metrics as M
+from brain3d.data.nifti import load_mask
+from brain3d.data.preprocess import invert_geometry
+from brain3d.errors import ConfigError
+
+
+class Task:
+    """One head. Subclasses set the class attributes and the methods their kind does differently.
+
+    Args:
+        name: the head's name: the key of the model's output dict, of checkpoints' head weights and of its
+            metrics (``val_<name>_<metric>`` in a multi-task run).
+        column: the manifest column of its targets (None: the kind's ``default_column``).
+        loss_fn: the loss module (``forward(logits, target)`` -> scalar), or None where only predicting.
+        weight: the head's weight in a multi-task run's total loss. Defaults to 1.0.
+        prefix: put before its columns in predictions.csv and its file names (``sex_`` in a multi-task run,
+            empty in a single-task one).
+    """
+
+    kind: ClassVar[str]
+    losses: ClassVar[tuple[str, ...]]  # the loss options (configs/loss) that fit this kind
+    default_column: ClassVar[str]
+    metric: ClassVar[tuple[str, str]]  # the metric that picks best.pt by default, and "max" | "min"
+    reads_mask: ClassVar[bool] = False  # its targets are mask files (same grid as the image), not cell values
+    stratify: ClassVar[bool] = False  # the train/val split keeps its classes' proportions
+
+    def __init__(self, name: str, column: str | None = None, loss_fn: torch.nn.Module | None = None,
+                 weight: float = 1.0, prefix: str = ""):
+        self.name = name
+        self.column = column or self.default_column
+        self.loss_fn = loss_fn
+        self.weight = float(weight)
+        self.prefix = prefix
+        self.class_names: list[str] | None = None  # classification: class index -> label; [1] is positive
+        self.target_mean, self.target_std = 0.0, 1.0  # regression: the training targets' scaling
+        self.bias_correction: dict | None = None  # regression: refitted on each epoch's validation predictions
+
+    # ---- targets ------------------------------------------------------------------------------------
+    def encode(self, target: torch.Tensor) -> torch.Tensor:
+        """A target as the head learns it (regression: standardised)."""
+        return target
+
+    def decode(self, logits: torch.Tensor) -> torch.Tensor:
+        """The head's output in the target's own units (regression); logits otherwise."""
+        return logits
+
+    def fit_scaling(self, values: np.ndarray) -> None:
+        """Learn what encoding needs from the training set's targets (regression: mean and std)."""
+
+    def state(self) -> dict:
+        """What a checkpoint keeps of the head, to rebuild it for prediction (:func:`task_from_state`)."""
+        return {"kind": self.kind, "column": self.column, "weight": self.weight, "prefix": self.prefix,
+                "class_names": self.class_names, "target_mean": self.target_mean, "target_std": self.target_std,
+                "bias_correction": self.bias_correction}
+
+    # ---- validation ---------------------------------------------------------------------------------
+    def new_outputs(self) -> dict:
+        """An empty collection of one validation pass's outputs (filled by :meth:`collect`)."""
+        return {"predictions": [], "targets": []}
+
+    def collect(self, outputs: dict, logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor | None,
+                batch: dict, image: torch.Tensor, worst: report.WorstCases | None) -> None:
+        """Add one batch: ``logits`` (B, 1), ``target`` (B, 1) raw; ``keep`` (B,) bool (None: every sample)
+        marks the subjects that have this head's label. ``worst`` (report.html) gets those samples offered."""
+        values = self.decode(logits.float()).cpu().reshape(-1)
+        truth = target.float().cpu().reshape(-1)
+        ids = [str(s) for s in batch["subject_id"]]
+        if keep is not None:
+            kept = keep.cpu().reshape(-1).tolist()
+            values, truth = values[keep.cpu()], truth[keep.cpu()]
+            ids = [s for s, k in zip(ids, kept) if k]
+            image = image[keep]
+        outputs["predictions"].append(values)
+        outputs["targets"].append(truth)
+        if worst is not None:
+            for b, (value, true) in enumerate(zip(values.tolist(), truth.tolist())):
+                badness, scores = self.case_scores(value, true)
+                worst.offer(badness, lambda b=b, scores=scores: {
+                    "subject_id": ids[b], **scores,
+                    "slices": report.orthogonal_slices(image[b, 0].float().cpu().numpy())})
+
+    def case_scores(self, value: float, target: float) -> tuple[float, dict]:
+        """(badness, caption values) of one validation subject for report.html."""
+        raise NotImplementedError
+
+    def parts(self, outputs: dict) -> dict[str, np.ndarray]:
+        """The per-subject arrays of :meth:`collect` (flat), as distributed validation gathers them."""
+        return {key: _flat(values) for key, values in outputs.items() if key in ("predictions", "targets")}
+
+    def metrics(self, parts: dict[str, np.ndarray]) -> dict[str, float]:
+        """The head's validation metrics from :meth:`parts` (merged over ranks)."""
+        raise NotImplementedError
+
+    # ---- prediction (brain3d-predict) -----------------------------------------------------------------
+    def predict_subject(self, output: torch.Tensor, label, where: PredictionContext) -> tuple[dict, dict | None]:
+        """One subject's prediction: ``output`` is the head's ensemble mean (probabilities, or values in
+        target units), ``label`` the manifest's target (None: not evaluated). Returns (columns for
+        predictions.csv, named with :attr:`prefix`; this subject's evaluation row, or None), writing any
+        image the kind makes next to predictions.csv."""
+        raise NotImplementedError
+
+    def prediction_metrics(self, evaluated: list[dict], num_samples: int, threshold: float) -> dict:
+        """metrics.json's entries for this head from the evaluation rows of :meth:`predict_subject`."""
+        raise NotImplementedError
+
+    def report_case(self, row: dict, evaluation: dict | None) -> tuple[float | None, dict]:
+        """(badness, caption values) of a predicted subject for report.html (badness None: not scored)."""
+        raise NotImplementedError
+
+    def out_key(self, key: str) -> str:
+        """A predictions.csv column of this head: ``key`` after :attr:`prefix` (``sex_probability``)."""
+        return f"{self.prefix}{key}"
+
+
+class PredictionContext:
+    """Where one subject's predictions go: its id, the input's native grid and the preprocessing to invert,
+    the output folder, the decision threshold."""
+
+    def __init__(self, subject_id: str, grid, info, out_dir: Path, threshold: float, save_like_input):
+        self.subject_id, self.grid, self.info, self.out_dir = subject_id, grid, info, out_dir
+        self.threshold, self.save_like_input = threshold, save_like_input
+        self.mask: np.ndarray | None = None  # a segmentation head's written mask and the true one (report.html)
+        self.true_mask: np.ndarray | None = None
+
+
+class ClassificationTask(Task):
+    """Binary classification (e.g. sex): one logit per volume; metrics auc, accuracy, balanced_accuracy."""
+
+    kind = "classification"
+    losses = ("bce",)
+    default_column = "sex"
+    metric = ("auc", "max")
+    stratify = True
+
+    def case_scores(self, value: float, target: float) -> tuple[float, dict]:
+        probability = 1.0 / (1.0 + math.exp(-value)) if value > -700 else 0.0
+        return abs(probability - target), {"probability": probability, "label": target}
+
+    def metrics(self, parts: dict[str, np.ndarray]) -> dict[str, float]:
+        return M.classification_metrics(parts["predictions"], parts["targets"])
+
+    def predict_subject(self, output: torch.Tensor, label, where: PredictionContext) -> tuple[dict, dict | None]:
+        probability = float(output.reshape(-1)[0])
+        row = {self.out_key("probability"): probability,
+               self.out_key("predicted_class"): self.class_names[int(probability > where.threshold)]}
+        if label is None:
+            return row, None
+        row[self.out_key("true_class")], row[self.out_key("target")] = self.class_names[int(label)], label
+        return row, {"probability": probability, "target": label}
+
+    def prediction_metrics(self, evaluated: list[dict], num_samples: int, threshold: float) -> dict:
+        probs = np.array([r["probability"] for r in evaluated])
+        labels = np.array([r["target"] for r in evaluated])
+        metrics = evaluation.classification_report(probs, labels, threshold=threshold, num_samples=num_samples)
+        return {**metrics, "positive_class": self.class_names[1]}
+
+    def report_case(self, row: dict, evaluation: dict | None) -> tuple[float | None, dict]:
+        values = {"probability": row[self.out_key("probability")]}
+        if evaluation is None:
+            return None, values
+        return abs(evaluation["probability"] - evaluation["target"]), {**values, "label": evaluation["target"]}
+
+
+class RegressionTask(Task):
+    """Regression (e.g. brain age): one value per volume, learned standardised with the training set's mean
+    and std so a unit-scale head learns quickly; predictions and metrics (mae, rmse, pearson_r) are in the
+    target's own units."""
+
+    kind = "regression"
+    losses = ("l1", "mse", "huber")
+    default_column = "age"
+    metric = ("mae", "min")
+
+    def encode(self, target: torch.Tensor) -> torch.Tensor:
+        return (target - self.target_mean) / self.target_std
+
+    def decode(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits * self.target_std + self.target_mean
+
+    def fit_scaling(self, values: np.ndarray) -> None:
+        values = np.asarray(values, dtype=np.float64)
+        self.target_mean, self.target_std = float(values.mean()), float(max(values.std(), 1e-6))
+
+    def case_scores(self, value: float, target: float) -> tuple[float, dict]:
+        return abs(value - target), {"prediction": value, "target": target}
+
+    def metrics(self, parts: dict[str, np.ndarray]) -> dict[str, float]:
+        return M.regression_metrics(parts["predictions"], parts["targets"])
+
+    def predict_subject(self, output: torch.Tensor, label, where: PredictionContext) -> tuple[dict, dict | None]:
+        """``prediction`` (and with the checkpoint's bias correction ``prediction_corrected``); with a target
+        also ``brain_age_gap`` (prediction - target, and its corrected twin)."""
+        value = float(output.reshape(-1)[0])
+        row = {self.out_key("prediction"): value}
+        corrected = None
+        if self.bias_correction:
+            corrected = float(evaluation.apply_bias_correction(np.array([value]), self.bias_correction)[0])
+            row[self.out_key("prediction_corrected")] = corrected
+        if label is None:
+            return row, None
+        row[self.out_key("target")], row[self.out_key("brain_age_gap")] = label, value - label
+        if corrected is not None:
+            row[self.out_key("brain_age_gap_corrected")] = corrected - label
+        return row, {"prediction": value, "prediction_corrected": corrected, "target": label}
+
+    def prediction_metrics(self, evaluated: list[dict], num_samples: int, threshold: float) -> dict:
+        target = np.array([r["target"] for r in evaluated])
+        metrics = evaluation.regression_report(np.array([r["prediction"] for r in evaluated]), target,
+                                               num_samples=num_samples)
+        if evaluated[0]["prediction_corrected"] is not None:
+            corrected = np.array([r["prediction_corrected"] for r in evaluated])
+            metrics["bias_corrected"] = evaluation.regression_report(corrected, target, num_samples=num_samples)
+        return metrics
+
+    def report_case(self, row: dict, evaluation: dict | None) -> tuple[float | None, dict]:
+        values = {"prediction": row[self.out_key("prediction")]}
+        if evaluation is None:
+            return None, values
+        return abs(evaluation["prediction"] - evaluation["target"]), {**values, "target": evaluation["target"]}
+
+
+class SegmentationTask(Task):
+    """Binary segmentation (e.g. lesions): one logit per voxel, the target a mask file of the image's grid;
+    metrics are the mean per-subject dice and iou at probability 0.5."""
+
+    kind = "segmentation"
+    losses = ("dice_bce", "dice", "bce")
+    default_column = "mask"
+    metric = ("dice", "max")
+    reads_mask = True
+
+    def new_outputs(self) -> dict:
+        return {"dice": [], "iou": [], "preview": None}
+
+    def collect(self, outputs: dict, logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor | None,
+                batch: dict, image: torch.Tensor, worst: report.WorstCases | None) -> None:
+        """``logits`` and ``target`` (B, 1, D, H, W); per-subject dice and iou of the kept samples."""
+        ids = [str(s) for s in batch["subject_id"]]
+        if keep is not None:
+            kept = keep.cpu().reshape(-1).tolist()
+            logits, target, image = logits[keep], target[keep], image[keep]
+            ids = [s for s, k in zip(ids, kept) if k]
+        if not ids:
+            return
+        probability = torch.sigmoid(logits.float())  # (B, 1, D, H, W)
+        predicted, truth = probability > 0.5, target > 0.5
+        dice = np.asarray(M.dice_per_sample(predicted, truth)).reshape(-1)
+        outputs["dice"].append(dice)
+        outputs["iou"].append(np.asarray(M.iou_per_sample(predicted, truth)).reshape(-1))
+        if worst is not None:
+            for b, value in enumerate(dice.tolist()):
+                worst.offer(1.0 - value, lambda b=b, value=value: {
+                    "subject_id": ids[b], "dice": value,
+                    "slices": report.orthogonal_slices(image[b, 0].float().cpu().numpy(),
+                                                       truth=truth[b, 0].cpu().numpy(),
+                                                       prediction=predicted[b, 0].cpu().numpy())})
+        if outputs["preview"] is None:  # the TensorBoard overlay: the first validation subject's mid-slices
+            outputs["preview"] = {"image": image[0, 0].float().cpu().numpy(), "target": target[0, 0].cpu().numpy(),
+                                  "probability": probability[0, 0].cpu().numpy()}
+
+    def parts(self, outputs: dict) -> dict[str, np.ndarray]:
+        return {"dice": _flat(outputs["dice"]), "iou": _flat(outputs["iou"])}
+
+    def metrics(self, parts: dict[str, np.ndarray]) -> dict[str, float]:
+        if not len(parts["dice"]):
+            return {"dice": float("nan"), "iou": float("nan")}
+        return M.segmentation_metrics(parts["dice"], parts["iou"])
+
+    def predict_subject(self, output: torch.Tensor, label, where: PredictionContext) -> tuple[dict, dict | None]:
+        """``<id>_<prefix>prob.nii.gz`` (float32) and ``<id>_<prefix>mask.nii.gz`` (uint8, probability >
+        threshold) on the input's own grid; ``predicted_volume_ml``; with a true mask (``label``: its path)
+        the per-subject metrics of brain3d.evaluation.segmentation_case_metrics."""
+        probability = invert_geometry(output[0, 0].numpy(), where.info, "trilinear")  # on the input's RAS grid
+        mask = (probability > where.threshold).astype(np.uint8)
+        stem = f"{where.subject_id}_{self.prefix}"
+        where.save_like_input(probability.astype(np.float32), where.grid, where.out_dir / f"{stem}prob.nii.gz",
+                              np.float32)
+        where.save_like_input(mask, where.grid, where.out_dir / f"{stem}mask.nii.gz", np.uint8)
+        where.mask = mask
+        row = {self.out_key("predicted_volume_ml"): float(mask.sum() * np.prod(where.grid.voxel_size_mm) / 1000.0)}
+        if label is None:
+            return row, None
+        where.true_mask, _ = load_mask(label)
+        return row, evaluation.segmentation_case_metrics(mask, where.true_mask, where.grid.voxel_size_mm)
+
+    def prediction_metrics(self, evaluated: list[dict], num_samples: int, threshold: float) -> dict:
+        return {**evaluation.segmentation_report(evaluated, num_samples=num_samples), "threshold": threshold}
+
+    def report_case(self, row: dict, evaluation: dict | None) -> tuple[float | None, dict]:
+        values = {"predicted_volume_ml": row.get(self.out_key("predicted_volume_ml"))}
+        if evaluation is None:
+            return None, values
+        return 1.0 - float(evaluation["dice"]), {**values, "dice": float(evaluation["dice"])}
+
+
+KINDS: dict[str, type[Task]] = {cls.kind: cls for cls in (ClassificationTask, RegressionTask, SegmentationTask)}
+SINGLE_TASKS = tuple(KINDS)  # task=<kind>: one head named after its kind
+MULTITASK = "multitask"
+
+
+class TaskSet:
+    """The heads of one run, in config order, and what the loop does with all of them at once.
+
+    ``multi`` (task=multitask): batches carry ``{head: tensor}`` targets with ``labelled`` flags; otherwise
+    the one head's target tensor, every sample labelled.
+    """
+
+    def __init__(self, tasks: list[Task], multi: bool):
+        self.tasks = {t.name: t for t in tasks}
+        self.multi = multi
+
+    def __iter__(self):
+        return iter(self.tasks.values())
+
+    def __getitem__(self, name: str) -> Task:
+        return self.tasks[name]
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.tasks)
+
+    @property
+    def kinds(self) -> set[str]:
+        return {t.kind for t in self}
+
+    @property
+    def mask_task(self) -> Task | None:
+        """The head that learns from mask files (at most one per run), or None."""
+        return next((t for t in self if t.reads_mask), None)
+
+    @property
+    def stratify_task(self) -> Task | None:
+        """The head whose classes the train/val split balances (the first classification head), or None."""
+        return next((t for t in self if t.stratify), None)
+
+    def targets(self, batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor | None]]:
+        """``({head: raw target}, {head: labelled (B,) bool, or None for every sample})`` of a batch."""
+        if not self.multi:
+            (name,) = self.tasks
+            return {name: batch["target"]}, {name: None}
+        return dict(batch["target"]), {name: batch["labelled"][name].reshape(-1).bool() for name in self.tasks}
+
+    def loss(self, logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor],
+             labelled: dict[str, torch.Tensor | None]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted sum of the heads' losses, and each head's (float32 scalars).
+
+        A head's loss is its loss module on the samples labelled for it only, so it is the mean over those
+        (``labelled`` None: all); a head with no labelled sample in the batch adds 0 (kept in the graph, so
+        every parameter still receives a gradient, as DistributedDataParallel expects).
+        """
+        per_head: dict[str, torch.Tensor] = {}
+        for name, task in self.tasks.items():
+            keep = labelled[name]
+            head_logits, target = logits[name], targets[name]
+            if keep is not None and not bool(keep.all()):
+                if not bool(keep.any()):
+                    per_head[name] = head_logits.float().sum() * 0.0
+                    continue
+                head_logits, target = head_logits[keep], target[keep]
+            per_head[name] = task.loss_fn(head_logits, task.encode(target))
+        if not self.multi:
+            return next(iter(per_head.values())), per_head
+        total = sum(self.tasks[name].weight * value for name, value in per_head.items())
+        return total, per_head
+
+    def record_key(self, name: str, metric: str) -> str:
+        """The history / metrics.csv key of a head's validation metric: ``val_auc`` (single task) or
+        ``val_sex_auc`` (multi-task; TensorBoard ``val/sex/auc``)."""
+        return f"val_{name}_{metric}" if self.multi else f"val_{metric}"
+
+    def state(self) -> dict:
+        return {"multi": self.multi, "heads": {name: t.state() for name, t in self.tasks.items()}}
+
+
+def single_task(kind: str, loss_fn: torch.nn.Module | None = None, target_mean: float = 0.0,
+                target_std: float = 1.0) -> Task:
+    """One head of ``kind``, named after it (as a single-task run has), with a regression's target scaling."""
+    task = KINDS[kind](kind, None, loss_fn)
+    task.target_mean, task.target_std = target_mean, target_std
+    return task
+
+
+def _flat(values: list) -> np.ndarray:
+    """Per-sample values collected batch by batch (tensors or arrays) as one flat numpy array."""
+    if not values:
+        return np.zeros(0, dtype=np.float32)
+    return np.concatenate([np.asarray(v.cpu() if isinstance(v, torch.Tensor) else v).reshape(-1) for v in values])
+
+
+# ---- building from the config ------------------------------------------------------------------------
+def loss_config(loss: Any) -> dict:
+    """A head's ``loss``: the name of a configs/loss option (``bce``, ``l1``...) or a mapping with ``_target_``
+    (and ``name``). Returns the option's mapping."""
+    if isinstance(loss, (dict, DictConfig)):
+        return OmegaConf.to_container(loss, resolve=True) if isinstance(loss, DictConfig) else dict(loss)
+    from brain3d.cli import config_dir  # the packaged configs/ folder
+
+    path = Path(config_dir()) / "loss" / f"{loss}.yaml"
+    if not path.is_file():
+        options = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise ConfigError(f"loss {loss!r} is not a loss option; choose one of {', '.join(options)}")
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+
+
+def build_loss_fn(loss: Any, kind: str, where: str) -> torch.nn.Module:
+    """Instantiate a loss after checking that it fits the head's kind (``where`` names the config key)."""
+    options = loss_config(loss)
+    name = options.pop("name", None)
+    if name is not None and name not in KINDS[kind].losses:
+        raise ConfigError(f"{where}={name} does not fit a {kind} head; valid losses for {kind}: "
+                          f"{', '.join(KINDS[kind].losses)}")
+    return instantiate(options)
+
+
+def head_specs(task_cfg: DictConfig | dict) -> dict[str, dict]:
+    """``{head name: {"kind", "column", "loss", "weight", "head"}}`` of a task config, checked.
+
+    task=<kind>: one head named after the kind (its column and loss are data.target_col and ``loss``).
+    task=multitask: ``task.heads`` in order; ``kind`` is required, ``column`` defaults to the kind's, ``loss``
+    to the kind's first, ``weight`` to 1.0; ``head`` (the head module's config) is required.
+    """
+    name = task_cfg["name"]
+    if name in SINGLE_TASKS:
+        return {name: {"kind": name, "column": None, "loss": None, "weight": 1.0, "head": task_cfg["head"]}}
+    if name != MULTITASK:
+        raise ConfigError(f"task.name={name!r} is not one of {', '.join((*SINGLE_TASKS, MULTITASK))}")
+    heads = task_cfg.get("heads") or {}
+    if not heads:
+        raise ConfigError("task=multitask needs at least one head in task.heads")
+    specs: dict[str, dict] = {}
+    for head, spec in heads.items():
+        if spec is None:  # task.heads.age=null removes a head
+            continue
+        kind = spec.get("kind")
+        if kind not in KINDS:
+            raise ConfigError(f"task.heads.{head}.kind={kind!r} is not one of {', '.join(KINDS)}")
+        if spec.get("head") is None:
+            raise ConfigError(f"task.heads.{head}.head is missing: the head module's config (with _target_)")
+        weight = spec.get("weight", 1.0)
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not weight >= 0:
+            raise ConfigError(f"task.heads.{head}.weight={weight!r} must be a number >= 0")
+        specs[str(head)] = {"kind": kind, "column": spec.get("column") or KINDS[kind].default_column,
+                            "loss": spec.get("loss") or KINDS[kind].losses[0], "weight": float(weight),
+                            "head": spec["head"]}
+    if not specs:
+        raise ConfigError("task=multitask: every head of task.heads is removed; keep at least one")
+    masks = [h for h, s in specs.items() if KINDS[s["kind"]].reads_mask]
+    if len(masks) > 1:
+        raise ConfigError(f"task=multitask supports one segmentation head per run; task.heads has {masks}")
+    return specs
+
+
+def head_configs(task_cfg: DictConfig | dict) -> dict[str, Any]:
+    """``{head name: head module config}`` of a task config, for brain3d.models.model.build_model."""
+    return {name: spec["head"] for name, spec in head_specs(task_cfg).items()}
+
+
+def build_task_set(task_cfg: DictConfig, single_loss: torch.nn.Module | None = None,
+                   data_cfg: DictConfig | dict | None = None) -> TaskSet:
+    """The run's heads: task=<kind> gets ``single_loss`` (the ``loss`` group, already checked) and its column
+    from ``data_cfg`` (data.mask_col for a mask, else data.target_col); multitask builds each head's loss."""
+    specs = head_specs(task_cfg)
+    multi = task_cfg["name"] == MULTITASK
+    tasks = []
+    for name, spec in specs.items():
+        cls = KINDS[spec["kind"]]
+        if multi:
+            loss_fn = build_loss_fn(spec["loss"], spec["kind"], f"task.heads.{name}.loss")
+            tasks.append(cls(name, spec["column"], loss_fn, spec["weight"], prefix=f"{name}_"))
+        else:
+            column = (data_cfg or {}).get("mask_col" if cls.reads_mask else "target_col")
+            tasks.append(cls(name, column, single_loss))
+    return TaskSet(tasks, multi)
+
+
+def task_set_from_checkpoint(state: dict) -> TaskSet:
+    """The heads a checkpoint was trained with (target scaling, class names, bias correction), for prediction.
+    Checkpoints written before multi-task training hold one head: ``task`` / ``head_name`` and its scaling."""
+    if state.get("tasks"):
+        tasks = []
+        for name, saved in state["tasks"]["heads"].items():
+            task = KINDS[saved["kind"]](name, saved["column"], None, saved.get("weight", 1.0), saved.get("prefix", ""))
+            task.class_names, task.bias_correction = saved.get("class_names"), saved.get("bias_correction")
+            task.target_mean, task.target_std = saved.get("target_mean", 0.0), saved.get("target_std", 1.0)
+            tasks.append(task)
+        return TaskSet(tasks, bool(state["tasks"]["multi"]))
+    task = KINDS[state["task"]](state["head_name"])
+    task.class_names, task.bias_correction = state.get("class_names"), state.get("bias_correction")
+    task.target_mean, task.target_std = state.get("target_mean", 0.0), state.get("target_std", 1.0)
+    return TaskSet([task], multi=False)
