@@ -61,10 +61,11 @@ import torch
 from brain3d.data.resident import available_bytes, estimated_bytes
 from brain3d.engine import autocast, to_memory_format
 from brain3d.errors import ConfigError
+from brain3d.tasks import KINDS, TaskSet, single_task
 
 log = logging.getLogger("brain3d.memory_probe")
 
-TASKS = ("classification", "regression", "segmentation")
+TASKS = tuple(KINDS)
 
 
 def _mb(n: float | None) -> str:
@@ -146,29 +147,26 @@ def random_batch(task_name: str, input_shape: Sequence[int], batch_size: int,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Random ``image`` (B, C, D, H, W) float32 and a target of the task's shape: segmentation (B, 1, D, H, W)
     binary, classification (B, 1) 0/1, regression (B, 1) standard-normal floats (all float32, as the loaders
-    give them)."""
-    if task_name not in TASKS:
+    give them; brain3d.tasks: ``random_target`` of each kind)."""
+    if task_name not in KINDS:
         raise ValueError(f"task_name={task_name!r} is not one of {TASKS}")
     image = torch.randn((batch_size, *input_shape), device=device)
-    if task_name == "segmentation":
-        target = (torch.rand((batch_size, 1, *input_shape[1:]), device=device) > 0.5).float()
-    elif task_name == "classification":
-        target = torch.randint(0, 2, (batch_size, 1), device=device).float()
-    else:
-        target = torch.randn((batch_size, 1), device=device)
-    return image, target
+    return image, KINDS[task_name].random_target(batch_size, input_shape[1:], device)
 
 
-def _step(probe: torch.nn.Module, loss_fn: torch.nn.Module, task_name: str, input_shape, batch_size: int,
+def _step(probe: torch.nn.Module, loss_fn: torch.nn.Module, task_name: str | TaskSet, input_shape, batch_size: int,
           device: torch.device, amp_dtype, channels_last: bool, optimizer_state_copies: int) -> None:
-    """Optimizer state + forward + backward of ``probe`` (a copy), as engine.train_one_epoch runs them."""
+    """Optimizer state + forward + backward of ``probe`` (a copy), as engine.train_one_epoch runs them; a
+    :class:`~brain3d.tasks.TaskSet` (multi-task) gives every head a random target and sums the heads' losses."""
     state = [torch.zeros_like(p) for p in probe.parameters() if p.requires_grad for _ in range(optimizer_state_copies)]
-    image, target = random_batch(task_name, input_shape, batch_size, device)
+    tasks = task_name if isinstance(task_name, TaskSet) else TaskSet([single_task(task_name, loss_fn)], multi=False)
+    image = torch.randn((batch_size, *input_shape), device=device)
+    targets = {t.name: type(t).random_target(batch_size, input_shape[1:], device) for t in tasks}
     with autocast(device, amp_dtype):
-        logits = probe(to_memory_format(image, channels_last))[task_name]
-    loss = loss_fn(logits, target)  # float32: the loss casts its inputs
+        logits = probe(to_memory_format(image, channels_last))
+    loss, _ = tasks.loss(logits, targets, {name: None for name in targets})  # float32: the losses cast their inputs
     loss.backward()
-    del state, image, target, logits, loss
+    del state, image, targets, logits, loss
 
 
 def _forked_step_bytes(run_step: Callable[[], None]) -> int | None:
@@ -218,7 +216,8 @@ def peak_step_bytes(model: torch.nn.Module, loss_fn: torch.nn.Module, task_name:
     Args:
         model: the model to copy; it is not changed (weights, gradients, BatchNorm statistics, mode).
         loss_fn: the run's loss (logits, target) -> scalar.
-        task_name: classification | regression | segmentation (the key of the model's output dict).
+        task_name: classification | regression | segmentation (the key of the model's output dict), or a
+            multi-task run's :class:`~brain3d.tasks.TaskSet` (every head gets a target; their losses summed).
         input_shape: one input, (C, D, H, W): (1, *data.patch_size) or (1, *preprocess.shape).
         batch_size: >= 1.
         device: where to measure (where ``model`` lives).
@@ -264,7 +263,7 @@ def _checked_probe_shape(task_name: str, input_shape: Sequence[int], batch_size:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if len(input_shape) != 4:
         raise ValueError(f"input_shape must be (C, D, H, W), got {tuple(input_shape)}")
-    if task_name not in TASKS:
+    if not isinstance(task_name, TaskSet) and task_name not in KINDS:
         raise ValueError(f"task_name={task_name!r} is not one of {TASKS}")
     return tuple(int(s) for s in input_shape)
 

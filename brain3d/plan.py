@@ -49,6 +49,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from brain3d.cli import check_command_line, config_dir, groups_help, progress_mode, report_user_error, run_command
+from brain3d.command_setup import build_loss, check_input_geometry, ignored_manifest, read_manifest
 from brain3d.data.manifest import ManifestError, Subject, read_header_info, split_subjects
 from brain3d.data.nifti import NiftiReadError, load_mask, load_nifti_with_grid
 from brain3d.data.preprocess import foreground_bbox, preprocess_volume, validate_settings
@@ -62,7 +63,7 @@ from brain3d.hardware import (
     worker_count,
 )
 from brain3d.models.model import build_model
-from brain3d.train import build_loss, check_input_geometry, ignored_manifest, read_manifest
+from brain3d.tasks import KINDS
 
 log = logging.getLogger("brain3d.plan")
 
@@ -343,7 +344,7 @@ def find_anomalies(rows: list[dict], skipped: list[dict], task: str) -> list[dic
             found.append(_anomaly(sid, "non_finite", f"{r['non_finite_voxels']} NaN/Inf voxel(s)", stops_training=True))
         if r["ndim"] > 3:
             found.append(_anomaly(sid, "4d_singleton", f"a {r['ndim']}-D file holding one volume (read as 3-D)"))
-        if task == "segmentation" and "lesion_count" in r:
+        if "lesion_count" in r:  # a mask was read (segmentation)
             if r["lesion_count"] == 0:
                 found.append(_anomaly(sid, "empty_mask", "the mask is empty (no foreground voxel)"))
             small = [s for s in r["lesion_sizes_voxels"] if s < SMALL_LESION_VOXELS]
@@ -371,7 +372,7 @@ def read_subject_rows(manifest, task: str, plan_cfg: DictConfig, bars: bool) -> 
     picked = sample_indices(len(rows), int(plan_cfg.intensity_samples))
     workers = resolve_workers(plan_cfg.workers, len(picked))
     log.info("reading the voxels of %d of %d subjects (%d worker processes)", len(picked), len(rows), workers)
-    with_mask = task == "segmentation"
+    with_mask = KINDS[task].reads_mask
     samples = _parallel(sample_subject, [(rows[i]["image"], rows[i]["mask"] if with_mask else None) for i in picked],
                         workers, "voxels", bars, processes=True)
     for i, sample in zip(picked, samples):
@@ -389,7 +390,7 @@ def planned_split(manifest, rows: list[dict], cfg: DictConfig) -> dict:
     readable = {r["subject_id"] for r in rows}
     try:
         train, val = split_subjects([s for s in manifest.subjects if s.subject_id in readable], cfg.data.val_fraction,
-                                    cfg.data.split_seed, stratify=cfg.task.name == "classification",
+                                    cfg.data.split_seed, stratify=KINDS[cfg.task.name].stratify,
                                     num_folds=cfg.data.get("num_folds"), fold=cfg.data.get("fold", 0))
         return {"train": len(train), "val": len(val)}
     except ValueError as err:
@@ -399,29 +400,41 @@ def planned_split(manifest, rows: list[dict], cfg: DictConfig) -> dict:
 def task_statistics(task: str, rows: list[dict], sampled: list[dict], manifest) -> dict:
     """The fingerprint's task part: lesions (segmentation), class balance (classification) or the target
     distribution (regression)."""
-    if task == "segmentation":
-        masks = [r for r in sampled if "lesion_count" in r]
-        sizes = [s for r in masks for s in r["lesion_sizes_ml"]]
-        return {"segmentation": {
-            "foreground_ml": describe([r["foreground_ml"] for r in masks]),
-            "lesion_count": describe([r["lesion_count"] for r in masks]),
-            "lesion_size_ml": describe(sizes),
-            "lesion_size_voxels": describe([s for r in masks for s in r["lesion_sizes_voxels"]]),
-            "lesions_total": len(sizes),
-            "empty_masks": sum(r["lesion_count"] == 0 for r in masks),
-            "connectivity": "26-connected components (scipy.ndimage.label)",
-        }}
-    if task == "classification":
-        names = manifest.class_names or ["0", "1"]
-        counts = {name: sum(1 for r in rows if r["target"] is not None and int(r["target"]) == k)
-                  for k, name in enumerate(names)}
-        return {"classification": {"class_balance": counts, "positive_class": names[-1],
-                                   "positive_fraction": round(counts[names[-1]] / max(1, sum(counts.values())), 4)}}
+    return {task: TASK_STATISTICS[task](rows, sampled, manifest)}
+
+
+def _lesion_statistics(rows: list[dict], sampled: list[dict], manifest) -> dict:
+    masks = [r for r in sampled if "lesion_count" in r]
+    sizes = [s for r in masks for s in r["lesion_sizes_ml"]]
+    return {
+        "foreground_ml": describe([r["foreground_ml"] for r in masks]),
+        "lesion_count": describe([r["lesion_count"] for r in masks]),
+        "lesion_size_ml": describe(sizes),
+        "lesion_size_voxels": describe([s for r in masks for s in r["lesion_sizes_voxels"]]),
+        "lesions_total": len(sizes),
+        "empty_masks": sum(r["lesion_count"] == 0 for r in masks),
+        "connectivity": "26-connected components (scipy.ndimage.label)",
+    }
+
+
+def _class_balance(rows: list[dict], sampled: list[dict], manifest) -> dict:
+    names = manifest.class_names or ["0", "1"]
+    counts = {name: sum(1 for r in rows if r["target"] is not None and int(r["target"]) == k)
+              for k, name in enumerate(names)}
+    return {"class_balance": counts, "positive_class": names[-1],
+            "positive_fraction": round(counts[names[-1]] / max(1, sum(counts.values())), 4)}
+
+
+def _target_distribution(rows: list[dict], sampled: list[dict], manifest) -> dict:
     targets = [r["target"] for r in rows if r["target"] is not None]
-    return {"regression": {"target": {**describe(targets),
-                                      "mean": _rounded(float(np.mean(targets))) if targets else None,
-                                      "sd": _rounded(float(np.std(targets))) if targets else None},
-                           "target_col": manifest.target_col}}
+    return {"target": {**describe(targets),
+                       "mean": _rounded(float(np.mean(targets))) if targets else None,
+                       "sd": _rounded(float(np.std(targets))) if targets else None},
+            "target_col": manifest.target_col}
+
+
+TASK_STATISTICS = {"segmentation": _lesion_statistics, "classification": _class_balance,
+                   "regression": _target_distribution}
 
 
 def fingerprint_dataset(cfg: DictConfig, bars: bool = False) -> dict:
@@ -544,7 +557,7 @@ def choose_geometry(fp: dict, cfg: DictConfig) -> tuple[dict, dict, np.ndarray]:
     loses a few voxels to the centre crop). The per-subject shapes are those the volumes will have on disk
     (the resident data's size)."""
     rows = fp["subjects"]
-    multiple = 16 if cfg.task.name == "segmentation" else 8
+    multiple = 16 if KINDS[cfg.task.name].reads_mask else 8
     spacings = np.asarray([r["spacing_mm"] for r in rows], dtype=np.float64)
     shapes = np.asarray([r["shape"] for r in rows], dtype=np.int64)
     median_spacing = [round(float(v), 3) for v in np.median(spacings, axis=0)]
@@ -591,7 +604,7 @@ def _mm(spacing) -> str:
 def resident_bytes(per_subject_shapes: np.ndarray, task: str) -> int:
     """Bytes of every preprocessed volume held in memory: float32 images plus uint8 masks (segmentation)."""
     voxels = int(np.prod(np.asarray(per_subject_shapes, dtype=np.float64), axis=1).sum())
-    return voxels * (4 + (1 if task == "segmentation" else 0))
+    return voxels * (4 + (1 if KINDS[task].reads_mask else 0))
 
 
 def batch_cap(cfg: DictConfig, device: torch.device, num_train: int) -> tuple[int, str]:
@@ -645,7 +658,7 @@ def choose_plan(cfg: DictConfig, fp: dict, budget: Budget, step_bytes: Callable[
     shape = list(plan.overrides["data.shape"])
     # room(volume_shapes) -> (bytes left for the step, bytes of the preprocessed volumes, held in memory?)
     room = partial(_step_room, task=task, available=available, max_fraction=max_fraction)
-    if task == "segmentation":
+    if KINDS[task].reads_mask:  # patches when whole volumes do not fit
         input_shape, (step_budget, data_bytes, held) = _segmentation_input(plan, cfg, shape, per_subject, step_bytes,
                                                                            room, budget.reason)
     else:
@@ -769,7 +782,7 @@ def _choose_batch(plan: Plan, task: str, input_shape: Sequence[int],
 
     safe = available_bytes(device) if device.type == "cpu" else None  # beyond it: the OOM killer
     batch, trials = largest_fitting_batch(lambda b: step_bytes(input_shape, b), int(step_budget / (1 + STEP_SLACK)),
-                                          start=min(2 if task == "segmentation" else 1, cap), maximum=cap,
+                                          start=min(2 if KINDS[task].reads_mask else 1, cap), maximum=cap,
                                           safe_limit_bytes=safe)
     step_peak = int(step_bytes(input_shape, batch))
     plan.set("data.batch_size", int(batch), f"the largest batch whose step fits the {size_text(step_budget)} left "
@@ -904,7 +917,7 @@ def write_report(out_dir: Path, fp: dict, plan: Plan, command: str, settings: di
     rows = fp["subjects"]
     worst = [min((ANOMALY_KINDS.index(k) for k in r["flags"]), default=len(ANOMALY_KINDS)) for r in rows]
     ordered = sorted(range(len(rows)), key=lambda i: (worst[i], i))[: int(cfg.plan.thumbnails)]
-    with_mask = cfg.task.name == "segmentation"
+    with_mask = KINDS[cfg.task.name].reads_mask
     jobs = []
     for k, i in enumerate(ordered):
         r = rows[i]
@@ -972,6 +985,9 @@ def make_plan(cfg: DictConfig, given_overrides: Sequence[str], out_dir: Path) ->
     problem = ignored_manifest(cfg.data)
     if problem:
         raise ConfigError(problem)
+    if cfg.task.name not in KINDS:
+        raise ConfigError(f"brain3d-plan plans one head (task={'|'.join(KINDS)}); for task={cfg.task.name}, plan "
+                          "task=segmentation (its heaviest head) and give the multi-task run those overrides")
     out_dir.mkdir(parents=True, exist_ok=True)
     bars = progress_mode(cfg.trainer.get("progress", AUTO)) == "bars"
     fp = fingerprint_dataset(cfg, bars)

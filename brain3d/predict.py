@@ -265,8 +265,8 @@ def ensemble_outputs(cfg: DictConfig, x: torch.Tensor, models, states, tasks: Ta
         else:
             out = predict_heads([model], x.to(device), kinds, tta=cfg.tta, amp_dtype=amp_dtype)
         own = task_set_from_checkpoint(state)
-        per_model.append({name: own[name].decode(value).cpu() if own[name].kind == "regression" else value.cpu()
-                          for name, value in out.items()})
+        # decode: regression values back to target units (probabilities pass unchanged)
+        per_model.append({name: own[name].decode(value).cpu() for name, value in out.items()})
     return {name: torch.stack([o[name] for o in per_model]).mean(0) for name in kinds}
 
 

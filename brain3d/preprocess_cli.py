@@ -28,13 +28,13 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from brain3d.cli import config_dir, groups_help, progress_mode, report_user_error, run_command
+from brain3d.command_setup import preprocessed_cache_dir, read_manifest
 from brain3d.data.cache import ensure_cached
 from brain3d.data.manifest import ManifestError
 from brain3d.data.nifti import NiftiReadError
 from brain3d.data.preprocess import validate_settings
 from brain3d.errors import ConfigError
 from brain3d.hardware import worker_count
-from brain3d.train import preprocessed_cache_dir, read_manifest
 
 log = logging.getLogger("brain3d.preprocess")
 AUTO_WORKERS = "auto"

@@ -74,6 +74,20 @@ class Task:
     def fit_scaling(self, values: np.ndarray) -> None:
         """Learn what encoding needs from the training set's targets (regression: mean and std)."""
 
+    @staticmethod
+    def random_target(batch_size: int, spatial_shape, device) -> torch.Tensor:
+        """A random batch of targets of this kind's shape, float32 as loaders give them (memory probes):
+        (B, 1) standard-normal values here; 0/1 labels (classification), a binary mask (segmentation)."""
+        return torch.randn((batch_size, 1), device=device)
+
+    def after_validation(self, outputs: dict) -> None:
+        """What the kind learns from a validation pass's outputs (regression: the brain-age bias correction)."""
+
+    def summary_entries(self, val_targets: list) -> dict:
+        """summary.json entries of the kind (classification: class names; regression: the mean-predictor
+        baseline)."""
+        return {}
+
     def state(self) -> dict:
         """What a checkpoint keeps of the head, to rebuild it for prediction (:func:`task_from_state`)."""
         return {"kind": self.kind, "column": self.column, "weight": self.weight, "prefix": self.prefix,
@@ -159,12 +173,21 @@ class ClassificationTask(Task):
     metric = ("auc", "max")
     stratify = True
 
+    @staticmethod
+    def random_target(batch_size: int, spatial_shape, device) -> torch.Tensor:
+        return torch.randint(0, 2, (batch_size, 1), device=device).float()
+
     def case_scores(self, value: float, target: float) -> tuple[float, dict]:
         probability = 1.0 / (1.0 + math.exp(-value)) if value > -700 else 0.0
         return abs(probability - target), {"probability": probability, "label": target}
 
     def metrics(self, parts: dict[str, np.ndarray]) -> dict[str, float]:
         return M.classification_metrics(parts["predictions"], parts["targets"])
+
+    def summary_entries(self, val_targets: list) -> dict:
+        if self.class_names is None:
+            return {}
+        return {"class_names": self.class_names, "positive_class": self.class_names[1]}
 
     def predict_subject(self, output: torch.Tensor, label, where: PredictionContext) -> tuple[dict, dict | None]:
         probability = float(output.reshape(-1)[0])
@@ -207,6 +230,20 @@ class RegressionTask(Task):
     def fit_scaling(self, values: np.ndarray) -> None:
         values = np.asarray(values, dtype=np.float64)
         self.target_mean, self.target_std = float(values.mean()), float(max(values.std(), 1e-6))
+
+    def after_validation(self, outputs: dict) -> None:
+        """The linear brain-age bias correction (as for SFCN) fitted on this epoch's validation predictions;
+        kept in the checkpoint so brain3d-predict can report corrected ages (None when it cannot be fitted)."""
+        try:
+            self.bias_correction = evaluation.fit_bias_correction(outputs["predictions"], outputs["targets"])
+        except ValueError:
+            self.bias_correction = None
+
+    def summary_entries(self, val_targets: list) -> dict:
+        """The bar to beat: always predicting the training mean (``baseline_val_mae``), and the scaling."""
+        targets = np.asarray(val_targets, dtype=np.float64)
+        mae = float(np.abs(targets - self.target_mean).mean()) if len(targets) else None
+        return {"target_mean": self.target_mean, "target_std": self.target_std, "baseline_val_mae": mae}
 
     def case_scores(self, value: float, target: float) -> tuple[float, dict]:
         return abs(value - target), {"prediction": value, "target": target}
@@ -255,6 +292,10 @@ class SegmentationTask(Task):
     default_column = "mask"
     metric = ("dice", "max")
     reads_mask = True
+
+    @staticmethod
+    def random_target(batch_size: int, spatial_shape, device) -> torch.Tensor:
+        return (torch.rand((batch_size, 1, *spatial_shape), device=device) > 0.5).float()
 
     def new_outputs(self) -> dict:
         return {"dice": [], "iou": [], "preview": None}

@@ -60,7 +60,6 @@ from brain3d.data.loaders import build_loaders, shutdown_workers
 from brain3d.data.manifest import ManifestError, split_subjects
 from brain3d.data.preprocess import validate_settings
 from brain3d.errors import ConfigError
-from brain3d.evaluation import fit_bias_correction
 from brain3d.hardware import (
     configure_backends,
     guard_cpu_bf16_convolutions,
@@ -71,7 +70,7 @@ from brain3d.hardware import (
 from brain3d.models.model import build_model, count_parameters
 from brain3d.preemption import EXIT_INTERRUPTED, Preempted, StopRequest, stop_on_signals
 from brain3d.sweep import in_multirun, record_job_error
-from brain3d.tasks import MULTITASK, Task, TaskSet, build_task_set, head_configs
+from brain3d.tasks import MULTITASK, SINGLE_TASKS, Task, TaskSet, build_task_set, head_configs
 from brain3d.tensorboard_log import log_config, log_epoch, log_hparams, overlay_mid_slices
 
 log = logging.getLogger("brain3d.train")
@@ -119,15 +118,6 @@ def is_better(value: float, best: float | None, mode: str) -> bool:
     if best is None:
         return True
     return value > best if mode == "max" else value < best
-
-
-def fit_bias_correction_or_none(val_outputs: dict) -> dict | None:
-    """The linear brain-age bias correction (as for SFCN) fitted on this epoch's validation predictions;
-    stored in the checkpoint so brain3d-predict can report corrected ages. None when it cannot be fitted."""
-    try:
-        return fit_bias_correction(val_outputs["predictions"], val_outputs["targets"])
-    except ValueError:
-        return None
 
 
 def write_history_csv(history: list[dict], path: Path) -> None:
@@ -348,9 +338,8 @@ def set_up(cfg: DictConfig, stop: StopRequest) -> Run:
 def build_tasks(cfg: DictConfig) -> TaskSet:
     """The run's heads (brain3d.tasks): task=<kind> trains one with the ``loss`` group (checked against
     task.losses); task=multitask each of task.heads with its own loss and weight."""
-    if cfg.task.name == MULTITASK:
-        return build_task_set(cfg.task)
-    return build_task_set(cfg.task, build_loss(cfg), cfg.data)
+    single_loss = build_loss(cfg) if cfg.task.name in SINGLE_TASKS else None  # multi-task heads name their own
+    return build_task_set(cfg.task, single_loss, cfg.data)
 
 
 def load_data(run: Run) -> None:
@@ -463,12 +452,11 @@ def build_loaders_phase(run: Run) -> None:
             log.info("data.batch_size=auto: %d, as found when the run began (%s)", run.batch_record["value"],
                      run.resume_path)
     else:
-        if tasks.multi and str(data_cfg.batch_size) == "auto":
-            raise ConfigError("data.batch_size=auto is not available for task=multitask yet; set data.batch_size=N")
         head = next(iter(tasks))
         input_shape = (1, *(run.patch_size or run.settings["shape"]))  # one input (C, D, H, W)
         run.batch_record = memory_probe.resolve_batch_size(
-            data_cfg, run.model, head.loss_fn, head.kind, input_shape, run.device, run.amp_dtype, run.channels_last,
+            data_cfg, run.model, head.loss_fn, tasks if tasks.multi else head.kind, input_shape, run.device,
+            run.amp_dtype, run.channels_last,
             num_train=max(1, len(run.train_set) // run.world_size), datasets=[run.train_set, run.val_set])
         if run.distributed and run.batch_record["mode"] == "auto":  # every rank trains the smallest batch found
             run.batch_record["value"] = min(dist_utils.all_gather_object(run.batch_record["value"]))
@@ -699,9 +687,8 @@ def log_and_checkpoint(run: Run, record: dict, val_outputs: dict) -> bool:
     improved = is_better(record[monitor], run.best["value"], run.best["mode"])
     if improved:
         run.best = {**run.best, "value": float(record[monitor]), "epoch": epoch + 1}
-    for task in run.tasks:
-        if task.kind == "regression":  # the brain-age bias correction, refitted on this validation
-            task.bias_correction = fit_bias_correction_or_none(val_outputs[task.name])
+    for task in run.tasks:  # regression: the brain-age bias correction, refitted on this validation
+        task.after_validation(val_outputs[task.name])
     if run.main_rank:
         state = checkpoint_state(run, epoch + 1, None)
         save_checkpoint(state, run.last_path)
@@ -785,22 +772,12 @@ def run_summary(run: Run) -> dict[str, Any]:
     if tasks.multi:
         summary["heads"] = {task.name: head_summary(run, task, final) for task in tasks}
         return summary
-    task = next(iter(tasks))
-    if task.class_names is not None:
-        summary["class_names"] = task.class_names
-        summary["positive_class"] = task.class_names[1]
-    if task.kind == "regression":
-        summary.update(regression_baseline(task, labels_of(run.val_subjects, task, tasks)))
+    task = next(iter(tasks))  # class names, or the regression baseline (target_mean, baseline_val_mae...)
+    summary.update(task.summary_entries(labels_of(run.val_subjects, task, tasks)))
     if run.distributed:
         summary["distributed"] = {"world_size": run.world_size,
                                   "backend": "nccl" if run.device.type == "cuda" else "gloo"}
     return summary
-
-
-def regression_baseline(task: Task, val_targets: list) -> dict:
-    """The bar to beat: always predicting the training mean (``baseline_val_mae``), with the target scaling."""
-    mae = float(np.abs(np.asarray(val_targets, dtype=np.float64) - task.target_mean).mean()) if val_targets else None
-    return {"target_mean": task.target_mean, "target_std": task.target_std, "baseline_val_mae": mae}
 
 
 def head_summary(run: Run, task: Task, final: dict) -> dict:
@@ -815,10 +792,7 @@ def head_summary(run: Run, task: Task, final: dict) -> dict:
              "num_val_labelled": len(labels_of(run.val_subjects, task, run.tasks)),
              "final_val": {k[len(prefix):]: v for k, v in final.items() if k.startswith(prefix)},
              f"best_{metric}": (max(values) if mode == "max" else min(values)) if values else None}
-    if task.class_names is not None:
-        entry["class_names"] = task.class_names
-    if task.kind == "regression":
-        entry.update(regression_baseline(task, labels_of(run.val_subjects, task, run.tasks)))
+    entry.update(task.summary_entries(labels_of(run.val_subjects, task, run.tasks)))
     return entry
 
 

@@ -138,10 +138,73 @@ def _class_mapping(values: list[str], positive_label: str | None) -> tuple[list[
     return distinct, None
 
 
-def _read_value(kind: str, raw: str, col: str, class_names: list[str] | None, problems: list[str]) -> float | None:
-    """A target cell (not missing) as the class index (classification) or number (regression); else a problem
-    and None."""
-    if kind == "classification":
+@dataclass(frozen=True)
+class _LabelSpec:
+    """One label column the rows are read for: a single task's target (or mask), or one task=multitask head."""
+
+    name: str  # the head's name; a single task's: "target" (-> Subject.target) or "mask" (-> Subject.mask)
+    kind: str  # "classification", "regression" or "segmentation"
+    column: str
+    required: bool  # an empty cell is a problem: a single task's label when require_targets; never a head's
+    key: str  # the setting naming the column, as messages say it: "data.target_col", "task.heads.age.column"
+    head: bool = False  # task=multitask: the label goes to Subject.labels[name]
+
+
+def _label_specs(task: str, target_col: str | None, mask_col: str, heads: Sequence[tuple[str, str, str]] | None,
+                 require_targets: bool) -> list[_LabelSpec]:
+    """What the rows are read for: task=classification / regression the target column (None: "sex" / "age"),
+    segmentation the mask column; then each of ``heads`` (task=multitask). None at all: task=multitask
+    without heads (e.g. brain3d-preprocess reads only ids and images)."""
+    specs = []
+    if task in TASK_TARGET_COLS:
+        column = TASK_TARGET_COLS[task] if target_col is None else target_col
+        specs.append(_LabelSpec("target", task, column, require_targets, "data.target_col"))
+    elif task == "segmentation":
+        specs.append(_LabelSpec("mask", task, mask_col, require_targets, "data.mask_col"))
+    return specs + [_LabelSpec(name, kind, col, False, f"task.heads.{name}.column", head=True)
+                    for name, kind, col in heads or ()]
+
+
+def _single_target(specs: list[_LabelSpec]) -> _LabelSpec | None:
+    """A single task's target column (classification / regression); None for segmentation and multitask."""
+    return next((s for s in specs if not s.head and s.kind != "segmentation"), None)
+
+
+def _has_targets(specs: list[_LabelSpec], columns: list[str], mask_col: str) -> bool:
+    """Whether the manifest has the label columns (prediction may read one without): task=multitask every
+    head's, a single task its one; with none to read, whether it has the mask column."""
+    read = [s for s in specs if s.head] or specs
+    return all(s.column in columns for s in read) if read else mask_col in columns
+
+
+def _spec_class_names(spec: _LabelSpec, rows: list[dict], columns: list[str], class_names: list[str] | dict | None,
+                      positive_label: str | None, problems: list[str]) -> list[str] | None:
+    """A classification label's class names: the known ones (``class_names``: a single task's list, or
+    task=multitask's {head: list}), else derived from the column's labels (:func:`_class_mapping`; a bad label
+    set is a problem of the manifest); None for the other kinds, and when no row has a label."""
+    if spec.kind != "classification":
+        return None
+    if spec.head and isinstance(class_names, dict):
+        return [str(c) for c in class_names[spec.name]]
+    if not spec.head and class_names is not None:
+        return [str(c) for c in class_names]
+    present = [r[spec.column] for r in rows if spec.column in columns and not _is_missing(r.get(spec.column))]
+    if not present:
+        return None
+    names, err = _class_mapping(present, positive_label)
+    if err:
+        problems.append(f"column {spec.column!r}{f' (task.heads.{spec.name})' if spec.head else ''}: {err}")
+    return names
+
+
+def _read_value(spec: _LabelSpec, row: dict, class_names: list[str] | None, base: Path,
+                problems: list[str]) -> float | Path | None:
+    """A label cell (not missing) as the mask path (segmentation: an existing file), the class index
+    (classification) or the number (regression); else a problem and None."""
+    raw, col = row[spec.column], spec.column
+    if spec.kind == "segmentation":
+        return _existing_file(row, col, "mask", base, problems)
+    if spec.kind == "classification":
         target = None
         if class_names and class_names != ["0", "1"]:
             target = float(class_names.index(raw)) if raw in class_names else None
@@ -160,21 +223,29 @@ def _read_value(kind: str, raw: str, col: str, class_names: list[str] | None, pr
     return target
 
 
-def _read_labels(row: dict, heads: Sequence[tuple[str, str, str]], class_names: dict, base: Path,
-                 problems: list[str]) -> tuple[dict, Path | None]:
-    """task=multitask: each head's label of one row (``{head: value or mask path}``; None where the cell is
-    empty: that head does not learn from the row) and the mask path of its segmentation head."""
-    labels: dict = {}
-    mask = None
-    for name, kind, col in heads:
-        raw = row.get(col)
-        if _is_missing(raw):
-            labels[name] = None
-        elif kind == "segmentation":
-            labels[name] = mask = _existing_file(row, col, "mask", base, problems)
-        else:
-            labels[name] = _read_value(kind, raw, col, class_names.get(name), problems)
-    return labels, mask
+def _read_labels(row: dict, specs: list[_LabelSpec], spec_classes: list[list[str] | None], base: Path,
+                 problems: list[str]) -> tuple[float | None, Path | None, dict]:
+    """One row's labels as ``(Subject.target, Subject.mask, Subject.labels)``: a single task's target or mask;
+    task=multitask each head's label (``{head: value or mask path}``) and its segmentation head's mask path.
+    An empty cell is no label (a head does not learn from the row; prediction does not evaluate it); it is a
+    problem only where the label is required."""
+    target, mask, labels = None, None, {}
+    for spec, names in zip(specs, spec_classes):
+        if _is_missing(row.get(spec.column)):
+            if spec.required:
+                problems.append(f"column {spec.column!r}: empty "
+                                f"{'mask path' if spec.kind == 'segmentation' else 'target'}")
+            if spec.head:
+                labels[spec.name] = None
+            continue
+        value = _read_value(spec, row, names, base, problems)
+        if spec.head:
+            labels[spec.name] = value
+        if spec.kind == "segmentation":
+            mask = value
+        elif not spec.head:
+            target = value
+    return target, mask, labels
 
 
 def _resolve(base: Path, value: str) -> Path:
@@ -336,29 +407,17 @@ def _check_mask_data(path: Path, mask_values: str) -> list[str]:
 
 
 def load_manifest(
-    path: str | Path,
-    task: str,
-    id_col: str | None = None,
-    image_col: str = "image",
-    target_col: str | None = None,
-    mask_col: str = "mask",
-    split_col: str = "split",
-    positive_label: str | None = None,
-    check_data: bool = True,
-    num_threads: int = 8,
-    require_targets: bool = True,
-    class_names: list[str] | None = None,
-    group_col: str | None = "group",
-    on_error: str = "raise",
-    affine_tolerance: float = 1e-3,
-    mask_values: str = "binary",
-    heads: Sequence[tuple[str, str, str]] | None = None,
+    path: str | Path, task: str, id_col: str | None = None, image_col: str = "image", target_col: str | None = None,
+    mask_col: str = "mask", split_col: str = "split", positive_label: str | None = None, check_data: bool = True,
+    num_threads: int = 8, require_targets: bool = True, class_names: list[str] | None = None,
+    group_col: str | None = "group", on_error: str = "raise", affine_tolerance: float = 1e-3,
+    mask_values: str = "binary", heads: Sequence[tuple[str, str, str]] | None = None,
 ) -> Manifest:
     """Read and check a manifest for ``task``; raise one :class:`ManifestError` listing every problem.
 
     Args:
         path: CSV or TSV, one row per subject. Relative file paths resolve against its folder.
-        task: "classification", "regression" or "segmentation".
+        task: "classification", "regression", "segmentation" or "multitask" (with ``heads``).
         id_col: subject id column; None -> ``subject_id``, else ``participant_id`` (BIDS).
         image_col: image path column. Default "image".
         target_col: target column; None -> "sex" (classification) or "age" (regression). Unused for segmentation.
@@ -393,6 +452,40 @@ def load_manifest(
             subject id and the column: "line 3 (sub-02), column 'image': image file not found: ...".
         ValueError: a bad ``on_error`` or ``mask_values``.
     """
+    path = _checked_path(path, on_error, mask_values)
+    columns, rows, lines, extra_cells = read_table(path)
+    if id_col is None:
+        id_col = "subject_id" if "subject_id" in columns or "participant_id" not in columns else "participant_id"
+    specs = _label_specs(task, target_col, mask_col, heads, require_targets)
+    has_targets = _has_targets(specs, columns, mask_col)
+    _check_table(path, columns, rows, id_col, image_col, specs, require_targets)
+    layout = _Layout(path.parent, columns, id_col, image_col, mask_col, split_col,
+                     group_col if group_col is not None and group_col in columns else None)
+
+    # Problems of the manifest as a whole (always raise): grouping by the target, a bad label set.
+    target = _single_target(specs)
+    problems = _group_is_target(layout.group_col, target)
+    spec_classes = [_spec_class_names(s, rows, columns, class_names, positive_label, problems) for s in specs]
+
+    # Per row: pass 1 (no file opened), pass 2 (the headers), across rows (the split), pass 3 (the data).
+    subjects, row_problems = _check_rows(rows, lines, extra_cells, layout, specs, spec_classes)
+    _check_headers(subjects, row_problems, image_col, mask_col, affine_tolerance, num_threads)
+    if split_col in columns:
+        _check_split_sides(subjects, row_problems, split_col, group_col)
+    if check_data:
+        _check_decoded(subjects, row_problems, image_col, mask_col, mask_values, num_threads)
+    subjects, skipped = _keep_or_raise(path, problems, subjects, row_problems, on_error)
+
+    if target is not None and target.kind == "classification":
+        class_names = spec_classes[specs.index(target)]
+    return Manifest(path, subjects, id_col, target.column if target is not None and has_targets else None,
+                    None if heads else class_names, columns, has_targets, skipped,
+                    {s.name: c for s, c in zip(specs, spec_classes) if s.head and c is not None},
+                    {name: col for name, _, col in heads or ()})
+
+
+def _checked_path(path: str | Path, on_error: str, mask_values: str) -> Path:
+    """The manifest's path (``~`` expanded), once the options are known and the file exists."""
     if on_error not in ON_ERROR:
         raise ValueError(f"data.on_error={on_error!r} is not one of {', '.join(ON_ERROR)}")
     if mask_values not in MASK_VALUES:
@@ -400,106 +493,84 @@ def load_manifest(
     path = Path(path).expanduser()
     if not path.is_file():
         raise ManifestError(path, [f"manifest file not found: {path}"])
-    columns, rows, lines, extra_cells = read_table(path)
-    base = path.parent
-    problems: list[str] = []  # problems of the manifest as a whole: always raise
+    return path
 
-    if id_col is None:
-        id_col = "subject_id" if "subject_id" in columns or "participant_id" not in columns else "participant_id"
-    if task in TASK_TARGET_COLS and target_col is None:
-        target_col = TASK_TARGET_COLS[task]
-    needed = {"data.id_col": id_col, "data.image_col": image_col}
-    if task in TASK_TARGET_COLS:
-        needed["data.target_col"] = target_col
-    if task == "segmentation":
-        needed["data.mask_col"] = mask_col
-    for name, _, col in heads or ():
-        needed[f"task.heads.{name}.column"] = col
-    for key, col in needed.items():
-        if col not in columns and (require_targets or key in ("data.id_col", "data.image_col")):
-            problems.append(f"column {col!r} ({key}) not found; the manifest has columns {columns}")
-    if heads:
-        has_targets = all(col in columns for _, _, col in heads)
-    else:
-        has_targets = (target_col in columns) if task in TASK_TARGET_COLS else (mask_col in columns)
+
+def _check_table(path: Path, columns: list[str], rows: list[dict], id_col: str, image_col: str,
+                 specs: list[_LabelSpec], require_targets: bool) -> None:
+    """Raise when a needed column is missing (id and image always, the label columns when ``require_targets``),
+    else when the manifest has no rows."""
+    needed = {"data.id_col": id_col, "data.image_col": image_col, **{s.key: s.column for s in specs}}
+    problems = [f"column {col!r} ({key}) not found; the manifest has columns {columns}"
+                for key, col in needed.items()
+                if col not in columns and (require_targets or key in ("data.id_col", "data.image_col"))]
     if problems:
         raise ManifestError(path, problems)
     if not rows:
         raise ManifestError(path, ["the manifest has a header but no rows"])
-    use_groups = group_col is not None and group_col in columns
-    if use_groups and task in TASK_TARGET_COLS and group_col == target_col:
-        problems.append(f"column {group_col!r} is both the target (data.target_col) and the split group "
-                        f"(data.group_col): grouping by the target would put each class on one side; "
-                        f"set data.group_col to a participant id column or null")
 
-    if task == "classification" and class_names is not None:
-        class_names = [str(c) for c in class_names]
-    elif task == "classification" and has_targets:
-        present = [r[target_col] for r in rows if not _is_missing(r.get(target_col))]
-        if present:
-            class_names, err = _class_mapping(present, positive_label)
-            if err:
-                problems.append(f"column {target_col!r}: {err}")
 
-    head_class_names: dict[str, list[str]] = {}
-    for name, kind, col in heads or ():
-        present = [r[col] for r in rows if col in columns and not _is_missing(r.get(col))]
-        if kind == "classification" and class_names is not None and isinstance(class_names, dict):
-            head_class_names[name] = [str(c) for c in class_names[name]]
-        elif kind == "classification" and present:
-            head_class_names[name], err = _class_mapping(present, positive_label)
-            if err:
-                problems.append(f"column {col!r} (task.heads.{name}): {err}")
+@dataclass(frozen=True)
+class _Layout:
+    """Where a manifest's paths resolve (its folder), its header, and the columns pass 1 reads."""
 
-    # Pass 1, per row, no file opened: ids, paths, targets, split values.
+    base: Path
+    columns: list[str]
+    id_col: str
+    image_col: str
+    mask_col: str
+    split_col: str
+    group_col: str | None  # None: no groups (data.group_col=null, or the manifest has no such column)
+
+
+def _group_is_target(group_col: str | None, target: _LabelSpec | None) -> list[str]:
+    """The problem of a split group column that is the target column itself (each class would be one group)."""
+    if group_col is None or target is None or group_col != target.column:
+        return []
+    return [f"column {group_col!r} is both the target (data.target_col) and the split group "
+            f"(data.group_col): grouping by the target would put each class on one side; "
+            f"set data.group_col to a participant id column or null"]
+
+
+def _check_rows(rows: list[dict], lines: list[int], extra_cells: list[list[str]], layout: _Layout,
+                specs: list[_LabelSpec], spec_classes: list[list[str] | None]) -> tuple[list[Subject], list[list[str]]]:
+    """Pass 1, per row, no file opened: ids, paths, labels, split values. Returns the subjects and
+    ``row_problems``: ``row_problems[i - 1]`` the problems of data row i, without the "line N (id), " prefix
+    (added at the end)."""
     subjects: list[Subject] = []
-    # row_problems[i - 1]: the problems of data row i, without the "line N (id), " prefix added at the end
     row_problems: list[list[str]] = []
     seen_ids: dict[str, int] = {}  # subject id -> the line of its first row
     for i, (r, line, extra) in enumerate(zip(rows, lines, extra_cells), start=1):
         mine: list[str] = []
         row_problems.append(mine)
         if extra:
-            mine.append(f"{len(extra)} cell(s) beyond the header's {len(columns)} columns: {extra} (a value with "
-                        f"the delimiter in it must be quoted)")
-        sid = r.get(id_col, "")
+            mine.append(f"{len(extra)} cell(s) beyond the header's {len(layout.columns)} columns: {extra} (a value "
+                        f"with the delimiter in it must be quoted)")
+        sid = r.get(layout.id_col, "")
         if _is_missing(sid):
-            mine.append(f"column {id_col!r}: empty subject id")
+            mine.append(f"column {layout.id_col!r}: empty subject id")
             sid = ""  # the row cannot be used: it is reported (or skipped) by its line alone
         elif sid in seen_ids:
-            mine.append(f"column {id_col!r}: subject id {sid!r} is already used on line {seen_ids[sid]}")
+            mine.append(f"column {layout.id_col!r}: subject id {sid!r} is already used on line {seen_ids[sid]}")
         else:
             seen_ids[sid] = line
-
-        image = _existing_file(r, image_col, "image", base, mine)
-
-        target = None
-        if task in TASK_TARGET_COLS and has_targets:
-            raw = r.get(target_col)
-            if _is_missing(raw):
-                if require_targets:  # prediction: an empty target only means this row is not evaluated
-                    mine.append(f"column {target_col!r}: empty target")
-            else:
-                target = _read_value(task, raw, target_col, class_names, mine)
-
-        mask = None
-        if task == "segmentation" and has_targets and (require_targets or not _is_missing(r.get(mask_col))):
-            mask = _existing_file(r, mask_col, "mask", base, mine)
-        labels: dict = {}
-        if heads:
-            labels, mask = _read_labels(r, heads, head_class_names, base, mine)
-
+        image = _existing_file(r, layout.image_col, "image", layout.base, mine)
+        target, mask, labels = _read_labels(r, specs, spec_classes, layout.base, mine)
         split = None
-        if split_col in columns and not _is_missing(r.get(split_col)):
-            split = SPLIT_NAMES.get(r[split_col].lower())
+        if layout.split_col in layout.columns and not _is_missing(r.get(layout.split_col)):
+            split = SPLIT_NAMES.get(r[layout.split_col].lower())
             if split is None:
-                mine.append(f"column {split_col!r}: {r[split_col]!r} is not one of train, val")
-
-        group = r.get(group_col) if use_groups else None
+                mine.append(f"column {layout.split_col!r}: {r[layout.split_col]!r} is not one of train, val")
+        group = r.get(layout.group_col) if layout.group_col is not None else None
         group = None if _is_missing(group) else group
         subjects.append(Subject(sid, image, i, target, mask, split, group, line, labels))
+    return subjects, row_problems
 
-    # Pass 2, the headers, in parallel: not NIfTI, not one 3-D volume, mask shape / grid vs the image's.
+
+def _check_headers(subjects: list[Subject], row_problems: list[list[str]], image_col: str, mask_col: str,
+                   affine_tolerance: float, num_threads: int) -> None:
+    """Pass 2, the headers, in parallel: not NIfTI, not one 3-D volume, mask shape / grid vs the image's.
+    A file that fails is dropped from its subject (``image`` / ``mask`` None; the row is reported)."""
     jobs = [(s, col, p) for s in subjects for col, p in ((image_col, s.image), (mask_col, s.mask)) if p is not None]
     infos = dict(zip(((s.row, col) for s, col, _ in jobs), _read_headers([p for _, _, p in jobs], num_threads)))
     for s in subjects:
@@ -512,61 +583,76 @@ def load_manifest(
                 info = None
             header[col] = info
         image_info, mask_info = header[image_col], header[mask_col]
-        if image_info and mask_info:
-            if image_info.shape != mask_info.shape:
-                mine.append(
-                    f"column {mask_col!r}: mask shape {mask_info.shape} differs from image shape "
-                    f"{image_info.shape} ({s.mask} vs {s.image})"
-                )
-                mask_info = None
-            else:
-                distance = affine_distance_mm(image_info, mask_info)
-                if not distance <= affine_tolerance:  # NaN affines fail too
-                    mine.append(
-                        f"column {mask_col!r}: mask affine differs from image affine: the same voxel is "
-                        f"{distance:.4g} mm apart (data.affine_tolerance={affine_tolerance:g} mm) "
-                        f"({s.mask} vs {s.image})"
-                    )
-                    mask_info = None
+        if image_info and mask_info and not _mask_on_image_grid(s, image_info, mask_info, mask_col,
+                                                                affine_tolerance, mine):
+            mask_info = None
         if mask_info is None:
             s.mask = None
-            if heads and s.labels:  # the segmentation head's label goes with it (the row is reported)
+            if s.labels:  # task=multitask: the segmentation head's label goes with it (the row is reported)
                 s.labels = {k: (None if isinstance(v, Path) else v) for k, v in s.labels.items()}
         if image_info is None:
             s.image = None
 
-    # Across rows: with a split column, all rows of a group (or one subject id) must be on the same side.
-    if split_col in columns:
-        members: dict[str, list[Subject]] = {}
-        for s in subjects:
-            if s.split is not None and (s.group is not None or s.subject_id):  # no id: already reported
-                members.setdefault(_group_key(s), []).append(s)
-        for key, group_rows in members.items():
-            sides = {s.split for s in group_rows}
-            if len(sides) < 2:
-                continue
-            by_side = {side: ", ".join(str(s.line) for s in group_rows if s.split == side) for side in ("train", "val")}
-            what = f"group {key!r} (column {group_col!r})" if group_rows[0].group is not None else f"subject {key!r}"
-            for s in group_rows:
-                row_problems[s.row - 1].append(
-                    f"column {split_col!r}: {what} is in both train (lines {by_side['train']}) and val (lines "
-                    f"{by_side['val']}); all its rows must be on one side"
-                )
 
-    if check_data:
-        # Pass 3: decode every readable file once, in parallel: a truncated .nii.gz has a valid header.
-        decode_jobs = [(s, col, p, is_mask) for s in subjects
-                       for col, p, is_mask in ((image_col, s.image, False), (mask_col, s.mask, True)) if p is not None]
+def _mask_on_image_grid(s: Subject, image_info: HeaderInfo, mask_info: HeaderInfo, mask_col: str,
+                        affine_tolerance: float, problems: list[str]) -> bool:
+    """Whether the mask has the image's shape and grid (within ``affine_tolerance`` mm); else a problem."""
+    if image_info.shape != mask_info.shape:
+        problems.append(
+            f"column {mask_col!r}: mask shape {mask_info.shape} differs from image shape "
+            f"{image_info.shape} ({s.mask} vs {s.image})"
+        )
+        return False
+    distance = affine_distance_mm(image_info, mask_info)
+    if not distance <= affine_tolerance:  # NaN affines fail too
+        problems.append(
+            f"column {mask_col!r}: mask affine differs from image affine: the same voxel is "
+            f"{distance:.4g} mm apart (data.affine_tolerance={affine_tolerance:g} mm) "
+            f"({s.mask} vs {s.image})"
+        )
+        return False
+    return True
 
-        def decode(job: tuple[Subject, str, Path, bool]) -> list[str]:
-            return _check_mask_data(job[2], mask_values) if job[3] else _check_image_data(job[2])
 
-        with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
-            results = list(pool.map(decode, decode_jobs))
-        for (s, col, _, _), errs in zip(decode_jobs, results):
-            row_problems[s.row - 1].extend(f"column {col!r}: {e}" for e in errs)
+def _check_split_sides(subjects: list[Subject], row_problems: list[list[str]], split_col: str,
+                       group_col: str | None) -> None:
+    """Across rows: with a split column, all rows of a group (or one subject id) must be on the same side."""
+    members: dict[str, list[Subject]] = {}
+    for s in subjects:
+        if s.split is not None and (s.group is not None or s.subject_id):  # no id: already reported
+            members.setdefault(_group_key(s), []).append(s)
+    for key, group_rows in members.items():
+        sides = {s.split for s in group_rows}
+        if len(sides) < 2:
+            continue
+        by_side = {side: ", ".join(str(s.line) for s in group_rows if s.split == side) for side in ("train", "val")}
+        what = f"group {key!r} (column {group_col!r})" if group_rows[0].group is not None else f"subject {key!r}"
+        for s in group_rows:
+            row_problems[s.row - 1].append(
+                f"column {split_col!r}: {what} is in both train (lines {by_side['train']}) and val (lines "
+                f"{by_side['val']}); all its rows must be on one side"
+            )
 
-    # Each problem named by the file's line and the row's subject id: "line 3 (sub-02), column 'image': ...".
+
+def _check_decoded(subjects: list[Subject], row_problems: list[list[str]], image_col: str, mask_col: str,
+                   mask_values: str, num_threads: int) -> None:
+    """Pass 3: decode every readable file once, in parallel: a truncated .nii.gz has a valid header."""
+    decode_jobs = [(s, col, p, is_mask) for s in subjects
+                   for col, p, is_mask in ((image_col, s.image, False), (mask_col, s.mask, True)) if p is not None]
+
+    def decode(job: tuple[Subject, str, Path, bool]) -> list[str]:
+        return _check_mask_data(job[2], mask_values) if job[3] else _check_image_data(job[2])
+
+    with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
+        results = list(pool.map(decode, decode_jobs))
+    for (s, col, _, _), errs in zip(decode_jobs, results):
+        row_problems[s.row - 1].extend(f"column {col!r}: {e}" for e in errs)
+
+
+def _keep_or_raise(path: Path, problems: list[str], subjects: list[Subject], row_problems: list[list[str]],
+                   on_error: str) -> tuple[list[Subject], list[dict]]:
+    """Raise every problem (the manifest's, then each row's, named "line 3 (sub-02), column 'image': ..."),
+    or with on_error=skip return the rows without problems and the skipped ones (:attr:`Manifest.skipped`)."""
     located = [[f"line {s.line}{f' ({s.subject_id})' if s.subject_id else ''}, {p}" for p in row_problems[s.row - 1]]
                for s in subjects]
     all_problems = problems + [p for mine in located for p in mine]
@@ -575,12 +661,10 @@ def load_manifest(
     skipped = [{"row": s.row, "line": s.line, "subject_id": s.subject_id, "problems": located[s.row - 1],
                 "reasons": list(row_problems[s.row - 1])}
                for s in subjects if row_problems[s.row - 1]]
-    subjects = [s for s in subjects if not row_problems[s.row - 1]]
-    if not subjects:
+    kept = [s for s in subjects if not row_problems[s.row - 1]]
+    if not kept:
         raise ManifestError(path, all_problems + ["every row has a problem: data.on_error=skip leaves no subject"])
-    return Manifest(path, subjects, id_col, target_col if task in TASK_TARGET_COLS and has_targets else None,
-                    class_names if not heads else None, columns, has_targets, skipped, head_class_names,
-                    {name: col for name, _, col in heads or ()})
+    return kept, skipped
 
 
 def _group_key(s: Subject) -> str:
