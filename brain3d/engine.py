@@ -122,29 +122,22 @@ def train_one_epoch(
     sync_every: int | None = None,
     log_every_s: float | None = None,
 ) -> dict:
-    """One pass over ``loader``; returns ``{"loss", "lr", "volumes_per_second", "data_wait_fraction"}``
-    and ``"stopped"`` / ``"position"`` (an :class:`EpochProgress`; see below).
+    """One pass over ``loader``; returns ``{"loss", "lr", "volumes_per_second", "data_wait_fraction"}`` (the
+    share of the epoch spent waiting for the loader) and ``"stopped"`` / ``"position"`` (an :class:`EpochProgress`).
 
-    Gradients of ``accumulate_grad_batches`` micro-batches are summed before each optimizer step (the loss
-    is divided so the sum is a mean); the scheduler steps once per optimizer step. ``augment`` (a
-    :class:`brain3d.augment.BatchAugment`) runs on the device, on the whole batch, with a generator seeded
-    from ``(augment_seed, epoch, step)`` so a resumed run sees the same augmentations.
-    ``data_wait_fraction`` is the share of the epoch spent waiting for the next batch from the loader.
+    ``task``: the run's heads (a :class:`~brain3d.tasks.TaskSet`, or one Task trained with ``loss_fn``).
+    Gradients of ``accumulate_grad_batches`` micro-batches are summed before each optimizer step (the loss is
+    divided so the sum is a mean); the scheduler steps once per optimizer step. ``augment`` (a
+    :class:`brain3d.augment.BatchAugment`) runs on the device on the whole batch, with a generator seeded from
+    ``(augment_seed, epoch, step)`` so a resumed run sees the same augmentations.
 
-    Resuming and stopping mid-epoch: ``progress_state`` (an :class:`EpochProgress` from a checkpoint)
-    starts the epoch at batch ``progress_state.batches_done``; a loader whose batch sampler is a
-    brain3d.data.sampling.ResumableBatchSampler skips the done batches without loading them, any other
-    loader reads and drops them. ``after_optimizer_step(progress)`` is called after every optimizer
-    step (when no gradients are pending, so the state is checkpointable); when it returns True the epoch
-    ends there with ``"stopped": True``.
-
-    Host synchronisation: the step losses stay on the device and are read back every ``sync_every`` steps
-    (None: every step on CPU, where it costs nothing, every 50 on CUDA), at the epoch's end, and whenever
-    ``progress.settle()`` / ``progress.to_dict()`` is called (checkpoints); a non-finite loss is reported
-    then, naming the step where it first appeared. The GPU thus runs ahead of the host instead of waiting.
-
-    ``log_every_s`` (``trainer.progress=lines``, or auto when the output is not a terminal): a plain log line
-    with the batch, loss, speed and time left every that many seconds, instead of a tqdm bar.
+    Resuming and stopping mid-epoch: ``progress_state`` (from a checkpoint) starts the epoch at batch
+    ``progress_state.batches_done`` (a ResumableBatchSampler skips the done batches without loading them);
+    ``after_optimizer_step(progress)`` is called after every optimizer step (no gradients pending, so the state
+    is checkpointable) and returning True ends the epoch there with ``"stopped": True``. The step losses stay
+    on the device and are read back (:meth:`EpochProgress.settle`) every ``sync_every`` steps (None: every step
+    on CPU, where it costs nothing, every 50 on CUDA). ``log_every_s``: a plain progress line every that many
+    seconds (``trainer.progress=lines``) instead of a tqdm bar.
 
     Raises:
         NonFiniteLossError: a NaN/Inf loss, naming the epoch, step and subject ids of the batch.
@@ -167,47 +160,34 @@ def train_one_epoch(
         wait_start = time.perf_counter()
         batch = next(batches)  # the time spent here is time the model waits for data
         state.data_wait += time.perf_counter() - wait_start
-        image = batch["image"].to(device, non_blocking=True)  # (B, 1, D, H, W); a no-op for device-resident data
-        targets, labelled = tasks.targets(to_device(batch, device))  # {head: (B, 1) or (B, 1, D, H, W)}
-        if augment is not None:
-            generator = torch.Generator().manual_seed(augment_seed * 1_000_003 + epoch * 100_003 + step)
-            mask_task = tasks.mask_task  # a mask moves with the image; scalar targets are unchanged
-            image, mask = augment(image, targets[mask_task.name] if mask_task else None, generator=generator)
-            if mask_task is not None:
-                targets[mask_task.name] = mask
         steps_optimizer = (step + 1) % accumulate_grad_batches == 0 or step + 1 == num_batches
-        # DistributedDataParallel: gradients are all-reduced only on the micro-batch before an optimizer step.
-        sync = model.no_sync() if hasattr(model, "no_sync") and not steps_optimizer else contextlib.nullcontext()
-        with sync:
-            with autocast(device, amp_dtype):
-                logits = model(to_memory_format(image, channels_last))  # {head: logits}
-            loss, _ = tasks.loss(logits, targets, labelled)  # float32: the losses cast their inputs
-            scaler.scale(loss / accumulate_grad_batches).backward()
+        generator = torch.Generator().manual_seed(augment_seed * 1_000_003 + epoch * 100_003 + step)
+        loss, image = _forward_backward(model, batch, tasks, device, amp_dtype, augment, generator,
+                                        scaler, accumulate_grad_batches, steps_optimizer, channels_last)
         state.add_loss(step, batch["subject_id"], loss, image.shape[0])  # stays on the device until settled
         state.volumes += image.shape[0]
         state.batches_done = step + 1
         if (step + 1 - first_step) % sync_every == 0:
             state.settle()  # raises NonFiniteLossError naming the first bad step and its subjects
-            elapsed = time.perf_counter() - start
-            bar.set_postfix(loss=f"{state.last_loss:.4f}", vol_s=f"{state.volumes / max(elapsed, 1e-9):.2f}",
-                            refresh=False)
+            bar.set_postfix(loss=f"{state.last_loss:.4f}", refresh=False,
+                            vol_s=f"{state.volumes / max(time.perf_counter() - start, 1e-9):.2f}")
         if log_every_s and time.perf_counter() - last_line >= log_every_s:
             last_line = time.perf_counter()
             seconds_per_batch = (last_line - loop_start) / (step + 1 - first_step)
             log_progress_line(state, epoch, last_line - start, seconds_per_batch * (num_batches - step - 1))
         if steps_optimizer:
-            if gradient_clip_norm:
-                scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-                torch.nn.utils.clip_grad_norm_(model.parameters(), gradient_clip_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            _optimizer_step(model, optimizer, scheduler, scaler, gradient_clip_norm)
             state.seconds = time.perf_counter() - start
             if after_optimizer_step is not None and after_optimizer_step(state) and step + 1 < num_batches:
                 stopped = True
                 break
     bar.close()
+    return _epoch_stats(state, optimizer, device, start, stopped)
+
+
+def _epoch_stats(state: EpochProgress, optimizer: torch.optim.Optimizer, device: torch.device, start: float,
+                 stopped: bool) -> dict:
+    """The epoch's figures once every pending loss is read back (and CUDA's queue has drained)."""
     state.settle()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -220,6 +200,42 @@ def train_one_epoch(
         "stopped": stopped,
         "position": state,
     }
+
+
+def _forward_backward(model: torch.nn.Module, batch: dict, tasks: TaskSet, device: torch.device, amp_dtype,
+                      augment: torch.nn.Module | None, generator: torch.Generator, scaler: torch.amp.GradScaler,
+                      accumulate_grad_batches: int, steps_optimizer: bool,
+                      channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One micro-batch: to the device, augmented (a mask moves with the image; scalar targets do not), forward
+    under autocast, the heads' losses (float32), backward of loss / accumulate_grad_batches. Returns (the
+    loss, left on the device; the image batch)."""
+    image = batch["image"].to(device, non_blocking=True)  # (B, 1, D, H, W); a no-op for device-resident data
+    targets, labelled = tasks.targets(to_device(batch, device))  # {head: (B, 1) or (B, 1, D, H, W)}
+    if augment is not None:
+        mask_task = tasks.mask_task
+        image, mask = augment(image, targets[mask_task.name] if mask_task else None, generator=generator)
+        if mask_task is not None:
+            targets[mask_task.name] = mask
+    # DistributedDataParallel: gradients are all-reduced only on the micro-batch before an optimizer step.
+    sync = model.no_sync() if hasattr(model, "no_sync") and not steps_optimizer else contextlib.nullcontext()
+    with sync:
+        with autocast(device, amp_dtype):
+            logits = model(to_memory_format(image, channels_last))  # {head: logits}
+        loss, _ = tasks.loss(logits, targets, labelled)  # float32: the losses cast their inputs
+        scaler.scale(loss / accumulate_grad_batches).backward()
+    return loss, image
+
+
+def _optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+                    scaler: torch.amp.GradScaler, gradient_clip_norm: float | None) -> None:
+    """Clip (the true gradients, not the fp16-scaled ones), step, update the scaler, zero, step the schedule."""
+    if gradient_clip_norm:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), gradient_clip_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
 
 
 def log_progress_line(state: EpochProgress, epoch: int, elapsed_s: float, left_s: float) -> None:
@@ -293,13 +309,10 @@ def evaluate(
     are put back in the original subject order and the metrics computed on the whole, as one process would.
 
     ``collect_cases`` (report.html): also return ``outputs["cases"]``, the ``max_cases`` worst subjects (None:
-    all) of the first head (of the segmentation head in a multi-task run), worst first, each ``{"subject_id",
-    "slices" (brain3d.report.orthogonal_slices: three small 2-D slices of image, truth and prediction, not the
-    volumes), "badness"}`` plus ``"dice"`` (segmentation), ``"probability"`` and ``"label"``
-    (classification), ``"prediction"`` and ``"target"`` (regression, in target units); ``outputs["cases_task"]``
-    the kind of that head, and ``outputs["cases_total"]``, the subjects seen. Only the worst so far are kept
-    (brain3d.report.WorstCases), so memory stays bounded. Distributed: each rank collects its own subjects
-    only (they are not gathered; the caller on rank 0 shows rank 0's share).
+    all) of the first head (the segmentation head in a multi-task run), worst first (brain3d.tasks: each
+    kind's ``collect`` says what a case holds: small 2-D slices, never volumes, so memory stays bounded);
+    ``outputs["cases_task"]``, that head's kind; ``outputs["cases_total"]``, the subjects seen. Distributed:
+    each rank collects its own subjects only (the caller on rank 0 shows rank 0's share).
     """
     tasks = as_task_set(task, loss_fn)
     model.eval()

@@ -400,7 +400,8 @@ def planned_split(manifest, rows: list[dict], cfg: DictConfig) -> dict:
 def task_statistics(task: str, rows: list[dict], sampled: list[dict], manifest) -> dict:
     """The fingerprint's task part: lesions (segmentation), class balance (classification) or the target
     distribution (regression)."""
-    return {task: TASK_STATISTICS[task](rows, sampled, manifest)}
+    statistics = TASK_STATISTICS.get(task)  # a kind without its own statistics: the fingerprint has none
+    return {task: statistics(rows, sampled, manifest)} if statistics else {}
 
 
 def _lesion_statistics(rows: list[dict], sampled: list[dict], manifest) -> dict:

@@ -49,6 +49,7 @@ class Task:
     default_column: ClassVar[str]
     metric: ClassVar[tuple[str, str]]  # the metric that picks best.pt by default, and "max" | "min"
     reads_mask: ClassVar[bool] = False  # its targets are mask files (same grid as the image), not cell values
+    class_mapped: ClassVar[bool] = False  # its cells are labels mapped to class indices (Manifest.class_names)
     stratify: ClassVar[bool] = False  # the train/val split keeps its classes' proportions
 
     def __init__(self, name: str, column: str | None = None, loss_fn: torch.nn.Module | None = None,
@@ -73,6 +74,19 @@ class Task:
 
     def fit_scaling(self, values: np.ndarray) -> None:
         """Learn what encoding needs from the training set's targets (regression: mean and std)."""
+
+    @staticmethod
+    def parse_label(raw: str, column: str, class_names: list[str] | None, problems: list[str]) -> float | None:
+        """A manifest cell (not empty) as the target the head learns: here a finite number; else a problem
+        ("column 'age': 'old' is not a finite number") and None."""
+        try:
+            target = float(raw)
+        except ValueError:
+            target = None
+        if target is None or not math.isfinite(target):
+            problems.append(f"column {column!r}: {raw!r} is not a finite number")
+            return None
+        return target
 
     @staticmethod
     def random_target(batch_size: int, spatial_shape, device) -> torch.Tensor:
@@ -172,6 +186,19 @@ class ClassificationTask(Task):
     default_column = "sex"
     metric = ("auc", "max")
     stratify = True
+    class_mapped = True
+
+    @staticmethod
+    def parse_label(raw: str, column: str, class_names: list[str] | None, problems: list[str]) -> float | None:
+        """A label as its class index: through ``class_names`` (two string labels, e.g. F / M), or 0 / 1."""
+        target = None
+        if class_names and class_names != ["0", "1"]:
+            target = float(class_names.index(raw)) if raw in class_names else None
+        elif raw in {"0", "1", "0.0", "1.0"}:
+            target = float(raw)
+        if target is None and class_names:
+            problems.append(f"column {column!r}: label {raw!r} is not one of {class_names}")
+        return target
 
     @staticmethod
     def random_target(batch_size: int, spatial_shape, device) -> torch.Tensor:

@@ -835,7 +835,8 @@ def record_hydra_config(cfg: DictConfig, run_dir: Path) -> None:
     OmegaConf.save(hydra_cfg.overrides.task, out / "overrides.yaml")
 
 
-HELP = f"""brain3d-train: train a 3D CNN on brain MRI volumes (classification, regression or segmentation).
+HELP = f"""brain3d-train: train a 3D CNN on brain MRI volumes (classification, regression, segmentation, or
+several heads on one backbone: task=multitask).
 
 Every setting comes from the config groups below (configs/ in the package); pick an option with
 group=option and change any value with group.key=value. `-m` runs every combination of comma-separated values.
@@ -849,6 +850,7 @@ Examples:
   brain3d-train task=regression data=nifti data.manifest=study.csv data.target_col=age
   brain3d-train task=segmentation data=bids data.root=/data/bids data.mask_suffix=mask data.mask_root=derivatives/lesions
   brain3d-train task=segmentation data.patch_size=[48,48,48] trainer.max_epochs=40 trainer.resume=auto
+  brain3d-train task=multitask data=nifti data.manifest=cohort.csv task.monitor=val_lesion_dice task.monitor_mode=max
   brain3d-train -m task=regression data.num_folds=5 data.fold=0,1,2,3,4 hydra.sweep.dir=runs/cv
 
 Show the composed config: brain3d-train --cfg job [overrides]; Hydra's own options: brain3d-train --hydra-help.

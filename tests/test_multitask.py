@@ -205,3 +205,23 @@ def test_predict_from_a_multitask_checkpoint_writes_every_head(multitask_run, tm
     assert metrics["heads"]["age"]["n"] == sum(1 for r in rows if r["age"])
     assert metrics["heads"]["lesion"]["n"] == sum(1 for r in rows if r["mask"])
     assert metrics["heads"]["sex"]["n"] == len(rows)
+
+
+def test_each_head_starts_as_it_would_alone():
+    """Heads are initialised from the random state the backbone left: a multi-task model's lesion head has the
+    single-task segmentation head's weights, and adding a head changes no other head's."""
+    from brain3d.models.model import build_model
+
+    backbone = {"_target_": "brain3d.models.backbones.PlainBackbone", "width": 0.125}
+    seg = {"_target_": "brain3d.models.heads.SegmentationHead", "out_channels": 1}
+    pooled = {"_target_": "brain3d.models.heads.GlobalPoolHead", "out_features": 1}
+    torch.manual_seed(3)
+    single = build_model(backbone, seg, head_name="segmentation")
+    torch.manual_seed(3)
+    multi = build_model(backbone, {"sex": pooled, "age": pooled, "lesion": seg})
+    torch.manual_seed(3)
+    fewer = build_model(backbone, {"age": pooled, "lesion": seg})
+    for name, value in single.heads["segmentation"].state_dict().items():
+        assert torch.equal(value, multi.heads["lesion"].state_dict()[name])
+    for name, value in fewer.state_dict().items():
+        assert torch.equal(value, multi.state_dict()[name])

@@ -18,6 +18,7 @@ from brain3d.data.manifest import Subject
 from brain3d.data.nifti import load_mask, load_nifti_with_grid
 from brain3d.data.patches import sample_training_patch
 from brain3d.data.preprocess import PreprocessInfo, preprocess_volume
+from brain3d.tasks import KINDS
 
 
 def load_preprocessed(
@@ -77,7 +78,9 @@ class VolumeDataset(Dataset):
     @property
     def with_mask(self) -> bool:
         """Items carry a mask (segmentation, or a multi-task run with a segmentation head)."""
-        return self.task == "segmentation" or any(kind == "segmentation" for _, kind in self.heads or ())
+        if self.task in KINDS:
+            return KINDS[self.task].reads_mask
+        return any(KINDS[kind].reads_mask for _, kind in self.heads or ())
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -112,7 +115,7 @@ def head_targets(heads: Sequence[tuple[str, str]], subject: Subject, mask: np.nd
     A segmentation head's target is the mask (1, D, H, W) (zeros without one); the others' (1,)."""
     targets, labelled = {}, {}
     for name, kind in heads:
-        if kind == "segmentation":
+        if KINDS[kind].reads_mask:
             has = mask is not None
             targets[name] = (torch.from_numpy(np.array(mask, dtype=np.float32))[None] if has
                              else torch.zeros((1, *spatial_shape), dtype=torch.float32))

@@ -17,7 +17,6 @@ problems of the manifest as a whole (missing columns, no rows, a bad label set) 
 from __future__ import annotations
 
 import csv
-import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ import nibabel as nib
 import numpy as np
 
 from brain3d.data.nifti import _READ_ERRORS, NiftiReadError, _read_error, load_nifti
+from brain3d.tasks import KINDS
 
 MISSING_VALUES = {"", "n/a", "na", "nan", "none", "null"}  # BIDS writes "n/a"
 TASK_TARGET_COLS = {"classification": "sex", "regression": "age"}
@@ -182,7 +182,7 @@ def _spec_class_names(spec: _LabelSpec, rows: list[dict], columns: list[str], cl
     """A classification label's class names: the known ones (``class_names``: a single task's list, or
     task=multitask's {head: list}), else derived from the column's labels (:func:`_class_mapping`; a bad label
     set is a problem of the manifest); None for the other kinds, and when no row has a label."""
-    if spec.kind != "classification":
+    if not KINDS[spec.kind].class_mapped:
         return None
     if spec.head and isinstance(class_names, dict):
         return [str(c) for c in class_names[spec.name]]
@@ -199,28 +199,12 @@ def _spec_class_names(spec: _LabelSpec, rows: list[dict], columns: list[str], cl
 
 def _read_value(spec: _LabelSpec, row: dict, class_names: list[str] | None, base: Path,
                 problems: list[str]) -> float | Path | None:
-    """A label cell (not missing) as the mask path (segmentation: an existing file), the class index
-    (classification) or the number (regression); else a problem and None."""
+    """A label cell (not missing) as the mask path (segmentation: an existing file), else as its kind reads it
+    (brain3d.tasks: the class index for classification, the number for regression); else a problem and None."""
     raw, col = row[spec.column], spec.column
-    if spec.kind == "segmentation":
+    if KINDS[spec.kind].reads_mask:
         return _existing_file(row, col, "mask", base, problems)
-    if spec.kind == "classification":
-        target = None
-        if class_names and class_names != ["0", "1"]:
-            target = float(class_names.index(raw)) if raw in class_names else None
-        elif raw in {"0", "1", "0.0", "1.0"}:
-            target = float(raw)
-        if target is None and class_names:
-            problems.append(f"column {col!r}: label {raw!r} is not one of {class_names}")
-        return target
-    try:
-        target = float(raw)
-    except ValueError:
-        target = None
-    if target is None or not math.isfinite(target):
-        problems.append(f"column {col!r}: {raw!r} is not a finite number")
-        return None
-    return target
+    return KINDS[spec.kind].parse_label(raw, col, class_names, problems)
 
 
 def _read_labels(row: dict, specs: list[_LabelSpec], spec_classes: list[list[str] | None], base: Path,

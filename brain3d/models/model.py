@@ -71,7 +71,12 @@ def build_model(backbone_cfg: Any, head_cfg: Any, head_name: str | None = None) 
         )
     head_cfgs = {head_name: head_cfg} if head_name is not None else dict(head_cfg)
     heads = {}
+    after_backbone = torch.random.get_rng_state()
     for name, cfg in head_cfgs.items():
+        # Every head starts from the random state the backbone left, as it would alone: adding, removing or
+        # reordering heads does not change another head's initial weights, and a multi-task run's heads start
+        # where single-task runs of the same seed do.
+        torch.random.set_rng_state(after_backbone)
         heads[name] = instantiate(cfg, feature_channels=list(backbone.feature_channels))
         if not isinstance(heads[name], nn.Module):
             raise TypeError(f"head target {_target(cfg)} built {type(heads[name]).__name__}, not an nn.Module")
