@@ -347,6 +347,7 @@ Examples:
   brain3d-predict checkpoint=run/checkpoints/best.pt data=bids data.root=/data/bids output_dir=preds
 
 Writes: predictions.csv; segmentation <id>_prob.nii.gz and <id>_mask.nii.gz; metrics.json / metrics.csv with targets.
+A multi-task checkpoint writes every head: sex_probability, age_prediction... and <id>_lesion_prob.nii.gz.
 Exit status: 0 done, 2 a mistake in the command, config or data."""  # noqa: E501 (an example is one command a line)
 
 REQUIRED = {"checkpoint": "checkpoint=PATH (a best.pt or last.pt written by brain3d-train; [A,B] for an ensemble)",
