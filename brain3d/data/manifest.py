@@ -30,7 +30,8 @@ from brain3d.data.nifti import _READ_ERRORS, NiftiReadError, _read_error, load_n
 from brain3d.tasks import KINDS
 
 MISSING_VALUES = {"", "n/a", "na", "nan", "none", "null"}  # BIDS writes "n/a"
-TASK_TARGET_COLS = {"classification": "sex", "regression": "age"}
+# The default target column of the single tasks that read one (brain3d.tasks: each kind's default_column).
+TASK_TARGET_COLS = {kind: cls.default_column for kind, cls in KINDS.items() if not cls.reads_mask}
 SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val"}
 ON_ERROR = ("raise", "skip")
 MASK_VALUES = ("binary", "labels")
@@ -156,18 +157,19 @@ def _label_specs(task: str, target_col: str | None, mask_col: str, heads: Sequen
     segmentation the mask column; then each of ``heads`` (task=multitask). None at all: task=multitask
     without heads (e.g. brain3d-preprocess reads only ids and images)."""
     specs = []
-    if task in TASK_TARGET_COLS:
-        column = TASK_TARGET_COLS[task] if target_col is None else target_col
-        specs.append(_LabelSpec("target", task, column, require_targets, "data.target_col"))
-    elif task == "segmentation":
-        specs.append(_LabelSpec("mask", task, mask_col, require_targets, "data.mask_col"))
+    if task in KINDS:  # a single task: its mask column, or its target column (None: the kind's, sex / age)
+        if KINDS[task].reads_mask:
+            specs.append(_LabelSpec("mask", task, mask_col, require_targets, "data.mask_col"))
+        else:
+            column = KINDS[task].default_column if target_col is None else target_col
+            specs.append(_LabelSpec("target", task, column, require_targets, "data.target_col"))
     return specs + [_LabelSpec(name, kind, col, False, f"task.heads.{name}.column", head=True)
                     for name, kind, col in heads or ()]
 
 
 def _single_target(specs: list[_LabelSpec]) -> _LabelSpec | None:
     """A single task's target column (classification / regression); None for segmentation and multitask."""
-    return next((s for s in specs if not s.head and s.kind != "segmentation"), None)
+    return next((s for s in specs if not s.head and not KINDS[s.kind].reads_mask), None)
 
 
 def _has_targets(specs: list[_LabelSpec], columns: list[str], mask_col: str) -> bool:
@@ -218,14 +220,14 @@ def _read_labels(row: dict, specs: list[_LabelSpec], spec_classes: list[list[str
         if _is_missing(row.get(spec.column)):
             if spec.required:
                 problems.append(f"column {spec.column!r}: empty "
-                                f"{'mask path' if spec.kind == 'segmentation' else 'target'}")
+                                f"{'mask path' if KINDS[spec.kind].reads_mask else 'target'}")
             if spec.head:
                 labels[spec.name] = None
             continue
         value = _read_value(spec, row, names, base, problems)
         if spec.head:
             labels[spec.name] = value
-        if spec.kind == "segmentation":
+        if KINDS[spec.kind].reads_mask:
             mask = value
         elif not spec.head:
             target = value
@@ -460,7 +462,7 @@ def load_manifest(
         _check_decoded(subjects, row_problems, image_col, mask_col, mask_values, num_threads)
     subjects, skipped = _keep_or_raise(path, problems, subjects, row_problems, on_error)
 
-    if target is not None and target.kind == "classification":
+    if target is not None and KINDS[target.kind].class_mapped:
         class_names = spec_classes[specs.index(target)]
     return Manifest(path, subjects, id_col, target.column if target is not None and has_targets else None,
                     None if heads else class_names, columns, has_targets, skipped,
