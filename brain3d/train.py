@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from brain3d import distributed as dist_utils
 from brain3d import engine, memory_probe, report, transfer
+from brain3d.batchnorm import recompute_batchnorm_statistics
 from brain3d.checkpoint import (
     config_differences,
     load_checkpoint,
@@ -655,6 +656,12 @@ def validate_epoch(run: Run, train_stats: dict) -> tuple[dict, dict]:
     """Validation (engine.evaluate, gathered over ranks) and the epoch's record: the history row that goes to
     metrics.csv, TensorBoard and summary.json."""
     report_enabled = bool(run.cfg.trainer.get("report", True)) and run.main_rank
+    precise_bn = int(run.cfg.trainer.get("precise_bn_batches") or 0)
+    if precise_bn:  # BatchNorm statistics re-estimated with the epoch's final weights (brain3d.batchnorm)
+        recompute_batchnorm_statistics(run.model, run.train_loader, precise_bn, run.device, run.amp_dtype,
+                                       run.channels_last)
+        if run.distributed:
+            dist_utils.broadcast_buffers(run.model)  # every rank validates and saves rank 0's statistics
     val_stats, val_outputs = engine.evaluate(
         run.forward_model, run.val_loader, None, run.tasks, run.device, run.amp_dtype, run.epoch + 1, run.bars,
         sliding_window=run.sliding_window, channels_last=run.channels_last,
