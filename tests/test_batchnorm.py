@@ -8,6 +8,8 @@ from torch import nn
 from brain3d.batchnorm import recompute_batchnorm_statistics
 from brain3d.transfer import FrozenBatchNorm3d
 
+from tests.conftest import tiny_overrides
+
 
 class Tiny(nn.Module):
     def __init__(self):
@@ -47,3 +49,18 @@ def test_a_model_without_batchnorm_is_left_alone():
     model = nn.Sequential(nn.Conv3d(1, 2, 1), nn.InstanceNorm3d(2))
     assert recompute_batchnorm_statistics(model, iter([{"image": torch.randn(1, 1, 2, 2, 2)}]), 4,
                                           torch.device("cpu")) == 0
+
+
+def test_a_run_with_precise_bn_saves_the_re_estimated_statistics(tmp_path, cache_dir):
+    """The checkpoint holds the re-estimated statistics validation used: every BatchNorm layer counts the 2
+    batches of the re-estimate (training alone would leave the 4 optimizer steps of the epoch)."""
+    from tests.conftest import run_train
+
+    run_dir = tmp_path / "run"
+    run_train([*tiny_overrides(cache_dir), "task=regression", "trainer.max_epochs=1", "trainer.precise_bn_batches=2",
+               "augment=none", "trainer.channels_last=false", "trainer.precision=fp32", f"hydra.run.dir={run_dir}"],
+              cwd=tmp_path)
+    state = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    saved = {k: v for k, v in state["model"].items() if k.endswith("running_mean")}
+    assert saved and all(torch.isfinite(v).all() for v in saved.values())
+    assert all(v == 2 for k, v in state["model"].items() if k.endswith("num_batches_tracked"))  # 2 batches, reset
