@@ -48,15 +48,23 @@ class EpochProgress:
     volumes: int = 0
     data_wait: float = 0.0  # seconds spent waiting for the loader
     seconds: float = 0.0  # seconds of training before this process (a resumed epoch)
+    # multi-task: {head: [sum over its labelled samples of its loss, labelled samples]} (settled steps)
+    head_sums: dict = field(default_factory=dict)
     # not stored: (step, subject ids, volumes, loss tensor) of the steps not yet read back, and where we are
     pending: list = field(default_factory=list, repr=False, compare=False)
     epoch: int = field(default=0, repr=False, compare=False)
     num_batches: int = field(default=0, repr=False, compare=False)
     last_loss: float = field(default=float("nan"), repr=False, compare=False)
 
-    def add_loss(self, step: int, subject_ids, loss: torch.Tensor, volumes: int) -> None:
-        """Record step ``step``'s (0-based) mean loss over ``volumes`` volumes, left on the device."""
-        self.pending.append((step, list(subject_ids), volumes, loss.detach()))
+    def add_loss(self, step: int, subject_ids, loss: torch.Tensor, volumes: int,
+                 head_terms: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+        """Record step ``step``'s (0-based) mean loss over ``volumes`` volumes, left on the device; a multi-task
+        step also each head's ``(loss, labelled samples)``."""
+        values = [loss.detach().float().reshape(())]
+        for name, (head_loss, count) in (head_terms or {}).items():
+            count = torch.as_tensor(count, dtype=torch.float32, device=loss.device)
+            values += [head_loss.detach().float() * count, count]
+        self.pending.append((step, list(subject_ids), volumes, list(head_terms or ()), torch.stack(values)))
 
     def settle(self) -> None:
         """Read the pending losses back (one synchronisation), add them to ``loss_sum`` in step order.
@@ -66,8 +74,11 @@ class EpochProgress:
         """
         if not self.pending:
             return
-        values = torch.stack([loss.float() for *_, loss in self.pending]).tolist()  # the only sync
-        for (step, subject_ids, volumes, _), value in zip(self.pending, values):
+        flat = torch.cat([values for *_, values in self.pending]).tolist()  # the only sync
+        offset = 0
+        for step, subject_ids, volumes, heads, values in self.pending:
+            row, offset = flat[offset:offset + len(values)], offset + len(values)
+            value = row[0]  # the step's loss, then (multi-task) each head's (loss x labelled, labelled)
             if not math.isfinite(value):
                 self.pending.clear()
                 raise NonFiniteLossError(
@@ -77,11 +88,16 @@ class EpochProgress:
                 )
             self.loss_sum += value * volumes
             self.last_loss = value
+            for k, name in enumerate(heads):
+                total = self.head_sums.setdefault(name, [0.0, 0.0])
+                total[0] += row[1 + 2 * k]
+                total[1] += row[2 + 2 * k]
         self.pending.clear()
 
     def to_dict(self) -> dict:
         self.settle()
-        return {name: getattr(self, name) for name in ("batches_done", "loss_sum", "volumes", "data_wait", "seconds")}
+        values = {name: getattr(self, name) for name in ("batches_done", "loss_sum", "volumes", "data_wait", "seconds")}
+        return {**values, "head_sums": {name: list(sums) for name, sums in self.head_sums.items()}}
 
     @classmethod
     def from_dict(cls, values: dict | None) -> "EpochProgress":
@@ -162,9 +178,9 @@ def train_one_epoch(
         state.data_wait += time.perf_counter() - wait_start
         steps_optimizer = (step + 1) % accumulate_grad_batches == 0 or step + 1 == num_batches
         generator = torch.Generator().manual_seed(augment_seed * 1_000_003 + epoch * 100_003 + step)
-        loss, image = _forward_backward(model, batch, tasks, device, amp_dtype, augment, generator,
-                                        scaler, accumulate_grad_batches, steps_optimizer, channels_last)
-        state.add_loss(step, batch["subject_id"], loss, image.shape[0])  # stays on the device until settled
+        loss, image, head_terms = _forward_backward(model, batch, tasks, device, amp_dtype, augment, generator,
+                                                    scaler, accumulate_grad_batches, steps_optimizer, channels_last)
+        state.add_loss(step, batch["subject_id"], loss, image.shape[0], head_terms)  # on the device until settled
         state.volumes += image.shape[0]
         state.batches_done = step + 1
         if (step + 1 - first_step) % sync_every == 0:
@@ -194,6 +210,9 @@ def _epoch_stats(state: EpochProgress, optimizer: torch.optim.Optimizer, device:
     state.seconds = time.perf_counter() - start
     return {
         "loss": state.loss_sum / max(state.volumes, 1),
+        # multi-task: each head's mean loss over its labelled training samples (NaN: none this epoch)
+        "head_losses": {name: total / count if count else float("nan")
+                        for name, (total, count) in state.head_sums.items()},
         "lr": optimizer.param_groups[0]["lr"],
         "volumes_per_second": state.volumes / max(state.seconds, 1e-9),
         "data_wait_fraction": state.data_wait / max(state.seconds, 1e-9),
@@ -205,10 +224,10 @@ def _epoch_stats(state: EpochProgress, optimizer: torch.optim.Optimizer, device:
 def _forward_backward(model: torch.nn.Module, batch: dict, tasks: TaskSet, device: torch.device, amp_dtype,
                       augment: torch.nn.Module | None, generator: torch.Generator, scaler: torch.amp.GradScaler,
                       accumulate_grad_batches: int, steps_optimizer: bool,
-                      channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                      channels_last: bool) -> tuple[torch.Tensor, torch.Tensor, dict | None]:
     """One micro-batch: to the device, augmented (a mask moves with the image; scalar targets do not), forward
     under autocast, the heads' losses (float32), backward of loss / accumulate_grad_batches. Returns (the
-    loss, left on the device; the image batch)."""
+    loss, left on the device; the image batch; multi-task: {head: (its loss, its labelled samples)})."""
     image = batch["image"].to(device, non_blocking=True)  # (B, 1, D, H, W); a no-op for device-resident data
     targets, labelled = tasks.targets(to_device(batch, device))  # {head: (B, 1) or (B, 1, D, H, W)}
     if augment is not None:
@@ -221,9 +240,12 @@ def _forward_backward(model: torch.nn.Module, batch: dict, tasks: TaskSet, devic
     with sync:
         with autocast(device, amp_dtype):
             logits = model(to_memory_format(image, channels_last))  # {head: logits}
-        loss, _ = tasks.loss(logits, targets, labelled)  # float32: the losses cast their inputs
+        loss, per_head = tasks.loss(logits, targets, labelled)  # float32: the losses cast their inputs
         scaler.scale(loss / accumulate_grad_batches).backward()
-    return loss, image
+    # multi-task: each head's loss with its labelled samples in the batch, for its own train loss
+    head_terms = {name: (value, image.shape[0] if labelled[name] is None else labelled[name].sum())
+                  for name, value in per_head.items()} if tasks.multi else None
+    return loss, image, head_terms
 
 
 def _optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,

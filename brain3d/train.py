@@ -648,6 +648,11 @@ def train_epoch(run: Run) -> dict:
         loss_sum, volumes, volumes_per_second = dist_utils.all_reduce_sum(
             [stats["position"].loss_sum, stats["position"].volumes, stats["volumes_per_second"]], run.device)
         stats["loss"], stats["volumes_per_second"] = loss_sum / max(volumes, 1), volumes_per_second
+        heads = list(stats["position"].head_sums)  # multi-task: each head's sums over every rank (same order)
+        sums = dist_utils.all_reduce_sum([v for name in heads for v in stats["position"].head_sums[name]],
+                                         run.device) if heads else []
+        stats["head_losses"] = {name: sums[2 * k] / sums[2 * k + 1] if sums[2 * k + 1] else float("nan")
+                                for k, name in enumerate(heads)}
         dist_utils.broadcast_buffers(run.model)
     return stats
 
@@ -668,6 +673,7 @@ def validate_epoch(run: Run, train_stats: dict) -> tuple[dict, dict]:
         gather=dist_utils.all_gather_object if run.distributed else None,
         collect_cases=report_enabled, max_cases=int(run.cfg.trainer.get("report_subjects", 16)))
     record = {"epoch": run.epoch + 1, "train_loss": train_stats["loss"],
+              **{f"train_{name}_loss": value for name, value in train_stats["head_losses"].items()},
               **{f"val_{k}": v for k, v in val_stats.items()},
               "lr": train_stats["lr"], "train_volumes_per_second": train_stats["volumes_per_second"],
               "train_data_wait_fraction": train_stats["data_wait_fraction"]}

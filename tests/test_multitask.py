@@ -31,6 +31,7 @@ from tests.conftest import read_summary, run_train, tiny_overrides
 from tests.test_predict import run_predict
 
 HEADS = [("sex", "classification", "sex"), ("age", "regression", "age"), ("lesion", "segmentation", "mask")]
+HEADS_NAMES = [name for name, _, _ in HEADS]
 
 
 def test_each_heads_loss_leaves_out_the_subjects_without_its_label():
@@ -178,9 +179,13 @@ def test_a_multitask_run_reports_each_head(multitask_run):
         float(np.mean(np.abs(np.array(val_ages) - summary["heads"]["age"]["target_mean"]))))
     header = next(csv.reader(open(run_dir / "metrics.csv")))
     assert {"val_sex_auc", "val_age_mae", "val_lesion_dice", "val_loss"} <= set(header)
+    # each head's train loss: the mean over its labelled training samples
+    assert {"train_sex_loss", "train_age_loss", "train_lesion_loss", "train_loss"} <= set(header)
+    last = summary["history"][-1]
+    assert all(math.isfinite(last[f"train_{head}_loss"]) and last[f"train_{head}_loss"] > 0 for head in HEADS_NAMES)
     events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"val/sex/auc", "val/age/mae", "val/lesion/dice", "val/loss", "train/loss"} <= tags
+    assert {"val/sex/auc", "val/age/mae", "val/lesion/dice", "val/loss", "train/loss", "train/age/loss"} <= tags
     assert [e.step for e in events.Scalars("val/age/mae")] == [1, 2]
 
 
@@ -225,3 +230,17 @@ def test_each_head_starts_as_it_would_alone():
         assert torch.equal(value, multi.heads["lesion"].state_dict()[name])
     for name, value in fewer.state_dict().items():
         assert torch.equal(value, multi.state_dict()[name])
+
+
+def test_each_heads_train_loss_is_its_mean_over_labelled_samples_and_survives_a_checkpoint():
+    from brain3d.engine import EpochProgress
+
+    progress = EpochProgress()
+    # step 0: age loss 0.5 over 3 labelled samples; step 1: 2.0 over 1; step 2: no labelled sample (loss 0)
+    for step, (age_loss, count) in enumerate([(0.5, 3), (2.0, 1), (0.0, 0)]):
+        progress.add_loss(step, ["a"] * 4, torch.tensor(1.0 + step), 4,
+                          {"age": (torch.tensor(age_loss), torch.tensor(count))})
+    state = EpochProgress.from_dict(progress.to_dict())  # a mid-epoch checkpoint and its resume
+    assert state.loss_sum == pytest.approx(4 * (1.0 + 2.0 + 3.0))
+    total, labelled = state.head_sums["age"]
+    assert labelled == 4 and total / labelled == pytest.approx((0.5 * 3 + 2.0 * 1) / 4)
