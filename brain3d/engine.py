@@ -243,8 +243,7 @@ def _forward_backward(model: torch.nn.Module, batch: dict, tasks: TaskSet, devic
         loss, per_head = tasks.loss(logits, targets, labelled)  # float32: the losses cast their inputs
         scaler.scale(loss / accumulate_grad_batches).backward()
     # multi-task: each head's loss with its labelled samples in the batch, for its own train loss
-    head_terms = {name: (value, image.shape[0] if labelled[name] is None else labelled[name].sum())
-                  for name, value in per_head.items()} if tasks.multi else None
+    head_terms = {name: (value, labelled[name].sum()) for name, value in per_head.items()} if tasks.multi else None
     return loss, image, head_terms
 
 

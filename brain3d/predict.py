@@ -175,12 +175,20 @@ def predict(cfg: DictConfig) -> dict:
     manifest, columns, origins = read_prediction_manifest(cfg, states[0], tasks)
     seen = training_subject_ids(states, paths)
     warn_training_subjects([s.subject_id for s in manifest.subjects], seen)
+    # The checkpoint's preprocessing, applied exactly as in training (older checkpoints: resize to data.shape),
+    # and each member's own heads (its target scaling), both read once.
+    train_config = states[0]["config"]
+    settings = validate_settings(train_config.get("preprocess") or {"mode": "resize",
+                                                                    "shape": list(train_config["data"]["shape"])})
+    members = [(model, task_set_from_checkpoint(state)) for model, state in zip(models, states)]
+    patch_size = train_config["data"].get("patch_size")
     rows, evaluated = [], {task.name: [] for task in tasks}  # evaluated: per head, the rows with a label
     worst = report.WorstCases(int(cfg.get("report_subjects", 16)))  # report.html: the worst subjects' slices
     for index, subject in enumerate(tqdm(manifest.subjects, desc="predict", dynamic_ncols=True,
                                          disable=progress_mode(cfg.progress) != "bars")):
         in_training = None if seen is None else subject.subject_id in seen
-        row, evaluations, picture = predict_subject(cfg, subject, models, states, tasks, out_dir, device, amp_dtype)
+        row, evaluations, picture = predict_subject(cfg, subject, members, tasks, settings, patch_size, out_dir,
+                                                    device, amp_dtype)
         row = {manifest.id_col: subject.subject_id, "in_training_split": in_training, **row}
         for name, result in evaluations.items():
             if result is not None:
@@ -219,42 +227,38 @@ def read_prediction_manifest(cfg: DictConfig, state: dict, tasks: TaskSet) -> tu
     return manifest, columns, origins
 
 
-def predict_subject(cfg: DictConfig, subject, models, states, tasks: TaskSet, out_dir: Path, device,
-                    amp_dtype) -> tuple[dict, dict, dict]:
-    """One subject: load (RAS), preprocess exactly as in training (older checkpoints: resize to data.shape),
-    predict every head (ensemble mean, optional flip TTA, sliding windows after patch training), write its
-    outputs on the input's grid. Returns (predictions.csv columns, {head: evaluation row or None}, what
-    report.html needs to draw it)."""
-    train_config = states[0]["config"]
-    settings = validate_settings(train_config.get("preprocess") or {"mode": "resize",
-                                                                    "shape": list(train_config["data"]["shape"])})
+def predict_subject(cfg: DictConfig, subject, members: list, tasks: TaskSet, settings: dict, patch_size,
+                    out_dir: Path, device, amp_dtype) -> tuple[dict, dict, dict]:
+    """One subject: load (RAS), preprocess with the checkpoint's ``settings``, predict every head (ensemble
+    mean over ``members``, (model, its TaskSet) pairs; optional flip TTA; sliding windows after patch
+    training), write its outputs on the input's grid. Returns (predictions.csv columns, {head: evaluation row
+    or None}, what report.html needs to draw it)."""
     image_ras, _, grid = load_nifti_with_grid(subject.image)
     image, _, info = preprocess_volume(image_ras, grid.voxel_size_mm, settings)
     x = torch.from_numpy(image)[None, None]  # (1, 1, D, H, W); stays on the CPU for sliding windows
-    outputs = ensemble_outputs(cfg, x, models, states, tasks, train_config["data"].get("patch_size"), device,
-                               amp_dtype)
+    outputs = ensemble_outputs(cfg, x, members, tasks, patch_size, device, amp_dtype)
     where = PredictionContext(subject.subject_id, grid, info, out_dir, cfg.threshold, save_like_input)
     row, evaluations = {}, {}
     for task in tasks:
-        label = subject.labels.get(task.name) if tasks.multi else (subject.mask if task.reads_mask else subject.target)
-        columns, evaluations[task.name] = task.predict_subject(outputs[task.name], label, where)
+        columns, evaluations[task.name] = task.predict_subject(outputs[task.name], tasks.label_of(subject, task),
+                                                               where)
         row.update(columns)
     if cfg.saliency == "gradcam":
         head = next(iter(tasks)).name
-        cams = [grad_cam(model, x.to(device), head) for model in models]
+        cams = [grad_cam(model, x.to(device), head) for model, _ in members]
         cam = invert_geometry(np.mean(cams, axis=0)[0], info, "trilinear")
         save_like_input(cam.astype(np.float32), grid, out_dir / f"{subject.subject_id}_saliency.nii.gz", np.float32)
     return row, evaluations, {"image_ras": image_ras, "voxel_size_mm": grid.voxel_size_mm, "mask": where.mask,
                               "true_mask": where.true_mask}
 
 
-def ensemble_outputs(cfg: DictConfig, x: torch.Tensor, models, states, tasks: TaskSet, patch_size, device,
+def ensemble_outputs(cfg: DictConfig, x: torch.Tensor, members: list, tasks: TaskSet, patch_size, device,
                      amp_dtype) -> dict[str, torch.Tensor]:
     """Every head's output averaged over the checkpoints: probabilities (classification, segmentation) or
     values in target units (regression: each checkpoint maps its own outputs back with its own scaling)."""
     kinds = {task.name: task.kind for task in tasks}
     per_model = []
-    for model, state in zip(models, states):
+    for model, own in members:
         if patch_size and tasks.mask_task is not None and not tasks.multi:
             # Patch-trained: the whole volume by Gaussian-weighted windows, probabilities averaged (nnU-Net)
             name = tasks.mask_task.name
@@ -264,7 +268,6 @@ def ensemble_outputs(cfg: DictConfig, x: torch.Tensor, models, states, tasks: Ta
                 accumulate_device=cfg.get("sw_device") or "cpu")}
         else:
             out = predict_heads([model], x.to(device), kinds, tta=cfg.tta, amp_dtype=amp_dtype)
-        own = task_set_from_checkpoint(state)
         # decode: regression values back to target units (probabilities pass unchanged)
         per_model.append({name: own[name].decode(value).cpu() for name, value in out.items()})
     return {name: torch.stack([o[name] for o in per_model]).mean(0) for name in kinds}

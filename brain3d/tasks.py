@@ -205,8 +205,13 @@ class ClassificationTask(Task):
         return torch.randint(0, 2, (batch_size, 1), device=device).float()
 
     def case_scores(self, value: float, target: float) -> tuple[float, dict]:
+        """``value``: the validation logit."""
         probability = 1.0 / (1.0 + math.exp(-value)) if value > -700 else 0.0
-        return abs(probability - target), {"probability": probability, "label": target}
+        return self._probability_case(probability, target)
+
+    @staticmethod
+    def _probability_case(probability: float, label: float) -> tuple[float, dict]:
+        return abs(probability - label), {"probability": probability, "label": label}
 
     def metrics(self, parts: dict[str, np.ndarray]) -> dict[str, float]:
         return M.classification_metrics(parts["predictions"], parts["targets"])
@@ -232,10 +237,9 @@ class ClassificationTask(Task):
         return {**metrics, "positive_class": self.class_names[1]}
 
     def report_case(self, row: dict, evaluation: dict | None) -> tuple[float | None, dict]:
-        values = {"probability": row[self.out_key("probability")]}
         if evaluation is None:
-            return None, values
-        return abs(evaluation["probability"] - evaluation["target"]), {**values, "label": evaluation["target"]}
+            return None, {"probability": row[self.out_key("probability")]}
+        return self._probability_case(evaluation["probability"], evaluation["target"])
 
 
 class RegressionTask(Task):
@@ -304,10 +308,9 @@ class RegressionTask(Task):
         return metrics
 
     def report_case(self, row: dict, evaluation: dict | None) -> tuple[float | None, dict]:
-        values = {"prediction": row[self.out_key("prediction")]}
         if evaluation is None:
-            return None, values
-        return abs(evaluation["prediction"] - evaluation["target"]), {**values, "target": evaluation["target"]}
+            return None, {"prediction": row[self.out_key("prediction")]}
+        return self.case_scores(evaluation["prediction"], evaluation["target"])
 
 
 class SegmentationTask(Task):
@@ -460,6 +463,18 @@ class TaskSet:
             return next(iter(per_head.values())), per_head
         total = sum(self.tasks[name].weight * value for name, value in per_head.items())
         return total, per_head
+
+    def label_of(self, subject, task: Task):
+        """A manifest subject's label for ``task``: its ``labels`` entry (multi-task; None: unlabelled), else the
+        single task's mask path or target."""
+        if self.multi:
+            return subject.labels.get(task.name)
+        return subject.mask if task.reads_mask else subject.target
+
+    def labels(self, subjects, task: Task) -> list:
+        """The labels ``task`` learns from among ``subjects`` (a multi-task head: those labelled for it)."""
+        values = [self.label_of(s, task) for s in subjects]
+        return [v for v in values if v is not None] if self.multi else values
 
     def record_key(self, name: str, metric: str) -> str:
         """The history / metrics.csv key of a head's validation metric: ``val_auc`` (single task) or

@@ -243,6 +243,7 @@ class Run:
     resume_position: engine.EpochProgress = field(default_factory=engine.EpochProgress)
     writer: Any = None
     report_note: str = ""
+    report_guard: report.ReportGuard = field(default_factory=lambda: report.ReportGuard("report.html"))
 
     @property
     def distributed(self) -> bool:
@@ -371,11 +372,11 @@ def load_data(run: Run) -> None:
              len(run.val_subjects))
     for task in tasks:
         task.class_names = manifest.head_class_names.get(task.name) if tasks.multi else manifest.class_names
-        values = labels_of(run.train_subjects, task, tasks)
+        values = tasks.labels(run.train_subjects, task)
         if tasks.multi:
             log.info("head %s (%s, column %r): %d of %d training and %d of %d validation subjects labelled",
                      task.name, task.kind, task.column, len(values), len(run.train_subjects),
-                     len(labels_of(run.val_subjects, task, tasks)), len(run.val_subjects))
+                     len(tasks.labels(run.val_subjects, task)), len(run.val_subjects))
             if not values:
                 raise ConfigError(f"task.heads.{task.name}: no training subject has a label in column "
                                   f"{task.column!r}; remove the head (task.heads.{task.name}=null) or add labels")
@@ -396,13 +397,6 @@ def load_data(run: Run) -> None:
                               "batch_size": trainer_cfg.sw_batch_size,
                               "accumulate_device": trainer_cfg.get("sw_device")}
     run.augment = instantiate(cfg.augment)
-
-
-def labels_of(subjects: list, task: Task, tasks: TaskSet) -> list:
-    """The labels ``task`` learns from among ``subjects`` (a multi-task head: those labelled for it)."""
-    if tasks.multi:
-        return [s.labels[task.name] for s in subjects if s.labels.get(task.name) is not None]
-    return [s.mask if task.reads_mask else s.target for s in subjects]
 
 
 def build_model_phase(run: Run) -> None:
@@ -709,13 +703,10 @@ def log_and_checkpoint(run: Run, record: dict, val_outputs: dict) -> bool:
             save_checkpoint(state, run.best_path)
     if run.main_rank and trainer_cfg.get("report", True):  # report.html each validation; a failure is one warning
         shown = run.tasks.mask_task or next(iter(run.tasks))
-        REPORT_GUARD(report.write_run_report, run.run_dir, run.history, run.best, shown.kind,
+        run.report_guard(report.write_run_report, run.run_dir, run.history, run.best, shown.kind,
                      val_outputs.get("cases", []), int(trainer_cfg.get("report_subjects", 16)),
                      total_cases=val_outputs.get("cases_total"), class_names=shown.class_names, note=run.report_note)
     return improved
-
-
-REPORT_GUARD = report.ReportGuard("report.html")  # one warning when drawing fails; training goes on
 
 
 def finish(run: Run) -> float:
@@ -786,7 +777,7 @@ def run_summary(run: Run) -> dict[str, Any]:
         summary["heads"] = {task.name: head_summary(run, task, final) for task in tasks}
         return summary
     task = next(iter(tasks))  # class names, or the regression baseline (target_mean, baseline_val_mae...)
-    summary.update(task.summary_entries(labels_of(run.val_subjects, task, tasks)))
+    summary.update(task.summary_entries(tasks.labels(run.val_subjects, task)))
     if run.distributed:
         summary["distributed"] = {"world_size": run.world_size,
                                   "backend": "nccl" if run.device.type == "cuda" else "gloo"}
@@ -800,12 +791,13 @@ def head_summary(run: Run, task: Task, final: dict) -> dict:
     metric, mode = task.metric
     values = [h[prefix + metric] for h in run.history if h.get(prefix + metric) is not None
               and math.isfinite(h[prefix + metric])]
+    val_labels = run.tasks.labels(run.val_subjects, task)
     entry = {"kind": task.kind, "column": task.column, "weight": task.weight,
-             "num_train_labelled": len(labels_of(run.train_subjects, task, run.tasks)),
-             "num_val_labelled": len(labels_of(run.val_subjects, task, run.tasks)),
+             "num_train_labelled": len(run.tasks.labels(run.train_subjects, task)),
+             "num_val_labelled": len(val_labels),
              "final_val": {k[len(prefix):]: v for k, v in final.items() if k.startswith(prefix)},
              f"best_{metric}": (max(values) if mode == "max" else min(values)) if values else None}
-    entry.update(task.summary_entries(labels_of(run.val_subjects, task, run.tasks)))
+    entry.update(task.summary_entries(val_labels))
     return entry
 
 
