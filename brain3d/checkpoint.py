@@ -83,7 +83,8 @@ def remove_stale_temp_files(checkpoint_dir: Path) -> None:
 # task, loss, data and its split, preprocessing, augmentation, optimizer, schedule kind) defines the run: a
 # resume with other values would continue some other run's weights under a config that does not describe them.
 RESUME_FREE_KEYS = (
-    "output_dir", "trainer.resume", "trainer.max_epochs", "trainer.epochs_per_run", "trainer.progress",
+    "output_dir", "trainer.resume", "trainer.max_epochs", "trainer.max_time", "trainer.val_every_n_epochs",
+    "trainer.early_stopping", "trainer.epochs_per_run", "trainer.progress",
     "trainer.progress_interval_s", "trainer.device", "trainer.precision", "trainer.log_images",
     "trainer.checkpoint_every_n_steps", "trainer.log_every_n_steps", "trainer.compile", "trainer.channels_last",
     "trainer.cudnn_benchmark", "trainer.grad_checkpointing", "trainer.sync_batchnorm", "trainer.sw_overlap",

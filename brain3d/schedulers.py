@@ -39,14 +39,38 @@ class WarmupSchedule:
         self.warmup_steps = int(min(max(warmup_steps, 0), total_steps))
         self.min_lr_ratio = float(min_lr_ratio)
         self.power = float(power)
+        # Set by replan(): from anchor_step on, the decay's progress runs linearly from anchor_progress to 1 at
+        # total_steps (before it, as first planned). anchor_step = -1: never re-planned.
+        self.anchor_step = -1
+        self.anchor_progress = 0.0
+
+    def progress(self, step: int) -> float:
+        """Where ``step`` is in the decay: 0 at its start (after warm-up), 1 at ``total_steps`` and after."""
+        if self.anchor_step >= 0 and step >= self.anchor_step:
+            remaining = max(1, self.total_steps - self.anchor_step)
+            return min(1.0, self.anchor_progress + (1.0 - self.anchor_progress) * (step - self.anchor_step) / remaining)
+        first_total = self.first_total_steps if self.anchor_step >= 0 else self.total_steps
+        return min(1.0, max(0.0, (step - self.warmup_steps) / max(1, first_total - self.warmup_steps)))
+
+    def replan(self, step: int, total_steps: int) -> None:
+        """Make the schedule end at ``total_steps`` instead (trainer.max_time: the epochs that fit), from
+        ``step`` on, with no jump: the decay continues from where it is at ``step`` and reaches its end at
+        ``total_steps`` (a re-plan during warm-up only moves the end; the warm-up stays as it was)."""
+        total_steps = max(int(total_steps), int(step), 1)
+        if step <= self.warmup_steps:
+            self.total_steps = max(total_steps, self.warmup_steps)
+            return
+        progress = self.progress(step)
+        if self.anchor_step < 0:
+            self.first_total_steps = self.total_steps
+        self.anchor_step, self.anchor_progress, self.total_steps = int(step), progress, total_steps
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
             return (step + 1) / (self.warmup_steps + 1)
         if self.kind == "constant":
             return 1.0
-        decay_steps = max(1, self.total_steps - self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / decay_steps)
+        progress = self.progress(step)
         if self.kind == "cosine":
             return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
         return (1.0 - progress) ** self.power

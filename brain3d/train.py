@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from brain3d import distributed as dist_utils
 from brain3d import engine, memory_probe, report, transfer
 from brain3d.batchnorm import recompute_batchnorm_statistics
+from brain3d.budget import TimeBudget, parse_duration
 from brain3d.checkpoint import (
     config_differences,
     load_checkpoint,
@@ -235,6 +236,10 @@ class Run:
     scaler: torch.amp.GradScaler = None
     accumulate: int = 1
     steps_per_epoch: int = 1
+    # length: trainer.max_epochs, or what trainer.max_time's budget fits (planned after every epoch)
+    budget: TimeBudget | None = None
+    end_epoch: int = 0  # the epochs the learning-rate schedule is planned for
+    stopped_early: dict | None = None  # trainer.early_stopping: when and why
     # progress
     history: list = field(default_factory=list)
     best: dict = None
@@ -288,6 +293,9 @@ def set_up(cfg: DictConfig, stop: StopRequest) -> Run:
     resume checkpoint is read and compared with this config here, before anything is written."""
     run = Run(cfg, stop)
     trainer_cfg, data_cfg = cfg.trainer, cfg.data
+    check_length_settings(cfg)
+    max_time = parse_duration(trainer_cfg.get("max_time"))
+    run.budget = TimeBudget(max_time) if max_time else None  # the budget counts from here
     run.device = resolve_device(trainer_cfg.device)
     # Distributed (torchrun, WORLD_SIZE > 1): rank 0's run folder is every rank's (Hydra's timestamped folder
     # can differ by a second between ranks); only rank 0 writes files.
@@ -335,6 +343,31 @@ def set_up(cfg: DictConfig, stop: StopRequest) -> Run:
     if progress == "lines" and run.main_rank:
         run.line_every_s = float(trainer_cfg.get("progress_interval_s") or 60)
     return run
+
+
+def check_length_settings(cfg: DictConfig) -> None:
+    """trainer.max_epochs / max_time / val_every_n_epochs / early_stopping and data.samples_per_volume, each
+    checked with a message naming the key and what it accepts."""
+    trainer_cfg = cfg.trainer
+    try:
+        max_time = parse_duration(trainer_cfg.get("max_time"))
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    max_epochs = trainer_cfg.get("max_epochs")
+    if max_epochs is None and max_time is None:
+        raise ConfigError("trainer.max_epochs=null needs trainer.max_time (e.g. trainer.max_time=2h): without a cap "
+                          "on the epochs the run needs a time budget to end")
+    if max_epochs is not None and (isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1):
+        raise ConfigError(f"trainer.max_epochs={max_epochs!r} must be a whole number >= 1 (or null with "
+                          "trainer.max_time)")
+    for key, value in (("trainer.val_every_n_epochs", trainer_cfg.get("val_every_n_epochs", 1)),
+                       ("trainer.early_stopping", trainer_cfg.get("early_stopping")),
+                       ("data.samples_per_volume", cfg.data.get("samples_per_volume", 1))):
+        if value is None and key == "trainer.early_stopping":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            meaning = {"trainer.early_stopping": " (validations without improvement; null: off)"}.get(key, "")
+            raise ConfigError(f"{key}={value!r} must be a whole number >= 1{meaning}")
 
 
 def build_tasks(cfg: DictConfig) -> TaskSet:
@@ -490,7 +523,10 @@ def build_optimizer_phase(run: Run) -> None:
     run.optimizer = build_optimizer(cfg.optimizer, run.model, run.device)
     run.accumulate = int(cfg.trainer.accumulate_grad_batches)
     run.steps_per_epoch = math.ceil(len(run.train_loader) / run.accumulate)
-    run.scheduler = instantiate(cfg.scheduler)(run.optimizer, total_steps=run.steps_per_epoch * cfg.trainer.max_epochs,
+    # With trainer.max_time the length is planned once the first epoch is timed (plan_epochs); until then the
+    # warm-up runs as planned here, over max_epochs (or, with no cap, a provisional 100 epochs).
+    run.end_epoch = int(cfg.trainer.max_epochs) if cfg.trainer.max_epochs is not None else 100
+    run.scheduler = instantiate(cfg.scheduler)(run.optimizer, total_steps=run.steps_per_epoch * run.end_epoch,
                                                steps_per_epoch=run.steps_per_epoch)
     run.scaler = torch.amp.GradScaler(run.device.type, enabled=run.precision == "fp16")
 
@@ -503,7 +539,14 @@ def resume(run: Run) -> None:
         return
     load_model_weights(run.model, state["model"], run.resume_path)
     run.optimizer.load_state_dict(state["optimizer"])
-    restore_scheduler(run.scheduler, run.optimizer, state, run.cfg.trainer.max_epochs)
+    saved_budget = state.get("time_budget")
+    if run.budget is not None and saved_budget is not None:
+        # trainer.max_time: the schedule as last planned, and the time used; the loop plans on from there
+        run.scheduler.load_state_dict(state["scheduler"])
+        run.budget = TimeBudget.resumed(run.budget.seconds, saved_budget)
+        run.end_epoch = int(state.get("planned_epochs") or run.end_epoch)
+    else:
+        restore_scheduler(run.scheduler, run.optimizer, state, run.cfg.trainer.max_epochs)
     if state["scaler"] and run.scaler.is_enabled():  # empty when saved by a run in another precision than fp16
         run.scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"]["torch"])
@@ -562,6 +605,8 @@ def checkpoint_state(run: Run, epochs_done: int, position: engine.EpochProgress 
         "train_subject_ids": [s.subject_id for s in run.train_subjects],
         "batch_size_search": run.batch_record,  # {"value", "mode", ...}: a resumed data.batch_size=auto keeps it
         "init_from": run.init_report,  # what trainer.init_from loaded when the run began (None: a fresh init)
+        "planned_epochs": run.end_epoch,  # the epochs the learning-rate schedule is planned for
+        "time_budget": run.budget.state() if run.budget is not None else None,  # trainer.max_time: time used
     }
 
 
@@ -594,28 +639,98 @@ def after_optimizer_step(run: Run, position: engine.EpochProgress) -> bool:
 
 
 def run_epochs(run: Run) -> None:
-    """The loop: per epoch train, validate, log, checkpoint. trainer.epochs_per_run ends this process early
-    (time-limited cluster jobs); the schedule still plans for max_epochs, and the same command with
-    trainer.resume=auto continues where it stopped."""
+    """The loop: per epoch train, (every trainer.val_every_n_epochs, and after the last epoch) validate, log,
+    checkpoint. trainer.max_time plans the number of epochs after each epoch's training (:func:`plan_epochs`);
+    trainer.early_stopping ends the run after that many validations without improvement; trainer.epochs_per_run
+    ends this process early (time-limited cluster jobs): the schedule still plans for the whole run, and the
+    same command with trainer.resume=auto continues where it stopped."""
     trainer_cfg = run.cfg.trainer
-    end_epoch = trainer_cfg.max_epochs
-    if trainer_cfg.epochs_per_run:
-        end_epoch = min(end_epoch, run.start_epoch + int(trainer_cfg.epochs_per_run))
-    epochs = tqdm(range(run.start_epoch, end_epoch), desc="epochs", initial=run.start_epoch,
-                  total=trainer_cfg.max_epochs, disable=not run.bars, dynamic_ncols=True)
+    val_every = int(trainer_cfg.get("val_every_n_epochs") or 1)
+    process_end = run.start_epoch + int(trainer_cfg.epochs_per_run) if trainer_cfg.epochs_per_run else None
+    epochs = tqdm(desc="epochs", initial=run.start_epoch, total=run.end_epoch, disable=not run.bars,
+                  dynamic_ncols=True)
     run.stop.armed = True  # from here a Ctrl-C finishes the step and saves last.pt (a second one exits at once)
-    for epoch in epochs:
+    epoch = run.start_epoch
+    while epoch < min(run.end_epoch, process_end or run.end_epoch):
         run.epoch = epoch
+        started = time.monotonic()
         train_stats = train_epoch(run)
-        record, val_outputs = validate_epoch(run, train_stats)
+        if run.budget is not None:
+            run.budget.train_s.append(time.monotonic() - started)
+            plan_epochs(run, val_every)
+            epochs.total = run.end_epoch
+        last = epoch + 1 >= min(run.end_epoch, process_end or run.end_epoch)
+        validated = last or (epoch + 1) % val_every == 0
+        if validated:
+            started = time.monotonic()
+            record, val_outputs = validate_epoch(run, train_stats)
+            if run.budget is not None:
+                run.budget.val_s.append(time.monotonic() - started)
+        else:
+            record, val_outputs = epoch_record(run, train_stats, {}), {}
         improved = log_and_checkpoint(run, record, val_outputs)
         monitor = run.best["name"]
-        epochs.set_postfix(train_loss=f"{record['train_loss']:.4f}", **{monitor: f"{record[monitor]:.4f}"})
-        log.info("epoch %d/%d %s%s", epoch + 1, trainer_cfg.max_epochs,
+        epochs.update()
+        epochs.set_postfix(train_loss=f"{record['train_loss']:.4f}",
+                           **({monitor: f"{record[monitor]:.4f}"} if monitor in record else {}))
+        log.info("epoch %d/%d %s%s", epoch + 1, run.end_epoch,
                  " ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"), " (best)" if improved else "")
         stop_requested = dist_utils.any_rank(run.stop.requested, run.device) if run.distributed else run.stop.requested
-        if stop_requested and epoch + 1 < end_epoch:  # the signal came during validation: last.pt is saved
+        if stop_requested and not last:  # the signal came during validation: last.pt is saved
             stop_now(run, f"the end of epoch {epoch + 1}")
+        if validated and not last and early_stopping_due(run):
+            break
+        epoch += 1
+    epochs.close()
+
+
+def plan_epochs(run: Run, val_every: int) -> None:
+    """trainer.max_time, after an epoch's training: the epochs that fit in what is left of the budget
+    (brain3d.budget.TimeBudget, from the epochs timed so far), capped by trainer.max_epochs; when that changes
+    the plan, the learning-rate schedule is re-planned to end with the new last epoch, continuously from the
+    current step (brain3d.schedulers.WarmupSchedule.replan)."""
+    budget, done = run.budget, run.epoch + 1
+    # Before the first validation is timed: a guess from the training time (a forward pass is about a third of
+    # a training step; validation volumes are whole, sliding windows overlap), replaced by the measurement.
+    share = len(run.val_set) / max(len(run.train_loader) * run.batch_record["value"], 1)
+    val_guess = budget.train_s[-1] * share * (1.0 if run.sliding_window else 0.5)
+    reserve = 2.0 + 0.01 * budget.seconds  # the final checkpoint, summary.json, report.html
+    more = budget.epochs_after(val_every, val_guess, reserve)
+    if run.distributed:
+        more = min(dist_utils.all_gather_object(more))  # every rank plans the same length
+    cap = run.cfg.trainer.max_epochs
+    planned = min(done + more, int(cap)) if cap is not None else done + more
+    if planned == run.end_epoch and len(budget.train_s) > 1:
+        return
+    per_epoch, val_s = budget.estimate(val_every, val_guess)
+    capped = " (capped by trainer.max_epochs)" if cap is not None and planned == int(cap) and done + more > cap else ""
+    # the first plan is logged; later ones (every epoch's timing moves it a little) only at debug level
+    log.log(logging.INFO if len(budget.train_s) == 1 else logging.DEBUG,
+            "trainer.max_time=%s: %d epochs fit%s (about %.0f s per epoch, validation %.0f s; %.0f s of the "
+            "budget left); the learning-rate schedule ends with epoch %d", run.cfg.trainer.max_time, planned,
+            capped, per_epoch, val_s, budget.left(), planned)
+    run.end_epoch = planned
+    for schedule in getattr(run.scheduler, "lr_lambdas", []):
+        if hasattr(schedule, "replan"):
+            schedule.replan(done * run.steps_per_epoch, planned * run.steps_per_epoch)
+
+
+def early_stopping_due(run: Run) -> bool:
+    """trainer.early_stopping=N: True (and ``run.stopped_early`` set) once the monitored metric has not improved
+    for N validations in a row. Counted from the history, so a resumed run counts on."""
+    patience = run.cfg.trainer.get("early_stopping")
+    if not patience:
+        return False
+    monitor, best_epoch = run.best["name"], run.best["epoch"] or 0
+    since = sum(1 for record in run.history if monitor in record and record["epoch"] > best_epoch)
+    if since < int(patience):
+        return False
+    run.stopped_early = {"epoch": run.epoch + 1, "patience": int(patience), "monitor": monitor,
+                         "best_epoch": run.best["epoch"], "best_value": run.best["value"]}
+    log.info("trainer.early_stopping=%d: %s has not improved for %d validations (best %s at epoch %s); "
+             "stopping after epoch %d", int(patience), monitor, since, run.best["value"], run.best["epoch"],
+             run.epoch + 1)
+    return True
 
 
 def train_epoch(run: Run) -> dict:
@@ -666,12 +781,17 @@ def validate_epoch(run: Run, train_stats: dict) -> tuple[dict, dict]:
         sliding_window=run.sliding_window, channels_last=run.channels_last,
         gather=dist_utils.all_gather_object if run.distributed else None,
         collect_cases=report_enabled, max_cases=int(run.cfg.trainer.get("report_subjects", 16)))
-    record = {"epoch": run.epoch + 1, "train_loss": train_stats["loss"],
-              **{f"train_{name}_loss": value for name, value in train_stats["head_losses"].items()},
-              **{f"val_{k}": v for k, v in val_stats.items()},
-              "lr": train_stats["lr"], "train_volumes_per_second": train_stats["volumes_per_second"],
-              "train_data_wait_fraction": train_stats["data_wait_fraction"]}
-    return record, val_outputs
+    return epoch_record(run, train_stats, val_stats), val_outputs
+
+
+def epoch_record(run: Run, train_stats: dict, val_stats: dict) -> dict:
+    """The epoch's history row (metrics.csv, TensorBoard, summary.json); an epoch that did not validate
+    (trainer.val_every_n_epochs) has no val_ entries."""
+    return {"epoch": run.epoch + 1, "train_loss": train_stats["loss"],
+            **{f"train_{name}_loss": value for name, value in train_stats["head_losses"].items()},
+            **{f"val_{k}": v for k, v in val_stats.items()},
+            "lr": train_stats["lr"], "train_volumes_per_second": train_stats["volumes_per_second"],
+            "train_data_wait_fraction": train_stats["data_wait_fraction"]}
 
 
 def log_and_checkpoint(run: Run, record: dict, val_outputs: dict) -> bool:
@@ -688,20 +808,21 @@ def log_and_checkpoint(run: Run, record: dict, val_outputs: dict) -> bool:
         panel = overlay_mid_slices(preview["image"], preview["target"], preview["probability"])
         run.writer.add_image("val/mid_slices", panel, epoch + 1, dataformats="HWC")
     run.writer.flush()
-    if monitor not in record:
+    validated = any(key.startswith("val_") for key in record)
+    if validated and monitor not in record:
         recorded = sorted(k for k in record if k.startswith("val_"))
         raise ConfigError(f"task.monitor={monitor!r} is not a recorded metric; choose one of {recorded}")
-    improved = is_better(record[monitor], run.best["value"], run.best["mode"])
+    improved = validated and is_better(record[monitor], run.best["value"], run.best["mode"])
     if improved:
         run.best = {**run.best, "value": float(record[monitor]), "epoch": epoch + 1}
-    for task in run.tasks:  # regression: the brain-age bias correction, refitted on this validation
+    for task in run.tasks if validated else ():  # regression: the brain-age bias correction, refitted on it
         task.after_validation(val_outputs[task.name])
     if run.main_rank:
         state = checkpoint_state(run, epoch + 1, None)
         save_checkpoint(state, run.last_path)
         if improved:
             save_checkpoint(state, run.best_path)
-    if run.main_rank and trainer_cfg.get("report", True):  # report.html each validation; a failure is one warning
+    if run.main_rank and validated and trainer_cfg.get("report", True):  # report.html each validation; a failure is one warning
         shown = run.tasks.mask_task or next(iter(run.tasks))
         run.report_guard(report.write_run_report, run.run_dir, run.history, run.best, shown.kind,
                      val_outputs.get("cases", []), int(trainer_cfg.get("report_subjects", 16)),
@@ -719,7 +840,7 @@ def finish(run: Run) -> float:
         str(OmegaConf.select(cfg, f"task.heads.{t.name}.loss") or t.losses[0]) for t in run.tasks)
     hparam_values = {"task": cfg.task.name, "backbone": cfg.backbone._target_.rsplit(".", 1)[-1], "loss": losses,
                      "width": cfg.backbone.get("width"), "lr": cfg.optimizer.lr,
-                     "batch_size": run.batch_record["value"], "max_epochs": cfg.trainer.max_epochs}
+                     "batch_size": run.batch_record["value"], "max_epochs": run.end_epoch}
     if run.main_rank:
         last = run.history[-1] if run.history else {}
         log_hparams(run.writer, hparam_values,
@@ -727,6 +848,9 @@ def finish(run: Run) -> float:
     run.writer.close()
     shutdown_workers(run.train_loader)  # persistent workers (data.resident=off): not left behind in-process
     shutdown_workers(run.val_loader)
+    if run.budget is not None:
+        log.info("trainer.max_time=%s: %d epochs in %.0f s of the %.0f s budget", cfg.trainer.max_time,
+                 len(run.history), run.budget.used(), run.budget.seconds)
     log.info("done: best %s=%s at epoch %s; summary %s", monitor, run.best["value"], run.best["epoch"],
              run.run_dir / "summary.json")
     # Distributed: every rank waits here until rank 0 has written its outputs, so no rank tears the process
@@ -739,11 +863,15 @@ def run_summary(run: Run) -> dict[str, Any]:
     """summary.json: the run's outcome (best and final metrics, per head in a multi-task run), speed, memory,
     device and precision, the data and the whole history."""
     history, data_cfg, tasks = run.history, run.cfg.data, run.tasks
-    final = history[-1] if history else {}
+    # the last validated epoch (the last epoch always validates; trainer.val_every_n_epochs skips others)
+    validated = [h for h in history if any(k.startswith("val_") for k in h)]
+    final = validated[-1] if validated else (history[-1] if history else {})
     summary: dict[str, Any] = {
         "task": run.cfg.task.name,
         "num_parameters": run.num_parameters,
         "epochs_completed": len(history),
+        "planned_epochs": run.end_epoch,  # what the learning-rate schedule was planned for (trainer.max_time)
+        "stopped_early": run.stopped_early,  # trainer.early_stopping: {epoch, patience, monitor, best_epoch, ...}
         "best_metric": run.best,
         "final_train": {"loss": final.get("train_loss")},
         "final_val": {k[4:]: v for k, v in final.items() if k.startswith("val_")},
@@ -771,6 +899,9 @@ def run_summary(run: Run) -> dict[str, Any]:
                  "fold": data_cfg.fold if data_cfg.num_folds else None},
         "history": history,
     }
+    if run.budget is not None:  # trainer.max_time: the budget, the time used and the measured epochs
+        summary["time_budget"] = {**run.budget.state(), "max_time": str(run.cfg.trainer.max_time),
+                                  "schedule_completed": len(history) >= run.end_epoch}
     if run.init_report is not None:  # trainer.init_from: path, loaded parts, skipped ones with the reason, fresh ones
         summary["init_from"] = run.init_report
     if tasks.multi:

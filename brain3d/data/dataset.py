@@ -92,11 +92,12 @@ class VolumeDataset(Dataset):
         epoch = self.epoch
         if isinstance(index, tuple):  # (index, epoch) from a ResumableBatchSampler with set_epoch (persistent workers)
             index, epoch = index
+        sample, index = index, index % len(self.subjects)  # data.samples_per_volume: sample s is volume s % N
         subject = self.subjects[index]
         image, mask, _ = load_preprocessed(subject, self.settings, self.with_mask and subject.mask is not None,
                                            self.cache_dir)
         if self.patch_size is not None:
-            rng = np.random.default_rng([self.seed, epoch, index])
+            rng = np.random.default_rng([self.seed, epoch, sample])  # each sample of a volume its own patch
             image, mask = sample_training_patch(image, mask, self.patch_size, rng, self.foreground_fraction)
         # np.array copies: memory-mapped cache entries are read-only and must not be shared with torch
         item = {"image": torch.from_numpy(np.array(image, dtype=np.float32))[None], "subject_id": subject.subject_id}

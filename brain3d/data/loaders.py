@@ -33,15 +33,20 @@ from brain3d.preemption import ignore_stop_signals
 log = logging.getLogger("brain3d.data")
 
 
-def training_batch_sampler(dataset, batch_size: int, seed: int, rank: int = 0,
-                           world_size: int = 1) -> ResumableBatchSampler:
+def training_batch_sampler(dataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                           samples_per_volume: int = 1) -> ResumableBatchSampler:
     """The shuffled batches of an epoch (RandomSampler + BatchSampler), with a shuffle generator of their own:
     the loop calls ``set_epoch(epoch, shuffle_seed)`` every epoch, so the order is reproducible, the same for
     every kind of loader, and a resumed run sees the same batches as an uninterrupted one. Training drops a
-    last batch of one volume: BatchNorm cannot normalise a single 1x1x1 bottleneck."""
+    last batch of one volume: BatchNorm cannot normalise a single 1x1x1 bottleneck.
+
+    ``samples_per_volume`` (data.samples_per_volume) = k: an epoch draws every volume k times, as sample
+    indices ``0 .. k * len(dataset) - 1`` (sample ``s`` is volume ``s % len(dataset)``, shuffled as one
+    permutation); the datasets seed each patch by its sample index, so the k patches of a volume differ."""
     generator = torch.Generator().manual_seed(seed)
-    return ResumableBatchSampler(RandomSampler(dataset, generator=generator), batch_size,
-                                 drop_last=len(dataset) % batch_size == 1, rank=rank, world_size=world_size)
+    samples = range(len(dataset) * max(int(samples_per_volume), 1))
+    return ResumableBatchSampler(RandomSampler(samples, generator=generator), batch_size,
+                                 drop_last=len(samples) % batch_size == 1, rank=rank, world_size=world_size)
 
 
 def make_loader(dataset: VolumeDataset, data_cfg: DictConfig, device: torch.device, shuffle: bool, seed: int,
@@ -65,8 +70,9 @@ def make_loader(dataset: VolumeDataset, data_cfg: DictConfig, device: torch.devi
     if not shuffle:
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, **common)
     else:
+        samples = int(data_cfg.get("samples_per_volume", 1) or 1)
         loader = DataLoader(dataset, batch_sampler=training_batch_sampler(dataset, batch_size, seed, rank,
-                                                                          world_size), **common)
+                                                                          world_size, samples), **common)
     if workers:
         # The workers ignore SIGTERM (only the main process handles a stop), so multiprocessing's exit handler
         # could not terminate them and would wait forever: stop them first (atexit runs this before it).
@@ -129,7 +135,8 @@ def build_loaders(train_set: VolumeDataset, val_set: VolumeDataset, data_cfg: Di
              "GPU memory" if residence.device.type == "cuda" else "host RAM",
              "" if on_device else ", copied to the GPU by a prefetch thread", residence.reason)
     to_device = None if on_device else device
-    train_batches = training_batch_sampler(train_set, data_cfg.batch_size, seed, rank, world_size)
+    train_batches = training_batch_sampler(train_set, data_cfg.batch_size, seed, rank, world_size,
+                                           int(data_cfg.get("samples_per_volume", 1) or 1))
     train_loader = ResidentLoader(train_store, train_batches, to_device)
     val_batches = BatchSampler(SequentialSampler(range(len(val_set))), val_batch_size, drop_last=False)
     val_loader = ResidentLoader(val_store, val_batches, to_device)

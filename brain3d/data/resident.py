@@ -209,11 +209,12 @@ class ResidentVolumes:
         dataset = self.dataset
         images, targets, subject_ids = [], [], []
         for item in indices:
-            index, epoch = item if isinstance(item, tuple) else (item, dataset.epoch)
+            sample, epoch = item if isinstance(item, tuple) else (item, dataset.epoch)
+            index = sample % len(self.images)  # data.samples_per_volume: sample s is volume s % N
             subject_ids.append(dataset.subjects[index].subject_id)
             image, target = self.images[index], self.targets[index]
             if dataset.patch_size is not None:
-                rng = np.random.default_rng([dataset.seed, epoch, index])  # the dataset's generator
+                rng = np.random.default_rng([dataset.seed, epoch, sample])  # the dataset's generator
                 spatial = tuple(image.shape[1:])
                 has_mask = any(t.dim() > 1 for t in _values(target))
                 start = training_patch_start(spatial, dataset.patch_size, rng, dataset.foreground_fraction,
@@ -225,7 +226,8 @@ class ResidentVolumes:
         batch = {"image": torch.stack(images), "subject_id": subject_ids}
         if dataset.heads:
             batch["target"] = {name: torch.stack([t[name] for t in targets]).float() for name, _ in dataset.heads}
-            batch["labelled"] = {name: torch.stack([self.labelled[_index(i)][name] for i in indices])
+            batch["labelled"] = {name: torch.stack([self.labelled[_index(i) % len(self.images)][name]
+                                                    for i in indices])
                                  for name, _ in dataset.heads}
         else:
             batch["target"] = torch.stack(targets).float()

@@ -1,0 +1,158 @@
+"""How long a run trains: trainer.max_time (a wall-clock budget the schedule is planned into),
+trainer.early_stopping, trainer.val_every_n_epochs and data.samples_per_volume."""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from brain3d.budget import TimeBudget, parse_duration
+from brain3d.data.dataset import VolumeDataset
+from brain3d.data.loaders import training_batch_sampler
+from brain3d.data.resident import ResidentVolumes
+from brain3d.schedulers import WarmupSchedule
+
+from tests.conftest import read_summary, run_train, tiny_overrides
+from tests.test_dataset import RESIZE, make_subject
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("10min", 600), ("2h", 7200), ("1h30min", 5400), ("90s", 90), ("1.5h", 5400), ("01:30:00", 5400),
+    ("1:00:00:00", 86400), (600, 600), ("45", 45), ("2 h 15 min", 8100), (None, None), ("null", None)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["ten minutes", "10 parsecs", "0s", "-5min", "1:2", "10min3", True])
+def test_bad_durations_say_what_is_understood(text):
+    with pytest.raises(ValueError, match=r"trainer.max_time=.*(not a duration|positive).*10min"):
+        parse_duration(text)
+
+
+def test_replan_continues_the_schedule_without_a_jump_and_ends_at_the_new_total():
+    schedule = WarmupSchedule("cosine", total_steps=100, warmup_steps=10, min_lr_ratio=0.01)
+    before = schedule(40)
+    schedule.replan(40, 60)  # 20 steps left instead of 60
+    assert schedule(40) == pytest.approx(before)  # no jump at the re-plan
+    assert schedule.progress(40) == pytest.approx(30 / 90)
+    assert schedule.progress(50) == pytest.approx(30 / 90 + (60 / 90) * 10 / 20)  # linear to the new end
+    assert schedule(60) == pytest.approx(0.01) and schedule(80) == pytest.approx(0.01)
+    values = [schedule(t) for t in range(40, 61)]
+    assert all(a >= b for a, b in zip(values, values[1:]))  # still decreasing
+    # during warm-up only the end moves
+    warming = WarmupSchedule("cosine", total_steps=100, warmup_steps=10)
+    warming.replan(5, 30)
+    assert warming.total_steps == 30 and warming(5) == pytest.approx(6 / 11) and warming(30) == pytest.approx(0.01)
+
+
+def test_budget_fits_the_epochs_left_after_this_epochs_validation():
+    budget = TimeBudget(100.0)
+    budget.started -= 20.0  # 20 s used: 80 left
+    budget.train_s, budget.val_s = [12.0, 10.0, 10.0], [5.0]
+    # a further epoch costs 10 (median of the epochs after the first) + 5 validation; this epoch's
+    # validation (5) and the reserve (3) come off first: (80 - 5 - 3) // 15 = 4
+    assert budget.estimate(1, val_guess_s=99.0) == (15.0, 5.0)
+    assert budget.epochs_after(1, val_guess_s=99.0, reserve_s=3.0) == 4
+    # validating every 2nd epoch: 12.5 per epoch, the last a whole validation (2.5 more): (72 - 2.5) // 12.5 = 5
+    assert budget.epochs_after(2, val_guess_s=99.0, reserve_s=3.0) == 5
+    resumed = TimeBudget.resumed(100.0, budget.state())
+    assert resumed.used() == pytest.approx(budget.used(), abs=0.5) and resumed.train_s == budget.train_s
+
+
+def test_max_time_ends_the_run_inside_its_budget_with_the_schedule_completed(tmp_path, cache_dir):
+    run_dir, budget = tmp_path / "run", 12.0
+    started = time.monotonic()
+    run_train([*tiny_overrides(cache_dir), "trainer.max_epochs=null", f"trainer.max_time={budget:g}s",
+               "+trainer.debug_step_sleep=0.1", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    wall = time.monotonic() - started
+    summary = read_summary(run_dir)
+    timing = summary["time_budget"]
+    epochs = summary["epochs_completed"]
+    longest_epoch = max(timing["train_s"]) + max(timing["val_s"])
+    assert epochs >= 4  # the budget was used, not one epoch and out
+    assert timing["used_s"] <= budget + longest_epoch  # never more than one epoch over
+    assert wall <= budget + longest_epoch + 15  # + interpreter start-up and imports, outside train()
+    assert timing["schedule_completed"] and summary["planned_epochs"] == epochs
+    # the learning-rate schedule was planned to end with the last epoch: its decay is complete
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    saved = state["scheduler"]["lr_lambdas"][0]
+    schedule = WarmupSchedule(saved["kind"], saved["total_steps"], saved["warmup_steps"], saved["min_lr_ratio"])
+    schedule.__dict__.update(saved)
+    steps = state["scheduler"]["last_epoch"]
+    assert saved["total_steps"] == steps and schedule.progress(steps) == pytest.approx(1.0)
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * 0.01)  # at the cosine's floor
+    assert "trainer.max_time=12s:" in (run_dir / "train.log").read_text()
+
+
+def test_max_epochs_null_without_max_time_and_a_bad_duration_are_one_line(tmp_path, cache_dir):
+    for override, message in (("trainer.max_time=ten", "trainer.max_time='ten' is not a duration"),
+                              ("trainer.max_epochs=null", "trainer.max_epochs=null needs trainer.max_time"),
+                              ("trainer.val_every_n_epochs=0", "trainer.val_every_n_epochs=0 must be a whole number")):
+        proc = run_train([*tiny_overrides(cache_dir), override, f"hydra.run.dir={tmp_path / 'bad'}"], cwd=tmp_path,
+                         check=False)
+        assert proc.returncode == 2, proc.stderr
+        assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_early_stopping_stops_after_patience_validations_without_improvement(tmp_path, cache_dir):
+    # lr 0 and a frozen backbone (BatchNorm statistics fixed too): the model never changes, so val_auc
+    # stays at epoch 1's value and never improves again
+    run_dir = tmp_path / "run"
+    run_train([*tiny_overrides(cache_dir), "trainer.max_epochs=8", "trainer.early_stopping=2", "optimizer.lr=0",
+               "trainer.freeze_backbone=true", "task.monitor=val_loss", "task.monitor_mode=min",
+               f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    summary = read_summary(run_dir)
+    assert summary["epochs_completed"] == 3
+    assert summary["stopped_early"] == {"epoch": 3, "patience": 2, "monitor": "val_loss", "best_epoch": 1,
+                                        "best_value": summary["history"][0]["val_loss"]}
+    log_text = (run_dir / "train.log").read_text()
+    assert "trainer.early_stopping=2: val_loss has not improved for 2 validations" in log_text
+
+
+def test_val_every_n_epochs_and_samples_per_volume(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    run_train([*tiny_overrides(cache_dir), "trainer.max_epochs=5", "trainer.val_every_n_epochs=2",
+               "data.samples_per_volume=3", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    summary = read_summary(run_dir)
+    with open(run_dir / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3", "4", "5"]
+    validated = [r["epoch"] for r in rows if r["val_loss"]]
+    assert validated == ["2", "4", "5"]  # every 2nd epoch, and always the last
+    assert all(r["train_loss"] for r in rows)
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("val/loss")] == [2, 4, 5]
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5]
+    assert summary["final_val"]["loss"] == pytest.approx(float(rows[-1]["val_loss"]))
+    # three samples of every training volume per epoch, in batches of 2 (a last batch of one is dropped)
+    samples = 3 * summary["data"]["num_train"]
+    steps_per_epoch = samples // 2 if samples % 2 == 1 else math.ceil(samples / 2)
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert state["scheduler"]["last_epoch"] == 5 * steps_per_epoch
+
+
+def test_samples_per_volume_draws_each_volume_k_times_with_its_own_patches(tmp_path):
+    subjects = [make_subject(tmp_path, f"s{i}") for i in range(3)]
+    data = VolumeDataset(subjects, "segmentation", RESIZE, patch_size=(8, 8, 8), foreground_fraction=0.0, seed=1)
+    sampler = training_batch_sampler(data, batch_size=2, seed=0, samples_per_volume=4)
+    sampler.set_epoch(0, shuffle_seed=5)
+    drawn = [index for batch in sampler for index, _ in batch]
+    assert len(sampler) == 6 and sorted(drawn) == list(range(12))
+    assert Counter(i % 3 for i in drawn) == {0: 4, 1: 4, 2: 4}
+    # sample s is volume s % 3, and its patch is seeded by s: the 4 samples of a volume are 4 windows
+    items = [data[(s, 0)] for s in (1, 4, 7, 10)]
+    assert {item["subject_id"] for item in items} == {"s1"}
+    assert len({tuple(np.asarray(item["image"]).ravel()[:64]) for item in items}) > 1
+    # the memory-resident store gathers the same patches as the dataset
+    store = ResidentVolumes(data, torch.device("cpu"), progress=False)
+    batch = store.batch([(4, 0), (7, 0)])
+    torch.testing.assert_close(batch["image"][0], items[1]["image"])
+    torch.testing.assert_close(batch["image"][1], items[2]["image"])
