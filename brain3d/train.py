@@ -822,7 +822,8 @@ def log_and_checkpoint(run: Run, record: dict, val_outputs: dict) -> bool:
         save_checkpoint(state, run.last_path)
         if improved:
             save_checkpoint(state, run.best_path)
-    if run.main_rank and validated and trainer_cfg.get("report", True):  # report.html each validation; a failure is one warning
+    # report.html after each validation; a failure is one warning
+    if run.main_rank and validated and trainer_cfg.get("report", True):
         shown = run.tasks.mask_task or next(iter(run.tasks))
         run.report_guard(report.write_run_report, run.run_dir, run.history, run.best, shown.kind,
                      val_outputs.get("cases", []), int(trainer_cfg.get("report_subjects", 16)),
