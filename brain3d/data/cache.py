@@ -75,7 +75,8 @@ log = logging.getLogger("brain3d.cache")
 
 # Bump when the stored format, the key's inputs or the preprocessing code change what a key's content would be.
 # 2: keys follow file content (size + sampled hash), no longer path + mtime.
-CACHE_VERSION = 2
+# 3: binary masks are resampled with resize_mask (linear + threshold, every lesion kept), no longer nearest.
+CACHE_VERSION = 3
 
 
 def default_cache_root() -> Path:

@@ -4,7 +4,11 @@ Every volume brain3d reads goes through :func:`load_nifti` / :func:`load_mask`, 
 reorient to the closest canonical RAS orientation so that array axis 0 runs left->right,
 axis 1 posterior->anterior and axis 2 inferior->superior whatever the on-disk layout.
 
-Runtime dependencies: numpy, nibabel, torch (no scipy).
+Images are resampled with :func:`resize_volume` (trilinear), label maps with its "nearest" mode and binary
+masks with :func:`resize_mask` (linear then threshold, keeping every lesion).
+
+Runtime dependencies: numpy, nibabel, torch; scipy (``ndimage.label``) only when :func:`resize_mask`
+downsamples.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ __all__ = [
     "load_mask",
     "read_header_shape",
     "resize_volume",
+    "resize_mask",
     "zscore_nonzero",
     "save_nifti",
     "NativeGrid",
@@ -245,8 +250,9 @@ def resize_volume(volume: np.ndarray, shape: Sequence[int], mode: str) -> np.nda
     Args:
         volume: 3-D array (X, Y, Z).
         shape: target (X', Y', Z').
-        mode: "trilinear" for images (align_corners=False) or "nearest" for masks/labels
-            (torch "nearest-exact", so no new values appear).
+        mode: "trilinear" for images (align_corners=False) or "nearest" for label maps (torch
+            "nearest-exact", so no new values appear). Binary masks go through :func:`resize_mask`
+            instead: nearest-neighbour downsampling can delete a small lesion.
 
     Returns:
         The resampled array: float32 for "trilinear", the input dtype for "nearest".
@@ -273,6 +279,157 @@ def resize_volume(volume: np.ndarray, shape: Sequence[int], mode: str) -> np.nda
     else:
         out = F.interpolate(t, size=shape, mode="nearest-exact")
     return out[0, 0].numpy().astype(out_dtype, copy=False)
+
+
+_STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity, as brain3d.evaluation counts lesions
+
+
+def _check_binary(mask: np.ndarray) -> None:
+    """Raise ValueError unless every value of ``mask`` is 0 or 1 (a label map must not be binarised silently)."""
+    if mask.dtype == np.bool_ or mask.size == 0:
+        return
+    if np.issubdtype(mask.dtype, np.unsignedinteger):
+        bad = mask.max() > 1
+    else:
+        bad = bool(np.any((mask != 0) & (mask != 1)))
+    if bad:
+        values = np.unique(mask)
+        raise ValueError(
+            f"resize_mask: expected a binary 0/1 mask, got values {values[:8].tolist()}"
+            f"{' ...' if values.size > 8 else ''}; resample label maps with resize_volume(..., 'nearest')"
+        )
+
+
+def _axis_weights(n: int, m: int) -> np.ndarray:
+    """The (m, n) float64 matrix ``W`` of :func:`resize_mask`'s 1-D resampling of an axis from n to m voxels.
+
+    Output voxel ``j`` is ``sum_i W[j, i] * input[i]``. Downsampling (m < n): torch's linear weights
+    (``align_corners=False``); upsampling: torch's "nearest-exact" (one 1 per row); m == n: the identity. The
+    weights come from torch itself (interpolating the identity matrix), so they are exactly the ones it uses.
+    """
+    if m == n:
+        return np.eye(n)
+    eye = torch.eye(n, dtype=torch.float32).reshape(1, n, n, 1, 1)  # channel c = the unit vector e_c
+    if m < n:
+        out = F.interpolate(eye, size=(m, 1, 1), mode="trilinear", align_corners=False)
+    else:
+        out = F.interpolate(eye, size=(m, 1, 1), mode="nearest-exact")
+    return out[0, :, :, 0, 0].numpy().T.astype(np.float64)
+
+
+def _area_weights(n: int, m: int, rows: slice, cols: slice) -> np.ndarray:
+    """``A[j, i]``: the length (in input voxels) of the overlap of output voxel j's extent ``[j n/m, (j+1) n/m)``
+    with input voxel i's ``[i, i + 1)``, for the given rows and columns (the box-filter weights)."""
+    s = n / m
+    j = np.arange(rows.start, rows.stop, dtype=np.float64)[:, None]
+    i = np.arange(cols.start, cols.stop, dtype=np.float64)[None, :]
+    return np.clip(np.minimum((j + 1) * s, i + 1) - np.maximum(j * s, i), 0.0, None)
+
+
+def _footprint(a: int, b: int, n: int, m: int, weights: np.ndarray) -> slice:
+    """The output voxels of an axis resampled from n to m that input voxels ``[a, b)`` map to: those whose extent
+    overlaps ``[a, b)`` (the box mapped to output coordinates, never empty), widened to every output voxel that
+    gives them a nonzero weight."""
+    lo, hi = (a * m) // n, -((-b * m) // n)  # floor(a m / n), ceil(b m / n): exact integer arithmetic
+    rows = np.flatnonzero(weights[:, a:b].any(axis=1))
+    if rows.size:
+        lo, hi = min(lo, int(rows[0])), max(hi, int(rows[-1]) + 1)
+    return slice(max(lo, 0), min(hi, m))
+
+
+def _separable(mats: Sequence[np.ndarray], block: np.ndarray) -> np.ndarray:
+    """``sum_abc X[i, a] Y[j, b] Z[k, c] block[a, b, c]``: a separable 3-D resampling of a small block."""
+    return np.einsum("ia,jb,kc,abc->ijk", mats[0], mats[1], mats[2], block, optimize=True)
+
+
+def _keep_vanished_lesions(fg: np.ndarray, out: np.ndarray) -> int:
+    """Give every 26-connected component of ``fg`` that has no foreground in ``out`` within its footprint one
+    output blob, in place; returns how many were put back (the rule is described in :func:`resize_mask`)."""
+    from scipy import ndimage  # imported here: only downsampling needs it
+
+    labels, count = ndimage.label(fg, structure=_STRUCTURE_26)
+    if count == 0:
+        return 0
+    in_shape, out_shape = fg.shape, out.shape
+    weights = [_axis_weights(n, m) for n, m in zip(in_shape, out_shape)]
+    vanished = []  # decided on the thresholded output before any voxel is put back
+    for k, box in enumerate(ndimage.find_objects(labels), start=1):
+        foot = tuple(_footprint(sl.start, sl.stop, n, m, w)
+                     for sl, n, m, w in zip(box, in_shape, out_shape, weights))
+        if not out[foot].any():
+            vanished.append((k, box, foot))
+    for k, box, foot in vanished:
+        own = (labels[box] == k).astype(np.float64)  # this component only, not its neighbours
+        value = _separable([w[f, sl] for w, f, sl in zip(weights, foot, box)], own)  # its interpolated field
+        if not value.max() > 0:  # downsampling by more than 2x: linear interpolation skips some input voxels
+            value = _separable([_area_weights(n, m, f, sl)
+                                for n, m, f, sl in zip(in_shape, out_shape, foot, box)], own)
+        best = np.unravel_index(int(np.argmax(value)), value.shape)
+        chosen = value >= value[best] * (1.0 - 1e-6)  # ties (e.g. a voxel replicated by nearest upsampling)
+        if chosen.sum() > 1:  # keep the tied voxels connected to the first maximum: one blob, not several
+            pieces, _ = ndimage.label(chosen, structure=_STRUCTURE_26)
+            chosen = pieces == pieces[best]
+        out[foot][chosen] = 1
+    return len(vanished)
+
+
+def resize_mask(mask: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Resample a binary 0/1 mask to ``shape`` on the grid :func:`resize_volume` gives the image, keeping every lesion.
+
+    Per axis:
+
+    * **downsampled** axes are interpolated linearly exactly as images are (torch ``trilinear``,
+      ``align_corners=False``, on the 0/1 mask as float32), and the result is thresholded at >= 0.5, as
+      :mod:`brain3d.augment` does for its warps: boundaries follow the image and a lesion filling half of an
+      output voxel survives. A pure downsampling is ``resize_volume(mask, shape, "trilinear") >= 0.5``;
+    * **upsampled** axes take the nearest voxel (torch ``nearest-exact``): every input voxel becomes the whole
+      block of output voxels whose centres it contains, so nothing can be lost and a round trip back to the
+      input grid with nearest is exact (linear + threshold would shrink a lone voxel to nothing: the centre
+      weight of a 2x trilinear upsampling is 0.75**3 < 0.5);
+    * axes of the same size are copied. The same shape returns the mask itself (as a uint8 copy).
+
+    **Every lesion is kept.** A 26-connected component of the input (``scipy.ndimage.label``, as
+    :mod:`brain3d.evaluation` counts lesions) whose footprint -- the output voxels its bounding box maps to
+    (those whose extent overlaps it, plus those it gives an interpolation weight) -- holds no foreground after
+    thresholding (e.g. a 3-voxel lesion downsampled 2x: at most 1/4 of any output voxel) gets the output voxel
+    where its own interpolated value is highest (ties: the maximal voxels connected to the first), or, when that
+    value is 0 everywhere (downsampling by more than 2x skips input voxels), the voxel its box-filter (area)
+    weight is highest. So the number of lesions can only drop where two lesions merge at the coarser
+    resolution. Only the vanished components cost work beyond one ``ndimage.label`` of the input: 182x218x182
+    -> 96x112x96 takes ~0.1 s on 2 CPU cores with 50 lesions (~0.04 s of it the label), ~0.15 s with 800.
+
+    Args:
+        mask: 3-D array (X, Y, Z) of 0/1 (any numeric dtype or bool).
+        shape: target (X', Y', Z').
+
+    Returns:
+        uint8 array of 0/1 of shape ``shape``.
+
+    Raises:
+        ValueError: a non-3-D mask, a value other than 0 and 1 (resample label maps with
+            ``resize_volume(..., "nearest")``) or a target shape that is not 3 positive ints.
+    """
+    mask = np.asarray(mask)
+    if mask.ndim != 3:
+        raise ValueError(f"resize_mask: expected a 3-D array, got shape {mask.shape}")
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"resize_mask: target shape must be 3 positive ints, got {shape}")
+    _check_binary(mask)
+    fg = mask != 0
+    if mask.shape == shape:
+        return fg.astype(np.uint8)
+    t = torch.from_numpy(fg.astype(np.float32))[None, None]
+    between = tuple(max(n, m) for n, m in zip(mask.shape, shape))  # upsampled axes done, downsampled ones not
+    if between != mask.shape:
+        t = F.interpolate(t, size=between, mode="nearest-exact")
+    if between == shape:  # nothing downsampled: nearest only, which cannot lose a voxel
+        return t[0, 0].numpy().astype(np.uint8)
+    out = (F.interpolate(t, size=shape, mode="trilinear", align_corners=False)[0, 0] >= 0.5).numpy()
+    out = out.astype(np.uint8)
+    if fg.any():
+        _keep_vanished_lesions(fg, out)
+    return out
 
 
 def zscore_nonzero(volume: np.ndarray) -> np.ndarray:

@@ -33,7 +33,12 @@ returns it, and its voxel size in mm in RAS order):
 1. **Resample** to ``resampled_shape``: mode "resize": ``shape``; mode "spacing":
    ``round(ras_shape * voxel_size / spacing)`` (at least 1) per axis. Both use
    :func:`brain3d.data.nifti.resize_volume`, i.e. ``torch.nn.functional.interpolate`` on float32
-   (images: trilinear, ``align_corners=False``; masks: ``nearest-exact``, so a 0/1 mask stays 0/1).
+   (images: trilinear, ``align_corners=False``). Binary 0/1 masks (what :func:`load_mask` returns) go
+   through :func:`brain3d.data.nifti.resize_mask` on the same grid: downsampled axes linearly (the image's
+   interpolation) then thresholded at >= 0.5, upsampled axes by nearest neighbour, and a lesion that would
+   vanish (nearest-neighbour downsampling can delete a 3-voxel lesion; so can the threshold) gets its best
+   output voxel back, so every 26-connected lesion survives. Masks with other values (label maps) keep
+   ``nearest-exact``.
    torch was chosen over ``scipy.ndimage.zoom``: same kernel family, multi-threaded, ~20 ms for
    182x218x182 -> 121x145x121 on 2 CPU cores, and exactly the resampler the "resize" mode already
    used. The field of view is kept (the outer voxel corners stay in place), so the *effective*
@@ -65,7 +70,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from brain3d.data.nifti import resize_volume, zscore_nonzero
+from brain3d.data.nifti import resize_mask, resize_volume, zscore_nonzero
 
 __all__ = [
     "DEFAULT_SETTINGS",
@@ -409,8 +414,9 @@ def preprocess_volume(
         image_ras: 3-D array (X, Y, Z) in RAS order, as :func:`brain3d.data.nifti.load_nifti` returns.
         voxel_size_mm: its voxel size in mm, RAS order (``NativeGrid.voxel_size_mm``).
         settings: preprocessing settings (validated here).
-        mask_ras: optional 3-D label array of the image's shape (e.g. :func:`load_mask`'s 0/1 uint8).
-            Resampled with nearest neighbour, so no new values appear; stored as uint8.
+        mask_ras: optional 3-D array of the image's shape, cast to uint8: normally :func:`load_mask`'s 0/1
+            mask, resampled with :func:`brain3d.data.nifti.resize_mask` (linear + threshold, no lesion lost);
+            a label map (values above 1) is resampled with nearest neighbour, so no new values appear.
 
     Returns:
         (image, mask, info): float32 image of shape ``info.output_shape``; uint8 mask of that shape or
@@ -442,7 +448,11 @@ def preprocess_volume(
     resampled = resize_volume(image, resampled_shape, "trilinear")  # float32
     mask_r = None
     if mask_ras is not None:
-        mask_r = resize_volume(mask_ras.astype(np.uint8, copy=False), resampled_shape, "nearest")
+        mask8 = mask_ras.astype(np.uint8, copy=False)
+        if mask8.size and mask8.max() > 1:  # a label map: no new values
+            mask_r = resize_volume(mask8, resampled_shape, "nearest")
+        else:  # binary (load_mask's 0/1): keeps every lesion
+            mask_r = resize_mask(mask8, resampled_shape)
     spacing_out = tuple(float(n * v / r) for n, v, r in zip(ras_shape, vox, resampled_shape))
 
     # 2. foreground crop, 3. centre crop / pad
@@ -474,7 +484,11 @@ def invert_geometry(volume: np.ndarray, info: PreprocessInfo, mode: str) -> np.n
         volume: 3-D array of shape ``info.output_shape`` (e.g. a probability map or a 0/1 mask).
         info: from :func:`preprocess_volume` (or :meth:`PreprocessInfo.from_dict`).
         mode: "trilinear" for probabilities / intensities (float32 result) or "nearest" for masks and
-            labels (the input dtype is kept, no new values appear).
+            labels (the input dtype is kept, no new values appear). "nearest" is not
+            :func:`brain3d.data.nifti.resize_mask`: going back to a native grid is normally an upsampling,
+            which nearest does without loss, but where the preprocessing upsampled (a native voxel coarser
+            than the target spacing) it downsamples and may drop a small component. brain3d's predictions
+            invert the probability map ("trilinear") and threshold it on the native grid.
 
     Returns:
         Array of shape ``info.ras_shape``.
