@@ -392,7 +392,7 @@ def _gather_parts(gather: Callable[[dict], list[dict]], total_loss: float, total
 def _interleave(parts: list[np.ndarray]) -> np.ndarray:
     """Undo a round-robin shard: rank r of W held items r, r+W, ...; returns them in the original order."""
     total = sum(len(p) for p in parts)
-    out = np.empty(total, dtype=np.result_type(*parts))
+    out = np.empty((total, *parts[0].shape[1:]), dtype=np.result_type(*parts))  # per-subject rows of any width
     for r, p in enumerate(parts):
         out[r::len(parts)] = p
     return out

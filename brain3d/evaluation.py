@@ -57,6 +57,7 @@ __all__ = [
     "apply_bias_correction",
     "brain_age_gap",
     "segmentation_case_metrics",
+    "lesion_detection",
     "segmentation_report",
 ]
 
@@ -578,6 +579,14 @@ def _volume_ml(mask: np.ndarray, spacing: np.ndarray) -> float:
     """Volume of an (X, Y, Z) bool mask in ml: voxels * prod(spacing) mm^3, 1 ml = 1000 mm^3."""
     voxel_ml = float(np.prod(spacing)) / 1000.0
     return float(mask.sum()) * voxel_ml
+
+
+def lesion_detection(pred_mask: Any, true_mask: Any, connectivity: int = 26) -> dict[str, Any]:
+    """Lesion-wise counts of one subject (``lesion_tp``, ``lesion_fp``, ``lesion_fn``, ``lesion_f1``,
+    ``num_true_lesions``, ``num_pred_lesions``) on 0/1 or bool volumes of one shape, as
+    :func:`segmentation_case_metrics` counts them (training validation uses it on every subject)."""
+    pred, true = _checked_mask_pair(pred_mask, true_mask)
+    return _lesion_detection(pred, true, _connectivity_structure(connectivity))
 
 
 def _lesion_detection(pred: np.ndarray, true: np.ndarray, structure: np.ndarray) -> dict[str, Any]:

@@ -315,7 +315,9 @@ class RegressionTask(Task):
 
 class SegmentationTask(Task):
     """Binary segmentation (e.g. lesions): one logit per voxel, the target a mask file of the image's grid;
-    metrics are the mean per-subject dice and iou at probability 0.5."""
+    metrics are the mean per-subject dice and iou at probability 0.5, and lesion-wise detection (connected
+    components, brain3d.evaluation): ``lesion_f1`` the mean per-subject F1, ``lesion_f1_pooled`` the F1 of
+    the lesion counts summed over the subjects."""
 
     kind = "segmentation"
     losses = ("dice_bce", "dice", "bce")
@@ -328,7 +330,7 @@ class SegmentationTask(Task):
         return (torch.rand((batch_size, 1, *spatial_shape), device=device) > 0.5).float()
 
     def new_outputs(self) -> dict:
-        return {"dice": [], "iou": [], "preview": None}
+        return {"dice": [], "iou": [], "lesions": [], "preview": None}
 
     def collect(self, outputs: dict, logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor | None,
                 batch: dict, image: torch.Tensor, worst: report.WorstCases | None) -> None:
@@ -345,6 +347,9 @@ class SegmentationTask(Task):
         dice = np.asarray(M.dice_per_sample(predicted, truth)).reshape(-1)
         outputs["dice"].append(dice)
         outputs["iou"].append(np.asarray(M.iou_per_sample(predicted, truth)).reshape(-1))
+        for pred_b, true_b in zip(predicted[:, 0].cpu().numpy(), truth[:, 0].cpu().numpy()):
+            counts = evaluation.lesion_detection(pred_b, true_b)
+            outputs["lesions"].append([counts["lesion_tp"], counts["lesion_fp"], counts["lesion_fn"]])
         if worst is not None:
             for b, value in enumerate(dice.tolist()):
                 worst.offer(1.0 - value, lambda b=b, value=value: {
@@ -357,12 +362,21 @@ class SegmentationTask(Task):
                                   "probability": probability[0, 0].cpu().numpy()}
 
     def parts(self, outputs: dict) -> dict[str, np.ndarray]:
-        return {"dice": _flat(outputs["dice"]), "iou": _flat(outputs["iou"])}
+        lesions = np.asarray(outputs["lesions"], dtype=np.int64).reshape(-1, 3)  # (subjects, [tp, fp, fn])
+        return {"dice": _flat(outputs["dice"]), "iou": _flat(outputs["iou"]), "lesions": lesions}
 
     def metrics(self, parts: dict[str, np.ndarray]) -> dict[str, float]:
         if not len(parts["dice"]):
-            return {"dice": float("nan"), "iou": float("nan")}
-        return M.segmentation_metrics(parts["dice"], parts["iou"])
+            return {"dice": float("nan"), "iou": float("nan"), "lesion_f1": float("nan"),
+                    "lesion_f1_pooled": float("nan")}
+        values = M.segmentation_metrics(parts["dice"], parts["iou"])
+        lesions = np.asarray(parts["lesions"]).reshape(-1, 3)
+        tp, fp, fn = lesions[:, 0], lesions[:, 1], lesions[:, 2]
+        denom = 2 * tp + fp + fn  # a subject with no true and no predicted lesion scores 1, as in evaluation
+        values["lesion_f1"] = float(np.mean(np.where(denom == 0, 1.0, 2 * tp / np.maximum(denom, 1))))
+        total = int(denom.sum())
+        values["lesion_f1_pooled"] = 1.0 if total == 0 else float(2 * tp.sum() / total)
+        return values
 
     def predict_subject(self, output: torch.Tensor, label, where: PredictionContext) -> tuple[dict, dict | None]:
         """``<id>_<prefix>prob.nii.gz`` (float32) and ``<id>_<prefix>mask.nii.gz`` (uint8, probability >

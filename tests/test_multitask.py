@@ -173,7 +173,7 @@ def test_a_multitask_run_reports_each_head(multitask_run):
     assert summary["heads"]["age"]["num_train_labelled"] == sum(1 for r in train_rows if r["age"])
     assert summary["heads"]["lesion"]["num_train_labelled"] == sum(1 for r in train_rows if r["mask"])
     assert set(summary["heads"]["sex"]["final_val"]) == {"auc", "accuracy", "balanced_accuracy"}
-    assert set(summary["heads"]["lesion"]["final_val"]) == {"dice", "iou"}
+    assert set(summary["heads"]["lesion"]["final_val"]) == {"dice", "iou", "lesion_f1", "lesion_f1_pooled"}
     val_ages = [float(r["age"]) for r in rows if split[r["subject_id"]] == "val" and r["age"]]
     assert summary["heads"]["age"]["baseline_val_mae"] == pytest.approx(
         float(np.mean(np.abs(np.array(val_ages) - summary["heads"]["age"]["target_mean"]))))

@@ -238,7 +238,8 @@ def test_segmentation_run_report_has_curves_and_worst_subjects_first(runs):
     assert_pngs(run / "report.html", page)
     num_curves = len(report.curve_families(summary["history"]))
     num_val = summary["data"]["num_val"]
-    assert num_curves == 5 and num_val == 3  # loss, val_dice, val_iou, lr, throughput
+    # loss, val_dice, val_iou, val_lesion_f1, val_lesion_f1_pooled, lr, throughput
+    assert num_curves == 7 and num_val == 3
     cases = [src for src in page.images if "/case_" in src]
     assert len(page.images) == num_curves + min(num_val, 2) and len(cases) == 2
     assert sorted(p.name for p in (run / "report_files").iterdir()) == sorted(Path(s).name for s in page.images)
