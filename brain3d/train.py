@@ -40,6 +40,7 @@ from brain3d import distributed as dist_utils
 from brain3d import engine, memory_probe, report, transfer
 from brain3d.batchnorm import recompute_batchnorm_statistics
 from brain3d.budget import TimeBudget, parse_duration
+from brain3d.ema import WeightAverage
 from brain3d.checkpoint import (
     config_differences,
     load_checkpoint,
@@ -234,6 +235,7 @@ class Run:
     optimizer: torch.optim.Optimizer = None
     scheduler: Any = None
     scaler: torch.amp.GradScaler = None
+    ema: WeightAverage | None = None  # trainer.ema: the averaged weights, which validation runs and checkpoints hold
     accumulate: int = 1
     steps_per_epoch: int = 1
     # length: trainer.max_epochs, or what trainer.max_time's budget fits (planned after every epoch)
@@ -529,6 +531,13 @@ def build_optimizer_phase(run: Run) -> None:
     run.scheduler = instantiate(cfg.scheduler)(run.optimizer, total_steps=run.steps_per_epoch * run.end_epoch,
                                                steps_per_epoch=run.steps_per_epoch)
     run.scaler = torch.amp.GradScaler(run.device.type, enabled=run.precision == "fp16")
+    ema = cfg.trainer.get("ema")
+    if ema is not None:
+        try:
+            run.ema = WeightAverage(run.model, float(ema))
+        except (TypeError, ValueError) as err:
+            raise ConfigError(str(err) if isinstance(err, ValueError) else f"trainer.ema={ema!r} is not a number") \
+                from err
 
 
 def resume(run: Run) -> None:
@@ -537,7 +546,10 @@ def resume(run: Run) -> None:
     state = run.resume_state
     if state is None:
         return
-    load_model_weights(run.model, state["model"], run.resume_path)
+    # trainer.ema: "model" holds the averaged weights (what was validated), "train_weights" the optimised ones
+    load_model_weights(run.model, state.get("train_weights", state["model"]), run.resume_path)
+    if run.ema is not None:
+        run.ema.load(state["model"], state.get("ema"))
     run.optimizer.load_state_dict(state["optimizer"])
     saved_budget = state.get("time_budget")
     if run.budget is not None and saved_budget is not None:
@@ -588,8 +600,10 @@ def checkpoint_state(run: Run, epochs_done: int, position: engine.EpochProgress 
     in the next one (batches done and the running sums of its train loss); and what brain3d-predict needs to
     rebuild the heads (``tasks``; single-task runs also keep the older top-level keys)."""
     first = next(iter(run.tasks))
+    validated = run.ema.module if run.ema is not None else run.model  # what validation runs and predict loads
     return {
-        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "model": validated.state_dict(), "optimizer": run.optimizer.state_dict(),
+        **({"train_weights": run.model.state_dict(), "ema": run.ema.state()} if run.ema is not None else {}),
         "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "epoch": epochs_done,
         "epoch_progress": position.to_dict() if position is not None else None,
         "history": run.history, "best": run.best,
@@ -622,6 +636,8 @@ def after_optimizer_step(run: Run, position: engine.EpochProgress) -> bool:
     """Called by the engine after every optimizer step (no gradients pending, so the state is complete): the
     step log line, a stop request (True ends the epoch there), trainer.checkpoint_every_n_steps."""
     trainer_cfg = run.cfg.trainer
+    if run.ema is not None:
+        run.ema.update(run.model)
     step = run.epoch * run.steps_per_epoch + math.ceil(position.batches_done / run.accumulate)  # optimizer steps
     log_every_n = trainer_cfg.get("log_every_n_steps")
     if log_every_n and step % log_every_n == 0:
@@ -771,13 +787,14 @@ def validate_epoch(run: Run, train_stats: dict) -> tuple[dict, dict]:
     metrics.csv, TensorBoard and summary.json."""
     report_enabled = bool(run.cfg.trainer.get("report", True)) and run.main_rank
     precise_bn = int(run.cfg.trainer.get("precise_bn_batches") or 0)
-    if precise_bn:  # BatchNorm statistics re-estimated with the epoch's final weights (brain3d.batchnorm)
-        recompute_batchnorm_statistics(run.model, run.train_loader, precise_bn, run.device, run.amp_dtype,
+    validated = run.ema.module if run.ema is not None else run.model  # trainer.ema: the averaged weights
+    if precise_bn:  # BatchNorm statistics re-estimated with the validated weights (brain3d.batchnorm)
+        recompute_batchnorm_statistics(validated, run.train_loader, precise_bn, run.device, run.amp_dtype,
                                        run.channels_last)
         if run.distributed:
-            dist_utils.broadcast_buffers(run.model)  # every rank validates and saves rank 0's statistics
+            dist_utils.broadcast_buffers(validated)  # every rank validates and saves rank 0's statistics
     val_stats, val_outputs = engine.evaluate(
-        run.forward_model, run.val_loader, None, run.tasks, run.device, run.amp_dtype, run.epoch + 1, run.bars,
+        run.ema.module if run.ema is not None else run.forward_model, run.val_loader, None, run.tasks, run.device, run.amp_dtype, run.epoch + 1, run.bars,
         sliding_window=run.sliding_window, channels_last=run.channels_last,
         gather=dist_utils.all_gather_object if run.distributed else None,
         collect_cases=report_enabled, max_cases=int(run.cfg.trainer.get("report_subjects", 16)))
