@@ -40,7 +40,6 @@ from brain3d import distributed as dist_utils
 from brain3d import engine, memory_probe, report, transfer
 from brain3d.batchnorm import recompute_batchnorm_statistics
 from brain3d.budget import TimeBudget, parse_duration
-from brain3d.ema import WeightAverage
 from brain3d.checkpoint import (
     config_differences,
     load_checkpoint,
@@ -62,6 +61,7 @@ from brain3d.data.dataset import VolumeDataset
 from brain3d.data.loaders import build_loaders, shutdown_workers
 from brain3d.data.manifest import ManifestError, split_subjects
 from brain3d.data.preprocess import validate_settings
+from brain3d.ema import WeightAverage
 from brain3d.errors import ConfigError
 from brain3d.hardware import (
     configure_backends,
@@ -794,7 +794,8 @@ def validate_epoch(run: Run, train_stats: dict) -> tuple[dict, dict]:
         if run.distributed:
             dist_utils.broadcast_buffers(validated)  # every rank validates and saves rank 0's statistics
     val_stats, val_outputs = engine.evaluate(
-        run.ema.module if run.ema is not None else run.forward_model, run.val_loader, None, run.tasks, run.device, run.amp_dtype, run.epoch + 1, run.bars,
+        run.ema.module if run.ema is not None else run.forward_model, run.val_loader, None, run.tasks, run.device,
+        run.amp_dtype, run.epoch + 1, run.bars,
         sliding_window=run.sliding_window, channels_last=run.channels_last,
         gather=dist_utils.all_gather_object if run.distributed else None,
         collect_cases=report_enabled, max_cases=int(run.cfg.trainer.get("report_subjects", 16)))
