@@ -311,6 +311,9 @@ class BatchAugment(nn.Module):
 
     Args:
         flip_prob: probability of flipping each spatial axis, per sample, in [0, 1].
+        flip_axes: the axes that may flip (0, 1, 2 of the (D, H, W) = RAS x, y, z volume); default all three.
+            ``[0]`` flips left-right only, the one mirror a brain is nearly symmetric under: an upside-down or
+            back-to-front head is never seen at test time, and learning to ignore it costs a small model.
         rotation_deg: maximum absolute rotation about each axis in degrees, in [0, 180]; each angle is
             uniform in ``[-rotation_deg, rotation_deg]``.
         scale_range: (low, high), 0 < low <= high: isotropic scale factor, uniform (> 1 enlarges).
@@ -352,9 +355,14 @@ class BatchAugment(nn.Module):
         bias_prob: float = 0.0,
         contrast_range: Sequence[float] | None = None,
         contrast_prob: float = 0.0,
+        flip_axes: Sequence[int] = (0, 1, 2),
     ) -> None:
         super().__init__()
         self.flip_prob = _in_range(flip_prob, "flip_prob", 0.0, 1.0)
+        axes = [int(a) for a in flip_axes]
+        if not set(axes) <= {0, 1, 2}:
+            raise ValueError(f"flip_axes must be a list of the axes 0, 1, 2 (RAS x, y, z), got {list(flip_axes)!r}")
+        self.flip_axes = tuple(sorted(set(axes)))
         self.rotation_deg = _in_range(rotation_deg, "rotation_deg", 0.0, 180.0)
         self.scale_range = _pair(scale_range, "scale_range", allow_none=False)
         self.translation_frac = _in_range(translation_frac, "translation_frac", 0.0, 1.0)
@@ -380,7 +388,7 @@ class BatchAugment(nn.Module):
     # which transforms can do anything
     @property
     def _flip_on(self) -> bool:
-        return self.flip_prob > 0
+        return self.flip_prob > 0 and bool(self.flip_axes)
 
     @property
     def _affine_on(self) -> bool:
@@ -412,7 +420,7 @@ class BatchAugment(nn.Module):
 
     def extra_repr(self) -> str:
         names = [
-            "flip_prob", "rotation_deg", "scale_range", "translation_frac", "affine_prob", "gamma_range", "gamma_prob",
+            "flip_prob", "flip_axes", "rotation_deg", "scale_range", "translation_frac", "affine_prob", "gamma_range", "gamma_prob",
             "noise_std", "noise_prob", "bias_field_std", "bias_prob", "contrast_range", "contrast_prob",
         ]  # fmt: skip
         return ", ".join(f"{n}={getattr(self, n)}" for n in names)
@@ -425,7 +433,8 @@ class BatchAugment(nn.Module):
             return torch.rand(*shape, generator=generator, device=dev, dtype=torch.float64)
 
         p = {}
-        p["flips"] = u(b, 3) < self.flip_prob
+        allowed = torch.tensor([a in self.flip_axes for a in range(3)], device=dev)
+        p["flips"] = (u(b, 3) < self.flip_prob) & allowed  # the same draws whatever flip_axes (seeds compare)
         p["affine"] = u(b) < self.affine_prob
         p["angles"] = (2 * u(b, 3) - 1) * math.radians(self.rotation_deg)
         lo, hi = self.scale_range

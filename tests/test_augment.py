@@ -287,3 +287,15 @@ def test_bad_inputs_raise():
         aug(torch.zeros(1, 1, 8, 8, 8, dtype=torch.int64))
     with pytest.raises(ValueError, match="mask"):
         aug(torch.zeros(1, 1, 8, 8, 8), torch.zeros(1, 1, 8, 8, 4))
+
+
+def test_flip_axes_limits_flips_to_left_right():
+    x = torch.arange(4 * 1 * 4 * 5 * 6, dtype=torch.float32).reshape(4, 1, 4, 5, 6)
+    left_right = BatchAugment(flip_prob=1.0, flip_axes=[0])
+    out, _ = left_right(x, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, torch.flip(x, [2]))  # every sample mirrored along x (RAS axis 0) only
+    every_axis, _ = BatchAugment(flip_prob=1.0)(x, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(every_axis, torch.flip(x, [2, 3, 4]))  # the default: all three axes
+    assert BatchAugment(flip_prob=1.0, flip_axes=[]).is_identity
+    with pytest.raises(ValueError, match="flip_axes must be a list of the axes 0, 1, 2"):
+        BatchAugment(flip_prob=0.5, flip_axes=[3])
