@@ -420,8 +420,8 @@ class BatchAugment(nn.Module):
 
     def extra_repr(self) -> str:
         names = [
-            "flip_prob", "flip_axes", "rotation_deg", "scale_range", "translation_frac", "affine_prob", "gamma_range", "gamma_prob",
-            "noise_std", "noise_prob", "bias_field_std", "bias_prob", "contrast_range", "contrast_prob",
+            "flip_prob", "flip_axes", "rotation_deg", "scale_range", "translation_frac", "affine_prob", "gamma_range",
+            "gamma_prob", "noise_std", "noise_prob", "bias_field_std", "bias_prob", "contrast_range", "contrast_prob",
         ]  # fmt: skip
         return ", ".join(f"{n}={getattr(self, n)}" for n in names)
 
