@@ -7,8 +7,10 @@ the last epoch that fits (:meth:`brain3d.schedulers.WarmupSchedule.replan`, cont
 is re-planned), so the run ends with its schedule completed, validated and saved, inside the budget; an
 epoch slower than the ones measured before it can overrun it by at most that epoch.
 
-The budget counts from the start of ``brain3d.train.train`` (reading and preprocessing the data count: a
-job's limit does too) and across resumes: a checkpoint stores the time used so far.
+The budget counts from the start of the process for the first run in it (the interpreter's start-up, the
+imports, reading and preprocessing the data count: a job's limit does too; :func:`process_age_s`), from the
+start of ``brain3d.train.train`` for later runs of an in-process sweep, and across resumes: a checkpoint
+stores the time used so far.
 
 Runtime dependencies: none (standard library).
 """
@@ -16,12 +18,13 @@ Runtime dependencies: none (standard library).
 from __future__ import annotations
 
 import math
+import os
 import re
 import statistics
 import time
 from dataclasses import dataclass, field
 
-__all__ = ["TimeBudget", "parse_duration"]
+__all__ = ["TimeBudget", "parse_duration", "process_age_s"]
 
 _UNITS = {"s": 1, "sec": 1, "second": 1, "seconds": 1, "m": 60, "min": 60, "mins": 60, "minute": 60,
           "minutes": 60, "h": 3600, "hr": 3600, "hour": 3600, "hours": 3600, "d": 86400, "day": 86400,
@@ -64,6 +67,20 @@ def parse_duration(value) -> float | None:
     if not math.isfinite(seconds) or seconds <= 0:
         raise ValueError(f"trainer.max_time={value!r}: the budget must be a positive duration ({forms})")
     return seconds
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (Linux: /proc/self/stat's start time against /proc/uptime); 0.0
+    where that cannot be read."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)": field 3 (state) onwards
+        start_ticks = int(fields[19])  # field 22: start time in clock ticks after boot
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return 0.0
 
 
 @dataclass

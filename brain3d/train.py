@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from brain3d import distributed as dist_utils
 from brain3d import engine, memory_probe, report, transfer
 from brain3d.batchnorm import recompute_batchnorm_statistics
-from brain3d.budget import TimeBudget, parse_duration
+from brain3d.budget import TimeBudget, parse_duration, process_age_s
 from brain3d.checkpoint import (
     config_differences,
     load_checkpoint,
@@ -188,6 +188,9 @@ def restore_scheduler(scheduler, optimizer: torch.optim.Optimizer, state: dict, 
                     optimizer.param_groups[0]["lr"], old_lr)
 
 
+_FIRST_RUN_IN_PROCESS = True  # trainer.max_time: the first run's budget includes the process's start-up
+
+
 @dataclass
 class Run:
     """One training run's state, filled phase by phase (:func:`set_up`, :func:`load_data`, :func:`build_model_phase`,
@@ -296,8 +299,12 @@ def set_up(cfg: DictConfig, stop: StopRequest) -> Run:
     run = Run(cfg, stop)
     trainer_cfg, data_cfg = cfg.trainer, cfg.data
     check_length_settings(cfg)
+    global _FIRST_RUN_IN_PROCESS
     max_time = parse_duration(trainer_cfg.get("max_time"))
-    run.budget = TimeBudget(max_time) if max_time else None  # the budget counts from here
+    if max_time:  # the first run of a process counts from the process's start, later ones (sweeps) from here
+        already = process_age_s() if _FIRST_RUN_IN_PROCESS else 0.0
+        run.budget = TimeBudget(max_time, started=time.monotonic() - already)
+    _FIRST_RUN_IN_PROCESS = False
     run.device = resolve_device(trainer_cfg.device)
     # Distributed (torchrun, WORLD_SIZE > 1): rank 0's run folder is every rank's (Hydra's timestamped folder
     # can differ by a second between ranks); only rank 0 writes files.
