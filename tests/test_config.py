@@ -86,8 +86,23 @@ def test_experiment_lesion_patches_sets_patch_training_for_segmentation():
 def test_experiment_brain_age_sets_regression_with_l1():
     cfg = compose_train(["experiment=brain_age"])
     assert (cfg.task.name, cfg.loss.name, cfg.data.target_col) == ("regression", "l1", "age")
-    assert cfg.augment.affine_prob == 0.2  # augment=light
+    assert list(cfg.augment.flip_axes) == [0] and cfg.task.head.dropout == 0.0
+    assert (cfg.trainer.precise_bn_batches, cfg.trainer.ema) == (8, 0.99)
     assert compose_train(["experiment=brain_age", "loss=huber"]).loss.name == "huber"
+
+
+def test_experiment_sex_and_lesion_presets():
+    sex = compose_train(["experiment=sex"])
+    assert (sex.task.name, sex.loss.name, sex.data.target_col) == ("classification", "bce", "sex")
+    assert sex.backbone.width == 0.5
+    assert (sex.trainer.precise_bn_batches, sex.trainer.ema, list(sex.augment.flip_axes)) == (8, 0.99, [0])
+    lesion = compose_train(["experiment=lesion"])
+    assert (lesion.task.name, lesion.loss.name, lesion.loss.batch) == ("segmentation", "dice_bce", True)
+    assert list(lesion.data.patch_size) == [64, 64, 64] and lesion.data.samples_per_volume == 2
+    assert lesion.trainer.val_every_n_epochs == 2
+    # a preset leaves the data source and the shape to the user
+    assert compose_train(["experiment=lesion", "data.shape=[96,112,96]"]).data.shape == [96, 112, 96]
+    assert lesion.data.source == "synthetic" and list(lesion.data.shape) == [64, 64, 64]
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))
