@@ -540,11 +540,12 @@ def build_optimizer_phase(run: Run) -> None:
     run.scaler = torch.amp.GradScaler(run.device.type, enabled=run.precision == "fp16")
     ema = cfg.trainer.get("ema")
     if ema is not None:
+        if isinstance(ema, bool) or not isinstance(ema, (int, float)):
+            raise ConfigError(f"trainer.ema={ema!r} must be a decay between 0 and 1 (e.g. 0.99), or null for off")
         try:
             run.ema = WeightAverage(run.model, float(ema))
-        except (TypeError, ValueError) as err:
-            raise ConfigError(str(err) if isinstance(err, ValueError) else f"trainer.ema={ema!r} is not a number") \
-                from err
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
 
 
 def resume(run: Run) -> None:

@@ -94,7 +94,7 @@ def test_experiment_brain_age_sets_regression_with_l1():
 def test_experiment_sex_and_lesion_presets():
     sex = compose_train(["experiment=sex"])
     assert (sex.task.name, sex.loss.name, sex.data.target_col) == ("classification", "bce", "sex")
-    assert sex.backbone.width == 0.5
+    assert sex.backbone.width == 0.5 and sex.optimizer.weight_decay == 0.05
     assert (sex.trainer.precise_bn_batches, sex.trainer.ema, list(sex.augment.flip_axes)) == (8, 0.99, [0])
     lesion = compose_train(["experiment=lesion"])
     assert (lesion.task.name, lesion.loss.name, lesion.loss.batch) == ("segmentation", "dice_bce", True)

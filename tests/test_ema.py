@@ -67,3 +67,11 @@ def test_a_run_validates_and_saves_the_average_and_resumes_it_exactly(tmp_path, 
     for part in ("model", "train_weights"):
         for name, value in state[part].items():
             torch.testing.assert_close(value, resumed[part][name], rtol=1e-5, atol=1e-6)
+
+
+def test_a_bad_ema_value_is_one_line(tmp_path, cache_dir):
+    for value, shown in (("abc", "trainer.ema='abc'"), ("1.5", "trainer.ema=1.5")):
+        proc = run_train([*tiny_overrides(cache_dir), f"trainer.ema={value}", f"hydra.run.dir={tmp_path / value}"],
+                         cwd=tmp_path, check=False)
+        assert proc.returncode == 2, proc.stderr
+        assert f"{shown} must be a decay between 0 and 1" in proc.stderr and "Traceback" not in proc.stderr
