@@ -260,6 +260,12 @@ class Run:
         return self.world_size > 1
 
     @property
+    def validated_model(self) -> torch.nn.Module:
+        """The plain module whose weights validation runs and the checkpoints hold as ``model`` (what predict
+        loads): trainer.ema's average, else the trained model."""
+        return self.ema.module if self.ema is not None else self.model
+
+    @property
     def main_rank(self) -> bool:
         return self.rank == 0
 
@@ -298,9 +304,8 @@ def set_up(cfg: DictConfig, stop: StopRequest) -> Run:
     resume checkpoint is read and compared with this config here, before anything is written."""
     run = Run(cfg, stop)
     trainer_cfg, data_cfg = cfg.trainer, cfg.data
-    check_length_settings(cfg)
     global _FIRST_RUN_IN_PROCESS
-    max_time = parse_duration(trainer_cfg.get("max_time"))
+    max_time = check_length_settings(cfg)
     if max_time:  # the first run of a process counts from the process's start, later ones (sweeps) from here
         already = process_age_s() if _FIRST_RUN_IN_PROCESS else 0.0
         run.budget = TimeBudget(max_time, started=time.monotonic() - already)
@@ -354,9 +359,10 @@ def set_up(cfg: DictConfig, stop: StopRequest) -> Run:
     return run
 
 
-def check_length_settings(cfg: DictConfig) -> None:
+def check_length_settings(cfg: DictConfig) -> float | None:
     """trainer.max_epochs / max_time / val_every_n_epochs / early_stopping and data.samples_per_volume, each
-    checked with a message naming the key and what it accepts."""
+    checked with a message naming the key and what it accepts; returns trainer.max_time in seconds (None: no
+    budget)."""
     trainer_cfg = cfg.trainer
     try:
         max_time = parse_duration(trainer_cfg.get("max_time"))
@@ -377,6 +383,7 @@ def check_length_settings(cfg: DictConfig) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             meaning = {"trainer.early_stopping": " (validations without improvement; null: off)"}.get(key, "")
             raise ConfigError(f"{key}={value!r} must be a whole number >= 1{meaning}")
+    return max_time
 
 
 def build_tasks(cfg: DictConfig) -> TaskSet:
@@ -608,9 +615,8 @@ def checkpoint_state(run: Run, epochs_done: int, position: engine.EpochProgress 
     in the next one (batches done and the running sums of its train loss); and what brain3d-predict needs to
     rebuild the heads (``tasks``; single-task runs also keep the older top-level keys)."""
     first = next(iter(run.tasks))
-    validated = run.ema.module if run.ema is not None else run.model  # what validation runs and predict loads
     return {
-        "model": validated.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "model": run.validated_model.state_dict(), "optimizer": run.optimizer.state_dict(),
         **({"train_weights": run.model.state_dict(), "ema": run.ema.state()} if run.ema is not None else {}),
         "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "epoch": epochs_done,
         "epoch_progress": position.to_dict() if position is not None else None,
@@ -795,19 +801,23 @@ def validate_epoch(run: Run, train_stats: dict) -> tuple[dict, dict]:
     metrics.csv, TensorBoard and summary.json."""
     report_enabled = bool(run.cfg.trainer.get("report", True)) and run.main_rank
     precise_bn = int(run.cfg.trainer.get("precise_bn_batches") or 0)
-    validated = run.ema.module if run.ema is not None else run.model  # trainer.ema: the averaged weights
     if precise_bn:  # BatchNorm statistics re-estimated with the validated weights (brain3d.batchnorm)
-        recompute_batchnorm_statistics(validated, run.train_loader, precise_bn, run.device, run.amp_dtype,
+        recompute_batchnorm_statistics(run.validated_model, run.train_loader, precise_bn, run.device, run.amp_dtype,
                                        run.channels_last)
         if run.distributed:
-            dist_utils.broadcast_buffers(validated)  # every rank validates and saves rank 0's statistics
+            dist_utils.broadcast_buffers(run.validated_model)  # every rank validates and saves rank 0's statistics
+    evaluated = run.ema.module if run.ema is not None else run.forward_model  # the compiled one without EMA
     val_stats, val_outputs = engine.evaluate(
-        run.ema.module if run.ema is not None else run.forward_model, run.val_loader, None, run.tasks, run.device,
-        run.amp_dtype, run.epoch + 1, run.bars,
+        evaluated, run.val_loader, None, run.tasks, run.device, run.amp_dtype, run.epoch + 1, run.bars,
         sliding_window=run.sliding_window, channels_last=run.channels_last,
         gather=dist_utils.all_gather_object if run.distributed else None,
         collect_cases=report_enabled, max_cases=int(run.cfg.trainer.get("report_subjects", 16)))
     return epoch_record(run, train_stats, val_stats), val_outputs
+
+
+def has_validation(record: dict) -> bool:
+    """Whether an epoch's history row comes from an epoch that validated (trainer.val_every_n_epochs)."""
+    return any(key.startswith("val_") for key in record)
 
 
 def epoch_record(run: Run, train_stats: dict, val_stats: dict) -> dict:
@@ -834,7 +844,7 @@ def log_and_checkpoint(run: Run, record: dict, val_outputs: dict) -> bool:
         panel = overlay_mid_slices(preview["image"], preview["target"], preview["probability"])
         run.writer.add_image("val/mid_slices", panel, epoch + 1, dataformats="HWC")
     run.writer.flush()
-    validated = any(key.startswith("val_") for key in record)
+    validated = has_validation(record)
     if validated and monitor not in record:
         recorded = sorted(k for k in record if k.startswith("val_"))
         raise ConfigError(f"task.monitor={monitor!r} is not a recorded metric; choose one of {recorded}")
@@ -891,7 +901,7 @@ def run_summary(run: Run) -> dict[str, Any]:
     device and precision, the data and the whole history."""
     history, data_cfg, tasks = run.history, run.cfg.data, run.tasks
     # the last validated epoch (the last epoch always validates; trainer.val_every_n_epochs skips others)
-    validated = [h for h in history if any(k.startswith("val_") for k in h)]
+    validated = [h for h in history if has_validation(h)]
     final = validated[-1] if validated else (history[-1] if history else {})
     summary: dict[str, Any] = {
         "task": run.cfg.task.name,

@@ -49,6 +49,11 @@ def training_batch_sampler(dataset, batch_size: int, seed: int, rank: int = 0, w
                                  drop_last=len(samples) % batch_size == 1, rank=rank, world_size=world_size)
 
 
+def samples_per_volume(data_cfg: DictConfig) -> int:
+    """data.samples_per_volume (1 when absent): training samples drawn from each volume per epoch."""
+    return int(data_cfg.get("samples_per_volume", 1) or 1)
+
+
 def make_loader(dataset: VolumeDataset, data_cfg: DictConfig, device: torch.device, shuffle: bool, seed: int,
                 batch_size: int | None = None, rank: int = 0, world_size: int = 1) -> DataLoader:
     """A DataLoader over ``dataset`` (the disk cache) with ``data.num_workers`` persistent worker processes.
@@ -70,9 +75,8 @@ def make_loader(dataset: VolumeDataset, data_cfg: DictConfig, device: torch.devi
     if not shuffle:
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, **common)
     else:
-        samples = int(data_cfg.get("samples_per_volume", 1) or 1)
-        loader = DataLoader(dataset, batch_sampler=training_batch_sampler(dataset, batch_size, seed, rank,
-                                                                          world_size, samples), **common)
+        loader = DataLoader(dataset, batch_sampler=training_batch_sampler(
+            dataset, batch_size, seed, rank, world_size, samples_per_volume(data_cfg)), **common)
     if workers:
         # The workers ignore SIGTERM (only the main process handles a stop), so multiprocessing's exit handler
         # could not terminate them and would wait forever: stop them first (atexit runs this before it).
@@ -136,7 +140,7 @@ def build_loaders(train_set: VolumeDataset, val_set: VolumeDataset, data_cfg: Di
              "" if on_device else ", copied to the GPU by a prefetch thread", residence.reason)
     to_device = None if on_device else device
     train_batches = training_batch_sampler(train_set, data_cfg.batch_size, seed, rank, world_size,
-                                           int(data_cfg.get("samples_per_volume", 1) or 1))
+                                           samples_per_volume(data_cfg))
     train_loader = ResidentLoader(train_store, train_batches, to_device)
     val_batches = BatchSampler(SequentialSampler(range(len(val_set))), val_batch_size, drop_last=False)
     val_loader = ResidentLoader(val_store, val_batches, to_device)

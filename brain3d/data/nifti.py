@@ -240,6 +240,18 @@ def read_header_shape(path: str | os.PathLike) -> tuple[int, int, int]:
     return tuple(ras_shape)  # type: ignore[return-value]
 
 
+def _checked_resize_args(caller: str, volume, shape: Sequence[int]) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """``(volume as an array, shape as 3 ints)`` for a resampler; ValueError naming ``caller`` for a non-3-D
+    volume or a target shape that is not 3 positive ints."""
+    volume = np.asarray(volume)
+    if volume.ndim != 3:
+        raise ValueError(f"{caller}: expected a 3-D array, got shape {volume.shape}")
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"{caller}: target shape must be 3 positive ints, got {shape}")
+    return volume, shape
+
+
 def resize_volume(volume: np.ndarray, shape: Sequence[int], mode: str) -> np.ndarray:
     """Resample a whole 3-D array to ``shape`` (how brain3d fits volumes to ``data.shape``).
 
@@ -263,12 +275,7 @@ def resize_volume(volume: np.ndarray, shape: Sequence[int], mode: str) -> np.nda
     """
     if mode not in ("trilinear", "nearest"):
         raise ValueError(f"resize_volume: mode must be 'trilinear' or 'nearest', got {mode!r}")
-    volume = np.asarray(volume)
-    if volume.ndim != 3:
-        raise ValueError(f"resize_volume: expected a 3-D array, got shape {volume.shape}")
-    shape = tuple(int(s) for s in shape)
-    if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"resize_volume: target shape must be 3 positive ints, got {shape}")
+    volume, shape = _checked_resize_args("resize_volume", volume, shape)
     out_dtype = np.float32 if mode == "trilinear" else volume.dtype
     if volume.shape == shape:
         return volume.astype(out_dtype, copy=True)
@@ -409,12 +416,7 @@ def resize_mask(mask: np.ndarray, shape: Sequence[int]) -> np.ndarray:
         ValueError: a non-3-D mask, a value other than 0 and 1 (resample label maps with
             ``resize_volume(..., "nearest")``) or a target shape that is not 3 positive ints.
     """
-    mask = np.asarray(mask)
-    if mask.ndim != 3:
-        raise ValueError(f"resize_mask: expected a 3-D array, got shape {mask.shape}")
-    shape = tuple(int(s) for s in shape)
-    if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"resize_mask: target shape must be 3 positive ints, got {shape}")
+    mask, shape = _checked_resize_args("resize_mask", mask, shape)
     _check_binary(mask)
     fg = mask != 0
     if mask.shape == shape:

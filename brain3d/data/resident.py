@@ -207,10 +207,11 @@ class ResidentVolumes:
         ``{"image": (B, 1, D, H, W) float32, "target": (B, 1) or (B, 1, D, H, W) float32, "subject_id": [str]}``,
         on this store's device."""
         dataset = self.dataset
-        images, targets, subject_ids = [], [], []
+        images, targets, subject_ids, volumes = [], [], [], []
         for item in indices:
             sample, epoch = item if isinstance(item, tuple) else (item, dataset.epoch)
             index = sample % len(self.images)  # data.samples_per_volume: sample s is volume s % N
+            volumes.append(index)
             subject_ids.append(dataset.subjects[index].subject_id)
             image, target = self.images[index], self.targets[index]
             if dataset.patch_size is not None:
@@ -226,16 +227,11 @@ class ResidentVolumes:
         batch = {"image": torch.stack(images), "subject_id": subject_ids}
         if dataset.heads:
             batch["target"] = {name: torch.stack([t[name] for t in targets]).float() for name, _ in dataset.heads}
-            batch["labelled"] = {name: torch.stack([self.labelled[_index(i) % len(self.images)][name]
-                                                    for i in indices])
+            batch["labelled"] = {name: torch.stack([self.labelled[v][name] for v in volumes])
                                  for name, _ in dataset.heads}
         else:
             batch["target"] = torch.stack(targets).float()
         return batch
-
-
-def _index(item) -> int:
-    return item[0] if isinstance(item, tuple) else item
 
 
 def _values(target) -> list[torch.Tensor]:
