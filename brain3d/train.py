@@ -730,6 +730,11 @@ def plan_epochs(run: Run, val_every: int) -> None:
         more = min(dist_utils.all_gather_object(more))  # every rank plans the same length
     cap = run.cfg.trainer.max_epochs
     planned = min(done + more, int(cap)) if cap is not None else done + more
+    if planned == done < run.end_epoch and budget.left() > 0:
+        # This epoch ran slower than planned and the plan now ends with it, though its learning rate was set for
+        # more epochs: one closing epoch (the schedule decays to its end over it) keeps the run inside
+        # budget + one epoch with the schedule completed, instead of stopping mid-decay.
+        planned = done + 1
     if planned == run.end_epoch and len(budget.train_s) > 1:
         return
     per_epoch, val_s = budget.estimate(val_every, val_guess)
@@ -743,6 +748,14 @@ def plan_epochs(run: Run, val_every: int) -> None:
     for schedule in getattr(run.scheduler, "lr_lambdas", []):
         if hasattr(schedule, "replan"):
             schedule.replan(done * run.steps_per_epoch, planned * run.steps_per_epoch)
+
+
+def schedule_completed(run: Run, history: list[dict]) -> bool:
+    """summary.json's time_budget.schedule_completed: every planned epoch ran and the learning-rate decay
+    reached its end at the last step (not only the epoch count: a plan cut short mid-decay is not complete)."""
+    steps = run.scheduler.last_epoch if run.scheduler is not None else 0
+    decays = [s for s in getattr(run.scheduler, "lr_lambdas", []) if hasattr(s, "progress")]
+    return len(history) >= run.end_epoch and all(s.progress(steps) >= 1.0 - 1e-9 for s in decays)
 
 
 def early_stopping_due(run: Run) -> bool:
@@ -938,7 +951,7 @@ def run_summary(run: Run) -> dict[str, Any]:
     }
     if run.budget is not None:  # trainer.max_time: the budget, the time used and the measured epochs
         summary["time_budget"] = {**run.budget.state(), "max_time": str(run.cfg.trainer.max_time),
-                                  "schedule_completed": len(history) >= run.end_epoch}
+                                  "schedule_completed": schedule_completed(run, history)}
     if run.init_report is not None:  # trainer.init_from: path, loaded parts, skipped ones with the reason, fresh ones
         summary["init_from"] = run.init_report
     if tasks.multi:

@@ -122,6 +122,7 @@ AUTO = ["task=segmentation", "data.batch_size=auto", "data.batch_size_max=4", "d
         "trainer.precision=fp32", "trainer.channels_last=false", "trainer.max_epochs=1"]
 
 
+@pytest.mark.slow  # probes several batch sizes, then trains and resumes (~18 s)
 def test_auto_batch_size_fits_a_simulated_budget_and_a_resume_keeps_it(tmp_path, cache_dir):
     # the real budget (the available RAM): the largest batch up to data.batch_size_max
     first = tmp_path / "auto"

@@ -6,9 +6,12 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 
+@pytest.mark.slow  # times three loops end to end (~9 s)
 def test_end_to_end_benchmark_prints_ceiling_loop_and_monai_rows(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "benchmark_train.py"), "--end-to-end", "--shapes", "32", "--width",

@@ -70,7 +70,8 @@ def test_a_run_validates_and_saves_the_average_and_resumes_it_exactly(tmp_path, 
 
 
 def test_a_bad_ema_value_is_one_line(tmp_path, cache_dir):
-    for value, shown in (("abc", "trainer.ema='abc'"), ("1.5", "trainer.ema=1.5")):
+    # one run: the value is checked before anything trains (1.5, out of range, is WeightAverage's unit test above)
+    for value, shown in (("abc", "trainer.ema='abc'"),):
         proc = run_train([*tiny_overrides(cache_dir), f"trainer.ema={value}", f"hydra.run.dir={tmp_path / value}"],
                          cwd=tmp_path, check=False)
         assert proc.returncode == 2, proc.stderr

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader, Dataset, RandomSampler
@@ -180,6 +181,7 @@ def test_sigterm_mid_epoch_then_resume_auto_gives_the_same_weights(tmp_path, cac
     assert [e.step for e in events.Scalars("val/loss")] == [1, 2, 3]
 
 
+@pytest.mark.slow  # three processes killed at random moments (~20 s); the atomic write is tested by default
 def test_sigkill_at_random_moments_never_leaves_an_unloadable_last_pt(tmp_path, cache_dir):
     # A checkpoint after every optimizer step, so kills land during checkpoint writes too.
     run_dir = tmp_path / "run"
@@ -249,6 +251,7 @@ def test_ctrl_c_saves_the_epoch_in_progress_and_leaves_no_worker_behind(tmp_path
     assert not any(_alive(pid) for pid in workers)
 
 
+@pytest.mark.slow  # two signal rounds on a slowed run (~13 s)
 def test_sigint_to_the_main_process_only_stops_and_a_second_one_exits_at_once(tmp_path, cache_dir):
     """``kill -INT PID`` (the main process only, as some schedulers send it): the same clean stop; a second
     SIGINT while the step finishes exits at once, without a traceback."""

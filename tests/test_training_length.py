@@ -76,6 +76,49 @@ def test_budget_fits_the_epochs_left_after_this_epochs_validation():
     assert resumed.used() == pytest.approx(budget.used(), abs=0.5) and resumed.train_s == budget.train_s
 
 
+def planned_run(budget: TimeBudget, epoch: int, end_epoch: int, steps_per_epoch: int = 10):
+    """The parts of a Run that train.plan_epochs reads: 20 training samples in batches of 4, 5 validation
+    volumes, a cosine schedule first planned for ``end_epoch`` epochs and stepped to the end of ``epoch``."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, WarmupSchedule("cosine", end_epoch * steps_per_epoch, steps_per_epoch))
+    for _ in range((epoch + 1) * steps_per_epoch):
+        optimizer.step()
+        scheduler.step()
+    cfg = OmegaConf.create({"trainer": {"max_epochs": None, "max_time": "100s"}})
+    return SimpleNamespace(budget=budget, epoch=epoch, end_epoch=end_epoch, steps_per_epoch=steps_per_epoch,
+                           val_set=[0] * 5, train_loader=[0] * 5, batch_record={"value": 4}, sliding_window=False,
+                           distributed=False, cfg=cfg, scheduler=scheduler)
+
+
+def test_an_epoch_slower_than_planned_gets_one_closing_epoch_that_completes_the_schedule():
+    from brain3d.train import plan_epochs, schedule_completed
+
+    # 4 epochs of 10 s were planned into 100 s; epoch 3 (index 2) took 50 s, so 20 s are left: no further
+    # epoch fits, but epoch 3 ran at the learning rate of a run with one more epoch to go
+    budget = TimeBudget(100.0, train_s=[10.0, 10.0, 50.0], val_s=[2.0])
+    budget.started -= 80.0
+    run = planned_run(budget, epoch=2, end_epoch=4)
+    assert budget.epochs_after(1, 99.0, 3.0) == 0  # a further epoch now costs 30 + 2 s (the median)
+    plan_epochs(run, val_every=1)
+    assert run.end_epoch == 4  # one closing epoch: within budget + one epoch
+    schedule = run.scheduler.lr_lambdas[0]
+    assert schedule.total_steps == 40 and schedule.progress(30) < 1.0
+    for _ in range(10):  # the closing epoch
+        run.scheduler.optimizer.step()
+        run.scheduler.step()
+    assert schedule.progress(40) == pytest.approx(1.0) and schedule_completed(run, [{}] * 4)
+    # once the budget is spent there is no closing epoch: the run ends, and says its schedule is incomplete
+    late = planned_run(TimeBudget(100.0, train_s=[10.0, 10.0, 50.0], val_s=[2.0]), epoch=2, end_epoch=5)
+    late.budget.started -= 101.0
+    plan_epochs(late, val_every=1)
+    assert late.end_epoch == 3 and not schedule_completed(late, [{}] * 3)
+
+
 def test_max_time_ends_the_run_inside_its_budget_with_the_schedule_completed(tmp_path, cache_dir):
     run_dir, budget = tmp_path / "run", 12.0
     started = time.monotonic()
@@ -103,13 +146,26 @@ def test_max_time_ends_the_run_inside_its_budget_with_the_schedule_completed(tmp
 
 
 def test_max_epochs_null_without_max_time_and_a_bad_duration_are_one_line(tmp_path, cache_dir):
-    for override, message in (("trainer.max_time=ten", "trainer.max_time='ten' is not a duration"),
-                              ("trainer.max_epochs=null", "trainer.max_epochs=null needs trainer.max_time"),
-                              ("trainer.val_every_n_epochs=0", "trainer.val_every_n_epochs=0 must be a whole number")):
-        proc = run_train([*tiny_overrides(cache_dir), override, f"hydra.run.dir={tmp_path / 'bad'}"], cwd=tmp_path,
-                         check=False)
-        assert proc.returncode == 2, proc.stderr
-        assert message in proc.stderr and "Traceback" not in proc.stderr
+    from omegaconf import OmegaConf
+
+    from brain3d.errors import ConfigError
+    from brain3d.train import check_length_settings
+
+    def settings(**trainer):
+        return OmegaConf.create({"trainer": {"max_epochs": 3, "max_time": None, **trainer},
+                                 "data": {"samples_per_volume": 1}})
+
+    assert check_length_settings(settings(max_epochs=None, max_time="2h")) == 7200
+    for trainer, message in (({"max_epochs": None}, "trainer.max_epochs=null needs trainer.max_time"),
+                             ({"val_every_n_epochs": 0}, "trainer.val_every_n_epochs=0 must be a whole number"),
+                             ({"early_stopping": 1.5}, "trainer.early_stopping=1.5 must be a whole number")):
+        with pytest.raises(ConfigError, match=message):
+            check_length_settings(settings(**trainer))
+    # and on the command line: one line, exit 2, before anything trains
+    proc = run_train([*tiny_overrides(cache_dir), "trainer.max_time=ten", f"hydra.run.dir={tmp_path / 'bad'}"],
+                     cwd=tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "trainer.max_time='ten' is not a duration" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_early_stopping_stops_after_patience_validations_without_improvement(tmp_path, cache_dir):
