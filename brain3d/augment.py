@@ -13,14 +13,20 @@ Choices (fixed, not options):
   flips is flipped with ``torch.flip`` (exact, no resampling). The image is interpolated trilinearly.
   The **mask is interpolated trilinearly too, then thresholded at >= 0.5** (as nnU-Net/batchgenerators
   do per label), so it stays binary and follows the image's boundary exactly: with ``image == mask`` the
-  two give the same voxels, and a thin lesion shifted by half a voxel is kept rather than lost.
+  two give the same voxels, and a thin lesion shifted by half a voxel is kept rather than lost. A
+  multi-class label map (``num_classes`` K >= 2, labels 0..K) is warped per label in the same way: each
+  label's one-hot channel (the background's included) is interpolated and every voxel takes the label of
+  highest value, so no label value is invented or merged away.
   Rotations and scales are defined in voxel units about the volume's centre (voxels taken as
   isotropic), so a non-cubic volume is rotated, not sheared.
 * **Intensity** transforms change the image only inside the **foreground**: the voxels that are nonzero
   after the spatial transform (brain3d z-scores the nonzero voxels and leaves the background at exactly 0,
   which :func:`brain3d.data.nifti.zscore_nonzero` and the zero padding keep). The background stays
-  exactly 0, as at inference. Per-sample statistics (min, max, mean) are over the foreground. Order:
-  bias field, contrast, gamma, noise.
+  exactly 0, as at inference. The statistics (min, max, mean) are over the foreground of each sample and
+  channel, so each channel of a several-channel input (T1 + FLAIR, each normalised on its own) is transformed
+  within its own range; the random parameters (gamma, contrast factor, bias field) are drawn per sample and
+  shared by its channels, the noise is drawn per voxel of every channel. Order: bias field, contrast, gamma,
+  noise.
 * **Randomness**: every random number comes from ``generator`` (``None``: torch's default CPU generator),
   in a fixed order, drawn on the generator's device and then moved to the batch's device. With a CPU
   generator (recommended) a given seed gives the same augmentation on CPU and CUDA; a CUDA generator
@@ -149,10 +155,13 @@ def affine_theta(
 
 
 def warp(image: torch.Tensor, mask: torch.Tensor | None,
-         theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+         theta: torch.Tensor, num_classes: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Resample ``image`` trilinearly and ``mask`` trilinearly + threshold >= 0.5 with ``theta`` (B, 3, 4).
 
-    Zero padding, ``align_corners=False``. Returns new tensors with the inputs' shapes and dtypes.
+    ``num_classes`` K >= 2: ``mask`` (B, 1, D, H, W) holds labels 0..K; their one-hot (B, K+1, D, H, W) is
+    interpolated and each voxel takes the label of highest value (ties: the lower label; outside the volume,
+    where every channel pads to 0, the background). Zero padding, ``align_corners=False``. Returns new tensors
+    with the inputs' shapes and dtypes.
     """
     work = image.dtype if image.dtype in (torch.float32, torch.float64) else torch.float32
     grid = F.affine_grid(theta.to(device=image.device, dtype=work), list(image.shape), align_corners=False)
@@ -160,6 +169,10 @@ def warp(image: torch.Tensor, mask: torch.Tensor | None,
     out = out.to(image.dtype)
     if mask is None:
         return out, None
+    if num_classes > 1:
+        one_hot = F.one_hot(torch.round(mask[:, 0].float()).long(), num_classes + 1).movedim(-1, 1).to(work)
+        m = F.grid_sample(one_hot, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        return out, m.argmax(dim=1, keepdim=True).to(mask.dtype)  # (B, 1, D, H, W) labels
     m = F.grid_sample(mask.to(work), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return out, (m >= 0.5).to(mask.dtype)
 
@@ -219,14 +232,15 @@ def _flip_unwarped(image: torch.Tensor, mask: torch.Tensor | None, out_image: to
 
 
 def _warp_affine_samples(image: torch.Tensor, mask: torch.Tensor | None, out_image: torch.Tensor,
-                         out_mask: torch.Tensor | None, p: dict[str, torch.Tensor], affine: torch.Tensor) -> None:
+                         out_mask: torch.Tensor | None, p: dict[str, torch.Tensor], affine: torch.Tensor,
+                         num_classes: int = 1) -> None:
     """Write into ``out_*`` the samples selected by ``affine`` (B,) resampled with their flips + affine."""
     spatial = image.shape[2:]
     idx = torch.nonzero(affine)[:, 0]  # (n,) CPU indices of the selected samples
     shifts = p["shift_frac"][idx] * torch.tensor([float(s) for s in spatial], dtype=torch.float64)  # voxels
     theta = affine_theta(spatial, p["flips"][idx], p["angles"][idx], p["scales"][idx], shifts)
     dev_idx = idx.to(image.device)
-    warped, warped_mask = warp(image[dev_idx], mask[dev_idx] if mask is not None else None, theta)
+    warped, warped_mask = warp(image[dev_idx], mask[dev_idx] if mask is not None else None, theta, num_classes)
     out_image[dev_idx] = warped
     if mask is not None:
         out_mask[dev_idx] = warped_mask
@@ -235,7 +249,7 @@ def _warp_affine_samples(image: torch.Tensor, mask: torch.Tensor | None, out_ima
 # Intensity helpers: x (B, C, D, H, W) float32, fg = (x != 0) before the first intensity transform,
 # per-sample flags / values (B,) on the CPU. Each returns a new x, changed only at selected samples' fg.
 
-_SAMPLE_DIMS = (1, 2, 3, 4)  # reduce over (C, D, H, W): one statistic per sample
+_SAMPLE_DIMS = (2, 3, 4)  # reduce over (D, H, W): one statistic per sample and channel
 
 
 def _per_sample(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -249,17 +263,17 @@ def _selected(fg: torch.Tensor, flag: torch.Tensor) -> torch.Tensor:
 
 
 def _foreground_min(x: torch.Tensor, fg: torch.Tensor) -> torch.Tensor:
-    """(B, 1, 1, 1, 1) minimum over each sample's foreground (inf where it is empty)."""
+    """(B, C, 1, 1, 1) minimum over each sample's and channel's foreground (inf where it is empty)."""
     return torch.where(fg, x, torch.full_like(x, math.inf)).amin(dim=_SAMPLE_DIMS, keepdim=True)
 
 
 def _foreground_max(x: torch.Tensor, fg: torch.Tensor) -> torch.Tensor:
-    """(B, 1, 1, 1, 1) maximum over each sample's foreground (-inf where it is empty)."""
+    """(B, C, 1, 1, 1) maximum over each sample's and channel's foreground (-inf where it is empty)."""
     return torch.where(fg, x, torch.full_like(x, -math.inf)).amax(dim=_SAMPLE_DIMS, keepdim=True)
 
 
 def _foreground_mean(x: torch.Tensor, fg: torch.Tensor) -> torch.Tensor:
-    """(B, 1, 1, 1, 1) mean over each sample's foreground (0 where it is empty)."""
+    """(B, C, 1, 1, 1) mean over each sample's and channel's foreground (0 where it is empty)."""
     count = fg.sum(dim=_SAMPLE_DIMS, keepdim=True).clamp_min(1)
     return torch.where(fg, x, torch.zeros_like(x)).sum(dim=_SAMPLE_DIMS, keepdim=True) / count
 
@@ -453,7 +467,8 @@ class BatchAugment(nn.Module):
 
     @torch.no_grad()
     def forward(
-        self, image: torch.Tensor, mask: torch.Tensor | None = None, generator: torch.Generator | None = None
+        self, image: torch.Tensor, mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
+        num_classes: int = 1,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Augment a batch.
 
@@ -463,6 +478,8 @@ class BatchAugment(nn.Module):
                 image's spatial transform only.
             generator: source of all randomness (``None``: torch's default CPU generator). Use a CPU
                 generator for results that do not depend on the device.
+            num_classes: 1 (default): ``mask`` is binary. K >= 2: ``mask`` (B, 1, D, H, W) is a label map of
+                labels 0..K, warped per label (:func:`warp`); flips move it unchanged.
 
         Returns:
             ``(image, mask)``: new tensors with the inputs' shapes, dtypes and devices (``mask`` None if not given).
@@ -481,7 +498,7 @@ class BatchAugment(nn.Module):
         affine = p["affine"] if self._affine_on else torch.zeros(b, dtype=torch.bool)
         _flip_unwarped(image, mask, out_image, out_mask, p["flips"], affine)
         if affine.any():
-            _warp_affine_samples(image, mask, out_image, out_mask, p, affine)
+            _warp_affine_samples(image, mask, out_image, out_mask, p, affine, num_classes)
 
         # intensity: foreground = nonzero after the spatial transform; background stays exactly 0
         if not (self._bias_on or self._contrast_on or self._gamma_on or self._noise_on):

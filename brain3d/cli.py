@@ -136,7 +136,9 @@ def check_command_line(config_name: str, args: list[str], required: dict[str, st
         if match and "not in struct" in text:
             key = match.group(1)
             # the valid keys under the command line's group choices (task=..., data=...), not its other values
-            groups = [o for o in overrides if "." not in o.split("=", 1)[0] and not o.startswith(("+", "~"))]
+            # (the misspelt key itself is left out: a top-level key has no dot either)
+            groups = [o for o in overrides if "." not in o.split("=", 1)[0] and not o.startswith(("+", "~"))
+                      and o.split("=", 1)[0] != key]
             return _unknown_key_message(key, config_name, groups)
         return " ".join(str(err).split())
     except Exception:

@@ -13,11 +13,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from brain3d.data.cache import default_cache_root
+from brain3d.data.channels import image_columns
 from brain3d.data.manifest import load_manifest
 from brain3d.data.sources import source_manifest
 from brain3d.data.synthetic import make_synthetic_dataset, synthetic_cache_dir
 from brain3d.errors import ConfigError
 from brain3d.models.heads import check_segmentation_shape
+from brain3d.tasks import single_task_losses
 
 
 def ignored_manifest(data_cfg: DictConfig) -> str | None:
@@ -31,15 +33,23 @@ def ignored_manifest(data_cfg: DictConfig) -> str | None:
             "use data=nifti to train on your manifest")
 
 
-def prepare_manifest(data_cfg: DictConfig, task_name: str | None = None, require_targets: bool = True) -> Path:
-    """``data.source``: synthetic -> generate (once, cached) the built-in phantoms; nifti -> ``data.manifest``."""
+def prepare_manifest(data_cfg: DictConfig, task_name: str | None = None, require_targets: bool = True,
+                     num_classes: int = 1) -> Path:
+    """``data.source``: synthetic -> generate (once, cached) the built-in phantoms (``num_classes`` 3 or 4: with
+    tissue label maps for a multi-class segmentation); nifti -> ``data.manifest``."""
     problem = ignored_manifest(data_cfg)
     if problem:
         raise ConfigError(problem)
     if data_cfg.source == "synthetic":
         root = cache_root(data_cfg) / "synthetic"
-        out_dir = synthetic_cache_dir(root, data_cfg.num_subjects, tuple(data_cfg.shape), data_cfg.seed)
-        return make_synthetic_dataset(out_dir, data_cfg.num_subjects, tuple(data_cfg.shape), data_cfg.seed)
+        channels = data_cfg.get("channels", 1)  # 2: T1-like and FLAIR-like scans (columns image, flair)
+        out_dir = synthetic_cache_dir(root, data_cfg.num_subjects, tuple(data_cfg.shape), data_cfg.seed, channels,
+                                      num_classes)
+        try:
+            return make_synthetic_dataset(out_dir, data_cfg.num_subjects, tuple(data_cfg.shape), data_cfg.seed,
+                                          channels=channels, num_classes=num_classes)
+        except ValueError as err:
+            raise ConfigError(f"data=synthetic: {err}") from err
     if data_cfg.source == "nifti":
         if not data_cfg.get("manifest"):
             raise ConfigError("data=nifti needs data.manifest=PATH (a CSV or TSV, one row per subject)")
@@ -56,15 +66,17 @@ def prepare_manifest(data_cfg: DictConfig, task_name: str | None = None, require
 def read_manifest(data_cfg: DictConfig, task_name: str, **overrides):
     """Check the data source's manifest with the ``data`` group's column and check settings
     (``overrides`` replace or add load_manifest arguments, e.g. ``check_data=False``, or ``heads`` for
-    task=multitask)."""
+    task=multitask; ``num_classes`` K >= 2 for a multi-class segmentation: its label maps are checked for labels
+    0..K, and data=synthetic writes tissue label maps)."""
     kwargs = dict(
-        id_col=data_cfg.id_col, image_col=data_cfg.image_col, target_col=data_cfg.target_col,
+        id_col=data_cfg.id_col, image_col=image_columns(data_cfg), target_col=data_cfg.target_col,
         mask_col=data_cfg.mask_col, split_col=data_cfg.split_col, group_col=data_cfg.get("group_col"),
         positive_label=data_cfg.get("positive_label"), check_data=data_cfg.check_data,
         on_error=data_cfg.get("on_error", "raise"), mask_values=data_cfg.get("mask_values", "binary"),
         affine_tolerance=data_cfg.get("affine_tolerance", 1e-3),
     )
-    manifest_path = prepare_manifest(data_cfg, task_name, overrides.get("require_targets", True))
+    manifest_path = prepare_manifest(data_cfg, task_name, overrides.get("require_targets", True),
+                                     overrides.get("num_classes", 1))
     return load_manifest(manifest_path, task_name, **{**kwargs, **overrides})
 
 
@@ -107,13 +119,12 @@ def check_input_geometry(task_name: str, settings: dict, patch_size, kinds: set[
 
 
 def build_loss(cfg: DictConfig) -> torch.nn.Module:
-    """Instantiate ``cfg.loss`` after checking that it fits the task (``task.losses`` lists those that do)."""
+    """Instantiate ``cfg.loss`` after checking that it fits the task (``task.losses`` lists those that do; a
+    multi-class segmentation, task.num_classes >= 2, takes its kind's own: brain3d.tasks.single_task_losses)."""
     name = cfg.loss.name
-    if name not in cfg.task.losses:
-        raise ConfigError(
-            f"loss={name} does not fit task={cfg.task.name}; "
-            f"valid losses for {cfg.task.name}: {', '.join(cfg.task.losses)}"
-        )
+    losses, what = single_task_losses(cfg.task)
+    if name not in losses:
+        raise ConfigError(f"loss={name} does not fit task={what}; valid losses for {what}: {', '.join(losses)}")
     loss_cfg = OmegaConf.to_container(cfg.loss, resolve=True)
     loss_cfg.pop("name")
     return instantiate(loss_cfg)

@@ -232,7 +232,8 @@ def _forward_backward(model: torch.nn.Module, batch: dict, tasks: TaskSet, devic
     targets, labelled = tasks.targets(to_device(batch, device))  # {head: (B, 1) or (B, 1, D, H, W)}
     if augment is not None:
         mask_task = tasks.mask_task
-        image, mask = augment(image, targets[mask_task.name] if mask_task else None, generator=generator)
+        image, mask = augment(image, targets[mask_task.name] if mask_task else None, generator=generator,
+                              num_classes=mask_task.num_classes if mask_task else 1)  # >= 2: a label map
         if mask_task is not None:
             targets[mask_task.name] = mask
     # DistributedDataParallel: gradients are all-reduced only on the micro-batch before an optimizer step.

@@ -13,7 +13,9 @@ rewritten); this module adds
   masks are non-empty; a missed or spurious lesion counts as the image diagonal, see
   :func:`segmentation_case_metrics`), volumes in ml
   and lesion-wise detection counts (ATLAS-style connected components), and a
-  segmentation report over subjects.
+  segmentation report over subjects;
+- the same per label of a multi-class segmentation (integer label maps), with their means over the labels
+  (:func:`label_map_case_metrics`, :func:`label_map_report`).
 
 Runtime dependency: scipy (``scipy.ndimage`` for connected components, binary
 erosion and Euclidean distance transforms). MONAI is used only by the tests, as a
@@ -59,6 +61,8 @@ __all__ = [
     "segmentation_case_metrics",
     "lesion_detection",
     "segmentation_report",
+    "label_map_case_metrics",
+    "label_map_report",
 ]
 
 # |slope| below this makes the bias correction (pred - intercept) / slope meaningless.
@@ -628,6 +632,27 @@ def _nan_mean(x: np.ndarray) -> float:
     return float(kept.mean()) if kept.size else float("nan")
 
 
+def _numeric_keys(case_rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The numeric keys of per-subject rows (in the first row's order), which every row must share."""
+    if isinstance(case_rows, Mapping) or not isinstance(case_rows, Sequence) or len(case_rows) == 0:
+        raise ValueError(
+            f"case_rows must be a non-empty list of dicts (one per subject), got {type(case_rows).__name__}."
+        )
+    keys: list[str] | None = None
+    for i, row in enumerate(case_rows):
+        if not isinstance(row, Mapping):
+            raise ValueError(f"case_rows[{i}] must be a dict, got {type(row).__name__}.")
+        row_keys = [k for k, v in row.items() if _is_number(v)]
+        if keys is None:
+            keys = row_keys
+        elif set(row_keys) != set(keys):
+            raise ValueError(
+                f"case_rows[{i}] has numeric keys {sorted(row_keys)}, but case_rows[0] has {sorted(keys)}."
+            )
+    assert keys is not None
+    return keys
+
+
 def segmentation_report(
     case_rows: Sequence[Mapping[str, Any]], num_samples: int = 1000, seed: int = 0
 ) -> dict[str, Any]:
@@ -658,22 +683,7 @@ def segmentation_report(
             positive integer.
     """
     num_samples = _check_num_samples(num_samples)
-    if isinstance(case_rows, Mapping) or not isinstance(case_rows, Sequence) or len(case_rows) == 0:
-        raise ValueError(
-            f"case_rows must be a non-empty list of dicts (one per subject), got {type(case_rows).__name__}."
-        )
-    keys: list[str] | None = None
-    for i, row in enumerate(case_rows):
-        if not isinstance(row, Mapping):
-            raise ValueError(f"case_rows[{i}] must be a dict, got {type(row).__name__}.")
-        row_keys = [k for k, v in row.items() if _is_number(v)]
-        if keys is None:
-            keys = row_keys
-        elif set(row_keys) != set(keys):
-            raise ValueError(
-                f"case_rows[{i}] has numeric keys {sorted(row_keys)}, but case_rows[0] has {sorted(keys)}."
-            )
-    assert keys is not None
+    keys = _numeric_keys(case_rows)
     missing = [k for k in ("lesion_tp", "lesion_fp", "lesion_fn") if k not in keys]
     if missing:
         raise ValueError(
@@ -694,4 +704,99 @@ def segmentation_report(
     report["lesion_fn_total"] = totals["lesion_fn"]
     denom = 2 * totals["lesion_tp"] + totals["lesion_fp"] + totals["lesion_fn"]
     report["lesion_f1_pooled"] = 1.0 if denom == 0 else 2.0 * totals["lesion_tp"] / denom
+    return report
+
+
+# ----------------------------------------------------------------------------- multi-class segmentation
+
+
+def _label_volume(labels: Any, name: str, num_classes: int) -> np.ndarray:
+    """A (X, Y, Z) int64 array of labels 0..num_classes from an integer-valued 3-D array / tensor."""
+    arr = _to_numpy(labels)
+    if arr.ndim != 3:
+        raise ValueError(
+            f"{name} must be a 3-D (X, Y, Z) label map of one subject, got shape {tuple(arr.shape)} "
+            "(squeeze batch/channel axes first)."
+        )
+    if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
+        raise ValueError(f"{name} must hold integer labels, got dtype {arr.dtype}.")
+    bad = ~np.isin(arr, np.arange(num_classes + 1))
+    if np.any(bad):
+        raise ValueError(
+            f"{name} must hold the labels 0..{num_classes}, got values such as {np.unique(arr[bad])[:5].tolist()}."
+        )
+    return arr.astype(np.int64)
+
+
+def label_map_case_metrics(pred_labels: Any, true_labels: Any, spacing_mm: Sequence[float],
+                           label_names: Sequence[str]) -> dict[str, Any]:
+    """Per-label and mean metrics of one subject's multi-class segmentation.
+
+    Label ``k`` (1..K, K = ``len(label_names)``; 0 is the background) is scored on the binary masks
+    ``pred == k`` and ``true == k`` with :func:`segmentation_case_metrics`' conventions: Dice and IoU 1 when the
+    label is in neither, 0 when in one only; HD95 in mm as MONAI's ``HausdorffDistanceMetric(percentile=95)``
+    with ``spacing=`` when in both, 0 in neither, the image diagonal (``hd95_worst_case_<name>`` = 1) in one only.
+
+    Args:
+        pred_labels: (X, Y, Z) predicted labels 0..K.
+        true_labels: (X, Y, Z) true labels 0..K, same shape.
+        spacing_mm: voxel spacing ``(sx, sy, sz)`` in mm, one per array axis.
+        label_names: the names of labels 1..K, in order (they name the keys).
+
+    Returns:
+        ``{"dice", "iou", "hd95_mm"}``: the means over the K labels; then per label ``name``: ``dice_<name>``,
+        ``iou_<name>``, ``hd95_mm_<name>``, ``pred_volume_ml_<name>``, ``true_volume_ml_<name>`` (floats) and
+        ``hd95_worst_case_<name>`` (int 0/1).
+
+    Raises:
+        ValueError: a map not 3-D or with a value outside 0..K, different shapes, bad spacing, no label names.
+    """
+    names = [str(n) for n in label_names]
+    if not names:
+        raise ValueError("label_names must name at least one label.")
+    pred = _label_volume(pred_labels, "pred_labels", len(names))
+    true = _label_volume(true_labels, "true_labels", len(names))
+    if pred.shape != true.shape:
+        raise ValueError(f"pred_labels and true_labels must have the same shape, got {pred.shape} and {true.shape}.")
+    spacing = _check_spacing(spacing_mm)
+    per_label: dict[str, Any] = {}
+    means: dict[str, list[float]] = {"dice": [], "iou": [], "hd95_mm": []}
+    for k, name in enumerate(names, start=1):
+        p, t = pred == k, true == k
+        dice = float(dice_per_sample(p[None, None], t[None, None], empty_value=1.0)[0])
+        iou = float(iou_per_sample(p[None, None], t[None, None], empty_value=1.0)[0])
+        hd95 = _hd95_mm(p, t, spacing)
+        for key, value in (("dice", dice), ("iou", iou), ("hd95_mm", hd95)):
+            per_label[f"{key}_{name}"] = value
+            means[key].append(value)
+        per_label[f"hd95_worst_case_{name}"] = int(bool(p.any()) != bool(t.any()))
+        per_label[f"pred_volume_ml_{name}"] = _volume_ml(p, spacing)
+        per_label[f"true_volume_ml_{name}"] = _volume_ml(t, spacing)
+    return {**{key: float(np.mean(values)) for key, values in means.items()}, **per_label}
+
+
+def label_map_report(case_rows: Sequence[Mapping[str, Any]], label_names: Sequence[str], num_samples: int = 1000,
+                     seed: int = 0) -> dict[str, Any]:
+    """Summarise :func:`label_map_case_metrics` rows over subjects with bootstrap 95% confidence intervals.
+
+    Returns:
+        ``{"n": N, "label_names": [...]}``, then for every numeric key of the rows (``dice``, ``iou``,
+        ``hd95_mm`` -- the means over the labels -- and each label's ``dice_<name>``, ``hd95_mm_<name>``...)
+        the NaN-mean over subjects as ``{"value", "ci_low", "ci_high"}``; the 0/1 ``hd95_worst_case_<name>``
+        flags are counted instead, as ``hd95_worst_case_subjects_<name>`` (int).
+
+    Raises:
+        ValueError: empty or inconsistent rows, or a bad ``num_samples``.
+    """
+    num_samples = _check_num_samples(num_samples)
+    keys = _numeric_keys(case_rows)
+    flags = {f"hd95_worst_case_{name}": f"hd95_worst_case_subjects_{name}" for name in label_names}
+    report: dict[str, Any] = {"n": len(case_rows), "label_names": [str(n) for n in label_names]}
+    for key in keys:
+        if key in flags:
+            continue
+        column = np.array([float(row[key]) for row in case_rows], dtype=np.float64)  # (N,)
+        report[key] = _with_ci(_nan_mean, column, num_samples=num_samples, seed=seed)
+    for flag, count_key in flags.items():
+        report[count_key] = int(sum(int(row[flag]) for row in case_rows)) if flag in keys else 0
     return report

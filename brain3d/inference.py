@@ -51,7 +51,8 @@ def predict_outputs(
     What is averaged depends on ``task``:
 
     - "classification" / "segmentation": probabilities, ``sigmoid(logits)`` (the logits
-      are cast to float32 first), so the result is in [0, 1];
+      are cast to float32 first), so the result is in [0, 1]; a segmentation head with more
+      than one channel (a multi-class head's K+1 logits) gets ``softmax`` over its channels;
     - "regression": the raw head outputs (still standardised; the caller de-standardises).
 
     Args:
@@ -105,7 +106,9 @@ def predict_heads(
                 if head_name not in outputs:
                     raise ValueError(f"model has no head {head_name!r}; heads: {sorted(outputs)}")
                 out = outputs[head_name].float()
-                if task != "regression":
+                if task == "segmentation" and out.dim() == 5 and out.shape[1] > 1:  # multi-class: K+1 logits
+                    out = torch.softmax(out, dim=1)
+                elif task != "regression":
                     out = torch.sigmoid(out)
                 if axes and out.dim() == 5:  # voxel-wise: flip back onto the input's grid
                     out = torch.flip(out, axes)

@@ -1,8 +1,9 @@
-"""Loss functions for classification, regression and binary segmentation.
+"""Loss functions for classification, regression and binary and multi-class segmentation.
 
 Every loss is a small ``nn.Module`` whose ``forward(logits, target)`` returns a
 scalar tensor (unless a ``reduction="none"`` is asked for). Models return
-LOGITS, so the losses apply the sigmoid themselves where one is needed.
+LOGITS, so the losses apply the sigmoid (or, for multi-class segmentation, the softmax)
+themselves where one is needed.
 
 All losses compute in float32: both ``logits`` and ``target`` are cast with
 ``.float()`` and the computation runs with autocast disabled, so calling them on
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BCELoss", "MSELoss", "L1Loss", "HuberLoss", "DiceLoss", "DiceBCELoss"]
+__all__ = ["BCELoss", "MSELoss", "L1Loss", "HuberLoss", "DiceLoss", "DiceBCELoss", "DiceCELoss"]
 
 _DICE_REDUCTIONS = ("mean", "sum", "none")
 
@@ -301,3 +302,81 @@ class DiceBCELoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dice_weight={self.dice_weight}, bce_weight={self.bce_weight}"
+
+
+class DiceCELoss(nn.Module):
+    """Multi-class segmentation: ``dice_weight * soft Dice + ce_weight * cross-entropy``, in float32.
+
+    For K labels plus background the head gives K+1 logits per voxel; with ``p = softmax(logits, dim=1)``
+    and ``t`` the one-hot of the integer label map, for every class ``c``::
+
+        dice_c = (2 * sum(p_c * t_c) + smooth) / (sum(p_c) + sum(t_c) + smooth)
+
+    The Dice term is ``1 - mean(dice_c)`` over the K foreground classes (class 0, the background, is left out,
+    as nnU-Net does), the sums running over each sample's voxels (``batch=False``: one Dice per sample and
+    class, then averaged) or over the whole batch (``batch=True``: one per class, nnU-Net's batch dice), as
+    :class:`DiceLoss`. The cross-entropy (``F.cross_entropy``) is the mean over all voxels and the K+1 classes.
+    A label absent from a sample's target and prediction scores Dice 1 (loss 0) thanks to ``smooth``.
+
+    Args:
+        dice_weight: weight of the soft Dice term. Defaults to 1.0. A term with weight 0 is not computed.
+        ce_weight: weight of the cross-entropy term. Defaults to 1.0.
+        smooth: added to numerator and denominator, > 0. Defaults to 1e-5.
+        batch: one Dice per class over the whole batch (True) or per sample (False, default).
+
+    Raises:
+        ValueError: a weight negative or not finite, both weights zero, or ``smooth`` not a positive number.
+
+    Shapes:
+        - logits: (B, K+1, D, H, W), K >= 1 (any (B, C, ...) with C >= 2).
+        - target: (B, 1, D, H, W) integer labels 0..K (any dtype: float labels are rounded to long).
+        - output: scalar.
+    """
+
+    def __init__(self, dice_weight: float = 1.0, ce_weight: float = 1.0, smooth: float = 1e-5,
+                 batch: bool = False) -> None:
+        super().__init__()
+        self.dice_weight = _check_weight(dice_weight, "dice_weight")
+        self.ce_weight = _check_weight(ce_weight, "ce_weight")
+        if self.dice_weight == 0 and self.ce_weight == 0:
+            raise ValueError(
+                f"dice_weight and ce_weight must not both be zero, got dice_weight={dice_weight!r}, "
+                f"ce_weight={ce_weight!r}."
+            )
+        self.smooth = DiceLoss(smooth=smooth).smooth  # the same check as DiceLoss
+        self.batch = bool(batch)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Return ``dice_weight * dice + ce_weight * ce``.
+
+        Raises:
+            ValueError: ``logits`` with fewer than 2 channels, or a ``target`` that is not (B, 1, *spatial).
+        """
+        if logits.ndim < 3 or logits.shape[1] < 2:
+            raise ValueError(
+                f"DiceCELoss expects logits (B, K+1, D, H, W) with K+1 >= 2 classes, got shape {tuple(logits.shape)}."
+            )
+        if target.shape != (logits.shape[0], 1, *logits.shape[2:]):
+            raise ValueError(
+                f"DiceCELoss: target must be the label map (B, 1, *spatial) of logits {tuple(logits.shape)}, "
+                f"got {tuple(target.shape)}."
+            )
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            logits = logits.float()
+            labels = torch.round(target[:, 0].float()).long() if target.is_floating_point() else target[:, 0].long()
+            loss = None
+            if self.dice_weight > 0:
+                probs = torch.softmax(logits, dim=1)  # (B, K+1, ...)
+                one_hot = F.one_hot(labels, logits.shape[1]).movedim(-1, 1).float()  # (B, K+1, ...)
+                dims = (0, *range(2, logits.ndim)) if self.batch else tuple(range(2, logits.ndim))
+                intersection = (probs * one_hot).sum(dim=dims)  # (K+1,) or (B, K+1)
+                denominator = probs.sum(dim=dims) + one_hot.sum(dim=dims)
+                dice = (2.0 * intersection + self.smooth) / (denominator + self.smooth)
+                loss = self.dice_weight * (1.0 - dice[..., 1:].mean())  # the K foreground classes
+            if self.ce_weight > 0:
+                ce = self.ce_weight * F.cross_entropy(logits, labels)
+                loss = ce if loss is None else loss + ce
+            return loss
+
+    def extra_repr(self) -> str:
+        return f"dice_weight={self.dice_weight}, ce_weight={self.ce_weight}, smooth={self.smooth}, batch={self.batch}"

@@ -1,8 +1,9 @@
-"""Evaluation metrics for classification, regression and binary segmentation.
+"""Evaluation metrics for classification, regression and binary and multi-class segmentation.
 
 Plain functions that accept torch tensors, numpy arrays or (for the 1-D metrics)
 Python sequences. Scalar metrics return Python floats computed in float64;
-``dice_per_sample`` / ``iou_per_sample`` return one value per sample.
+``dice_per_sample`` / ``iou_per_sample`` return one value per sample, ``dice_per_class`` one per sample
+and label.
 
 Whether larger or smaller is better for checkpoint selection is the task config's
 ``task.monitor_mode``.
@@ -25,6 +26,7 @@ __all__ = [
     "pearson_r",
     "dice_per_sample",
     "iou_per_sample",
+    "dice_per_class",
     "classification_metrics",
     "regression_metrics",
     "segmentation_metrics",
@@ -321,6 +323,33 @@ def iou_per_sample(pred_mask: Any, target_mask: Any, empty_value: float = 1.0) -
     empty_value = _check_empty_value(empty_value)
     inter, size_a, size_b, as_torch = _mask_counts(pred_mask, target_mask, "iou_per_sample")
     return _ratio(inter, size_a + size_b - inter, empty_value, as_torch)
+
+
+def dice_per_class(pred_labels: Any, target_labels: Any, num_classes: int, empty_value: float = 1.0) -> Any:
+    """Dice of each label ``1..num_classes`` of each sample of a batch of integer label maps.
+
+    Label ``k``'s Dice is :func:`dice_per_sample` of ``pred_labels == k`` and ``target_labels == k``, so a
+    label absent from both a sample's prediction and target scores ``empty_value``.
+
+    Args:
+        pred_labels: (B, 1, D, H, W) integer labels 0..num_classes (0: background), e.g. ``softmax(logits).argmax(1)``
+            with its channel axis kept.
+        target_labels: same shape.
+        num_classes: K, the labels besides the background.
+        empty_value: value for a label absent from both. Defaults to 1.0.
+
+    Returns:
+        (B, K) float64: a CPU ``torch.Tensor`` if either input is a tensor, else a numpy array.
+
+    Raises:
+        ValueError: as :func:`dice_per_sample` (shapes), or ``num_classes`` < 1.
+    """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"dice_per_class: num_classes must be an int >= 1, got {num_classes!r}.")
+    columns = [dice_per_sample(pred_labels == k, target_labels == k, empty_value) for k in range(1, num_classes + 1)]
+    if isinstance(columns[0], torch.Tensor):
+        return torch.stack(columns, dim=1)
+    return np.stack(columns, axis=1)
 
 
 # ----------------------------------------------------------------------------- task summaries

@@ -1,12 +1,14 @@
-"""``brain3d-predict``: rebuild models from checkpoints, predict every subject of a manifest, write the
-results back on each input's own grid, and evaluate them when the manifest has targets.
+"""``brain3d-predict``: rebuild models from checkpoints, predict every subject of a manifest (or every NIfTI file
+``input=`` names), write the results back on each input's own grid, and evaluate them when the manifest has targets.
 
 Read top to bottom: load the checkpoint(s) (they alone define model, preprocessing, class mapping and
 target scaling), read the manifest, then per subject: load (RAS) -> preprocess exactly as in training ->
 predict (optionally flip-TTA, several checkpoints averaged) -> map back to the input file's grid and
 orientation -> write. Last, ``predictions.csv`` and, with targets, ``metrics.json`` and ``metrics.csv`` (else
 one warning saying why not). Manifest columns default to those the checkpoint was trained with; subjects of
-its training split are flagged ``in_training_split``.
+its training split are flagged ``in_training_split``. ``input=FILE|FOLDER`` (brain3d.data.inputs) needs no
+manifest: its files are checked as a manifest's are, and predicted without targets. ``output_layout=bids``
+(brain3d.output_layout) writes BIDS-derivatives names.
 """
 
 from __future__ import annotations
@@ -15,25 +17,37 @@ import csv
 import json
 import logging
 import sys
+import tempfile
 from pathlib import Path
 
 import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from brain3d import report
 from brain3d.checkpoint import load_checkpoint
 from brain3d.cli import config_dir, keys_help, progress_mode, report_user_error, run_command
 from brain3d.command_setup import read_manifest
+from brain3d.data.channels import load_channels
+from brain3d.data.inputs import (
+    LISTING_COLUMNS,
+    Scan,
+    find_scans,
+    input_folder,
+    input_problems,
+    skipped_message,
+    write_listing,
+)
 from brain3d.data.manifest import Manifest, ManifestError
-from brain3d.data.nifti import NativeGrid, load_nifti_with_grid, save_on_native_grid
+from brain3d.data.nifti import NativeGrid, save_on_native_grid
 from brain3d.data.preprocess import invert_geometry, preprocess_volume, validate_settings
 from brain3d.errors import ConfigError
 from brain3d.hardware import resolve_device, resolve_precision
 from brain3d.inference import predict_heads, predict_outputs
 from brain3d.models.model import build_model
+from brain3d.output_layout import OutputLayout, check_layout, segmentation_desc
 from brain3d.saliency import grad_cam
 from brain3d.sliding_window import sliding_window_inference
 from brain3d.tasks import MULTITASK, PredictionContext, TaskSet, head_configs, task_set_from_checkpoint
@@ -85,12 +99,28 @@ def manifest_columns(data_cfg: DictConfig, train_data: dict) -> tuple[dict, dict
     for key in COLUMN_KEYS:
         what = key[:-len("_col")]
         if data_cfg.get(key) is not None:
-            columns[key], origins[key] = str(data_cfg[key]), f"data.{key}"
+            columns[key], origins[key] = column_names(data_cfg[key]), f"data.{key}"
         elif train_data.get(key) is not None:
-            columns[key], origins[key] = str(train_data[key]), f"the checkpoint's {what} column"
+            columns[key], origins[key] = column_names(train_data[key]), f"the checkpoint's {what} column"
         else:
             columns[key], origins[key] = COLUMN_FALLBACKS[key], f"the default {what} column"
     return columns, origins
+
+
+def column_names(value):
+    """A column setting as load_manifest takes it: a name, or (data.image_col of several channels) a list."""
+    return [str(v) for v in value] if isinstance(value, (list, tuple, ListConfig)) else str(value)
+
+
+def check_channels(columns: dict, origins: dict, state: dict) -> None:
+    """The image columns must be as many as the checkpoint's input channels (backbone.in_channels)."""
+    image_cols = columns["image_col"]
+    count = len(image_cols) if isinstance(image_cols, list) else 1
+    in_channels = int(state["config"]["backbone"].get("in_channels", 1))
+    if count != in_channels:
+        raise ConfigError(f"data.image_col={image_cols} ({origins['image_col']}) names {count} column(s), but the "
+                          f"checkpoint's model reads {in_channels} channel(s) "
+                          f"(trained with data.image_col={(state['config'].get('data') or {}).get('image_col')})")
 
 
 def no_metrics_reason(manifest: Manifest, tasks: TaskSet, columns: dict, origins: dict) -> str:
@@ -147,8 +177,10 @@ def log_skipped(manifest: Manifest) -> None:
 
 def save_like_input(ras_array: np.ndarray, grid: NativeGrid, path: Path, dtype) -> None:
     """:func:`save_on_native_grid` with the input's trailing singleton axes put back: an (X, Y, Z, 1) input gets
-    (X, Y, Z, 1) outputs, so tools that check an overlay's shape against its image accept them."""
+    (X, Y, Z, 1) outputs, so tools that check an overlay's shape against its image accept them. An array with its
+    own 4th axis (a multi-class head's (X, Y, Z, K+1) probabilities) is written as it is."""
     extra = tuple(grid.header.get_data_shape()[3:]) if hasattr(grid.header, "get_data_shape") else ()
+    extra = extra if ras_array.ndim == 3 else ()
     save_on_native_grid(ras_array.reshape(ras_array.shape + extra), grid, path, dtype)
 
 
@@ -162,6 +194,8 @@ def predict(cfg: DictConfig) -> dict:
     precision, amp_dtype, _ = resolve_precision(cfg.precision, device)
     if cfg.saliency not in (None, "gradcam"):
         raise ConfigError(f"saliency={cfg.saliency!r} is not one of null, gradcam")
+    layout = check_layout(cfg.get("output_layout", "flat"))
+    scans = input_scans(cfg, out_dir)  # input=FILE|FOLDER: its files (None: the data group's manifest)
     models, states = load_models(paths, device)
     tasks = task_set_from_checkpoint(states[0])
     if len(states) > 1:  # each member's bias correction was fitted on its own validation split: none for the mean
@@ -172,7 +206,11 @@ def predict(cfg: DictConfig) -> dict:
     log.info("%d checkpoint(s), task %s (heads %s), input shape %s, device %s, precision %s, tta %s", len(models),
              states[0]["task"], ", ".join(tasks.names), states[0]["config"]["data"]["shape"], device, precision,
              cfg.tta)
-    manifest, columns, origins = read_prediction_manifest(cfg, states[0], tasks)
+    if scans is None:
+        manifest, columns, origins = read_prediction_manifest(cfg, states[0], tasks)
+    else:
+        manifest = read_input_manifest(cfg, states[0], tasks, scans)
+    outputs = output_layout(layout, out_dir, manifest, states[0], tasks)
     seen = training_subject_ids(states, paths)
     warn_training_subjects([s.subject_id for s in manifest.subjects], seen)
     # The checkpoint's preprocessing, applied exactly as in training (older checkpoints: resize to data.shape),
@@ -188,8 +226,9 @@ def predict(cfg: DictConfig) -> dict:
                                          disable=progress_mode(cfg.progress) != "bars")):
         in_training = None if seen is None else subject.subject_id in seen
         row, evaluations, picture = predict_subject(cfg, subject, members, tasks, settings, patch_size, out_dir,
-                                                    device, amp_dtype)
-        row = {manifest.id_col: subject.subject_id, "in_training_split": in_training, **row}
+                                                    device, amp_dtype, save=outputs.saver(subject.subject_id))
+        row = {manifest.id_col: subject.subject_id, **input_columns(subject, manifest.id_col, scans, outputs),
+               "in_training_split": in_training, **row}
         for name, result in evaluations.items():
             if result is not None:
                 evaluated[name].append((row, result))
@@ -197,8 +236,9 @@ def predict(cfg: DictConfig) -> dict:
         rows.append(row)
     write_csv(out_dir / "predictions.csv", rows)
     metrics = write_metrics(cfg, out_dir, paths, tasks, manifest.id_col, rows, evaluated)
-    if not metrics:
+    if not metrics and scans is None:  # input= said so once at the start
         log.warning("%s", no_metrics_reason(manifest, tasks, columns, origins))
+    outputs.finish(paths, input_folder(str(cfg.input)) if scans is not None else data_folder(cfg, manifest))
     shown = tasks.mask_task or next(iter(tasks))
     report.ReportGuard("report.html")(
         report.write_prediction_report, out_dir, shown.kind, metrics, worst.sorted(),
@@ -211,33 +251,113 @@ def predict(cfg: DictConfig) -> dict:
     return metrics
 
 
-def read_prediction_manifest(cfg: DictConfig, state: dict, tasks: TaskSet) -> tuple[Manifest, dict, dict]:
+def read_prediction_manifest(cfg: DictConfig, state: dict, tasks: TaskSet,
+                             listing: Path | None = None) -> tuple[Manifest, dict, dict]:
     """The manifest, read with the checkpoint's columns and class names (targets optional: a row without one
-    is predicted, not evaluated); also the columns and where each came from (for messages)."""
+    is predicted, not evaluated); also the columns and where each came from (for messages). ``listing``:
+    input='s files as a manifest (:func:`read_input_manifest`), read instead, with its own id and image columns."""
     columns, origins = manifest_columns(cfg.data, state["config"].get("data") or {})
+    check_channels(columns, origins, state)
+    data_cfg = cfg.data
+    if listing is not None:
+        data_cfg = OmegaConf.merge(cfg.data, {"manifest": str(listing)})
+        columns.update(id_col=LISTING_COLUMNS[0], image_col=LISTING_COLUMNS[1])
+    num_classes = tasks.mask_task.num_classes if tasks.mask_task is not None else 1  # >= 2: label maps 0..K
     if tasks.multi:
         heads = [(t.name, t.kind, t.column) for t in tasks]
         class_names = {t.name: t.class_names for t in tasks if t.class_names is not None}
-        manifest = read_manifest(cfg.data, MULTITASK, require_targets=False, class_names=class_names or None,
-                                 heads=heads, **columns)
+        manifest = read_manifest(data_cfg, MULTITASK, require_targets=False, class_names=class_names or None,
+                                 heads=heads, num_classes=num_classes, **columns)
     else:
-        manifest = read_manifest(cfg.data, state["task"], require_targets=False,
-                                 class_names=next(iter(tasks)).class_names, **columns)
-    log_skipped(manifest)
+        manifest = read_manifest(data_cfg, state["task"], require_targets=False,
+                                 class_names=next(iter(tasks)).class_names, num_classes=num_classes, **columns)
+    if listing is None:
+        log_skipped(manifest)
     return manifest, columns, origins
 
 
+def output_layout(layout: str, out_dir: Path, manifest: Manifest, state: dict, tasks: TaskSet) -> OutputLayout:
+    """Where each subject's images go (brain3d.output_layout), every name checked before any is predicted; the
+    desc of a single-task segmentation's BIDS names from the checkpoint's mask column, and a multi-class one's
+    label map a BIDS dseg."""
+    label_map = getattr(tasks.mask_task, "num_classes", 1) > 1
+    desc = segmentation_desc((state["config"].get("data") or {}).get("mask_col"), label_map)
+    return OutputLayout(layout, out_dir, {s.subject_id: s.image for s in manifest.subjects}, save_like_input, desc,
+                        label_map)
+
+
+def input_scans(cfg: DictConfig, out_dir: Path) -> list[Scan] | None:
+    """``input=``: the files it names (brain3d.data.inputs.find_scans), logged once with "predictions only";
+    None without it. One line (ConfigError) for input= given with data.manifest or another data source, or a
+    folder that is output_dir itself (a second run would read the predictions as scans)."""
+    if cfg.get("input") in (None, ""):
+        return None
+    given = str(cfg.input)
+    if cfg.data.get("manifest"):
+        raise ConfigError(f"input={given} and data.manifest={cfg.data.manifest} both say what to predict; give one "
+                          f"(input= needs no manifest)")
+    if cfg.data.source != "nifti":
+        raise ConfigError(f"input={given} predicts the files it names, but data={cfg.data.source} reads subjects of "
+                          f"its own; drop data={cfg.data.source} or input=")
+    scans = find_scans(given)
+    if Path(given).expanduser().is_dir() and input_folder(given) == input_folder(str(out_dir)):
+        raise ConfigError(f"output_dir={out_dir} is the input folder {given}: a second run would read the "
+                          f"predictions as scans; write them to another folder")
+    log.info("input=%s: %d NIfTI file(s); no targets with input=, so predictions only (no metrics.json)", given,
+             len(scans))
+    return scans
+
+
+def read_input_manifest(cfg: DictConfig, state: dict, tasks: TaskSet, scans: list[Scan]) -> Manifest:
+    """input=: its files as a manifest without targets, checked as a manifest is (every header; with
+    data.check_data every file decoded once; data.on_error=skip leaves a bad file out with a warning), every
+    problem reported together and named by its file."""
+    given = str(cfg.input)
+    in_channels = int(state["config"]["backbone"].get("in_channels", 1))
+    if in_channels > 1:
+        trained_with = (state["config"].get("data") or {}).get("image_col")
+        raise ConfigError(f"input={given} gives one file per scan, but the checkpoint's model reads {in_channels} "
+                          f"channels (trained with data.image_col={trained_with}); list each subject's files in a "
+                          f"manifest (data.manifest=PATH)")
+    with tempfile.TemporaryDirectory(prefix="brain3d-input-") as tmp:
+        listing = write_listing(scans, Path(tmp) / "inputs.csv")
+        try:
+            manifest, _, _ = read_prediction_manifest(cfg, state, tasks, listing)
+        except ManifestError as err:
+            raise input_problems(given, scans, err.problems) from None
+    for skipped in manifest.skipped:
+        log.warning("%s", skipped_message(scans, skipped))
+    return manifest
+
+
+def input_columns(subject, id_col: str, scans: list[Scan] | None, outputs: OutputLayout) -> dict:
+    """predictions.csv columns after the id: the layout's (bids: participant_id, session; never the id column
+    itself) and, with input=, the scan's ``image`` path."""
+    columns = {k: v for k, v in outputs.columns(subject.subject_id).items() if k != id_col}
+    return {**columns, "image": str(subject.image)} if scans is not None else columns
+
+
+def data_folder(cfg: DictConfig, manifest: Manifest) -> Path:
+    """Where a manifest's scans come from, for dataset_description.json's SourceDatasets: ``data.root`` (bids,
+    msd), else the first scan's folder."""
+    root = cfg.data.get("root")
+    return Path(str(root)).expanduser() if root else Path(manifest.subjects[0].image).parent
+
+
 def predict_subject(cfg: DictConfig, subject, members: list, tasks: TaskSet, settings: dict, patch_size,
-                    out_dir: Path, device, amp_dtype) -> tuple[dict, dict, dict]:
+                    out_dir: Path, device, amp_dtype, save=save_like_input) -> tuple[dict, dict, dict]:
     """One subject: load (RAS), preprocess with the checkpoint's ``settings``, predict every head (ensemble
     mean over ``members``, (model, its TaskSet) pairs; optional flip TTA; sliding windows after patch
-    training), write its outputs on the input's grid. Returns (predictions.csv columns, {head: evaluation row
-    or None}, what report.html needs to draw it)."""
-    image_ras, _, grid = load_nifti_with_grid(subject.image)
+    training), write its outputs on the input's grid with ``save`` (``save_like_input``, or the output layout's
+    writer: brain3d.output_layout). Returns (predictions.csv columns, {head: evaluation row or None}, what
+    report.html needs to draw it)."""
+    # every channel (data.image_col's columns) on the first one's grid, which the outputs are written on
+    image_ras, _, grid = load_channels(subject.image_paths)
     image, _, info = preprocess_volume(image_ras, grid.voxel_size_mm, settings)
-    x = torch.from_numpy(image)[None, None]  # (1, 1, D, H, W); stays on the CPU for sliding windows
+    x = torch.from_numpy(image if image.ndim == 4 else image[None])[None]  # (1, C, D, H, W); stays on the CPU
+    image_ras = image_ras[0] if image_ras.ndim == 4 else image_ras  # report.html draws the first channel
     outputs = ensemble_outputs(cfg, x, members, tasks, patch_size, device, amp_dtype)
-    where = PredictionContext(subject.subject_id, grid, info, out_dir, cfg.threshold, save_like_input)
+    where = PredictionContext(subject.subject_id, grid, info, out_dir, cfg.threshold, save)
     row, evaluations = {}, {}
     for task in tasks:
         columns, evaluations[task.name] = task.predict_subject(outputs[task.name], tasks.label_of(subject, task),
@@ -247,7 +367,7 @@ def predict_subject(cfg: DictConfig, subject, members: list, tasks: TaskSet, set
         head = next(iter(tasks)).name
         cams = [grad_cam(model, x.to(device), head) for model, _ in members]
         cam = invert_geometry(np.mean(cams, axis=0)[0], info, "trilinear")
-        save_like_input(cam.astype(np.float32), grid, out_dir / f"{subject.subject_id}_saliency.nii.gz", np.float32)
+        save(cam.astype(np.float32), grid, out_dir / f"{subject.subject_id}_saliency.nii.gz", np.float32)
     return row, evaluations, {"image_ras": image_ras, "voxel_size_mm": grid.voxel_size_mm, "mask": where.mask,
                               "true_mask": where.true_mask}
 
@@ -341,6 +461,8 @@ Reads:
 {keys_help("predict")}
   data=nifti (default) | bids | msd | synthetic, as in brain3d-train; data.manifest=PATH (CSV or TSV),
   data.on_error=raise|skip; data.*_col: columns (null: the ones the checkpoint was trained with)
+  input=FILE|FOLDER instead of a manifest: a .nii / .nii.gz, or every one in a folder (and in sub-*/[ses-*/]anat/
+  of a BIDS dataset); ids are the file names without .nii / .nii.gz; predictions only (no targets)
 
 Examples:
   brain3d-predict checkpoint=outputs/segmentation/2026-12-01/10-00-00/checkpoints/best.pt data.manifest=new.csv output_dir=preds
@@ -348,9 +470,13 @@ Examples:
   brain3d-predict checkpoint=[cv/0/checkpoints/best.pt,cv/1/checkpoints/best.pt] data.manifest=test.csv output_dir=ens
   brain3d-predict checkpoint=age/checkpoints/best.pt data.manifest=test.csv output_dir=preds saliency=gradcam
   brain3d-predict checkpoint=run/checkpoints/best.pt data=bids data.root=/data/bids output_dir=preds
+  brain3d-predict checkpoint=run/checkpoints/best.pt input=scan.nii.gz output_dir=preds
+  brain3d-predict checkpoint=run/checkpoints/best.pt input=/data/bids output_dir=/data/bids/derivatives/brain3d output_layout=bids
 
 Writes: predictions.csv; segmentation <id>_prob.nii.gz and <id>_mask.nii.gz; metrics.json / metrics.csv with targets.
 A multi-task checkpoint writes every head: sex_probability, age_prediction... and <id>_lesion_prob.nii.gz.
+output_layout=bids: sub-X/[ses-Y/]anat/sub-X[_ses-Y]_space-orig_desc-lesion_mask.nii.gz (and _probseg), and
+dataset_description.json; predictions.csv gets participant_id and session.
 Exit status: 0 done, 2 a mistake in the command, config or data."""  # noqa: E501 (an example is one command a line)
 
 REQUIRED = {"checkpoint": "checkpoint=PATH (a best.pt or last.pt written by brain3d-train; [A,B] for an ensemble)",

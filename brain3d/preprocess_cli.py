@@ -35,6 +35,7 @@ from brain3d.data.nifti import NiftiReadError
 from brain3d.data.preprocess import validate_settings
 from brain3d.errors import ConfigError
 from brain3d.hardware import worker_count
+from brain3d.tasks import head_specs
 
 log = logging.getLogger("brain3d.preprocess")
 AUTO_WORKERS = "auto"
@@ -64,9 +65,9 @@ def _init_worker() -> None:
     torch.set_num_threads(1)
 
 
-def _fill_one(image: str, mask: str | None, settings: dict, cache_dir: str) -> bool:
-    """Worker: make sure one subject is cached; True on a hit."""
-    return ensure_cached(image, mask, settings, cache_dir)[1]
+def _fill_one(image: str | list[str], mask: str | None, settings: dict, cache_dir: str, num_classes: int = 1) -> bool:
+    """Worker: make sure one subject is cached (``num_classes`` >= 2: its mask as a label map); True on a hit."""
+    return ensure_cached(image, mask, settings, cache_dir, num_classes)[1]
 
 
 def _mp_context():
@@ -99,15 +100,21 @@ def fill_cache(cfg: DictConfig) -> dict:
     except ValueError as err:
         raise ConfigError(str(err)) from err
     cache_dir = preprocessed_cache_dir(cfg.data)
-    manifest = read_manifest(cfg.data, cfg.task.name, check_data=False, require_targets=False)
+    # a multi-class segmentation's label maps are cached under their own keys, as the training run reads them
+    num_classes = max([spec["num_classes"] for spec in head_specs(cfg.task).values()
+                       if spec["kind"] == "segmentation"] or [1])
+    manifest = read_manifest(cfg.data, cfg.task.name, check_data=False, require_targets=False, num_classes=num_classes)
     manifest_path = manifest.path
-    jobs = [(str(s.image), str(s.mask) if s.mask is not None else None) for s in manifest.subjects]
+    # every channel's file (one channel: the path itself, the key training uses for it)
+    jobs = [([str(p) for p in s.image_paths] if len(s.image_paths) > 1 else str(s.image),
+             str(s.mask) if s.mask is not None else None) for s in manifest.subjects]
     workers = resolve_workers(cfg, len(jobs))
     progress = progress_mode(cfg.get("trainer", {}).get("progress", "auto")) == "bars"
     log.info("%s: %d subjects -> %s (%d worker processes)", manifest_path, len(jobs), cache_dir, workers)
     hits = 0
     with ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context(), initializer=_init_worker) as pool:
-        futures = {pool.submit(_fill_one, image, mask, settings, str(cache_dir)): image for image, mask in jobs}
+        futures = {pool.submit(_fill_one, image, mask, settings, str(cache_dir), num_classes): image
+                   for image, mask in jobs}
         bar = tqdm(as_completed(futures), total=len(futures), desc="preprocess", disable=not progress,
                    dynamic_ncols=True)
         for future in bar:

@@ -4,7 +4,9 @@ Each head of a run is a :class:`Task`: its name (the key of the model's outputs 
 manifest column it learns from, its loss and loss weight. The class owns what its kind does differently:
 reading and encoding targets, the losses that fit it, its validation metrics (and the report's cases),
 the prediction columns and files, and whether the split is stratified on it. A fourth kind of head is one
-more class here, added to ``KINDS``.
+more class here, added to ``KINDS``. A segmentation head with ``num_classes`` K >= 2 (``task.num_classes``, or
+``task.heads.<name>.num_classes``) is a :class:`MultiClassSegmentationTask`: same kind, its own losses, metrics
+and outputs (:func:`task_class` picks the class).
 
 A run's heads are a :class:`TaskSet`. A single-task run (``task=classification|regression|segmentation``)
 has one head named after its kind, and batches carry ``"target"`` as one tensor, as they always have.
@@ -16,6 +18,7 @@ leaves it out (:meth:`TaskSet.loss`), while the other heads still learn from it.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -26,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from brain3d import evaluation, report
 from brain3d import metrics as M
-from brain3d.data.nifti import load_mask
+from brain3d.data.nifti import load_label_map, load_mask
 from brain3d.data.preprocess import invert_geometry
 from brain3d.errors import ConfigError
 
@@ -324,6 +327,8 @@ class SegmentationTask(Task):
     default_column = "mask"
     metric = ("dice", "max")
     reads_mask = True
+    num_classes = 1  # binary; MultiClassSegmentationTask: K labels plus background
+    label_names: list[str] | None = None
 
     @staticmethod
     def random_target(batch_size: int, spatial_shape, device) -> torch.Tensor:
@@ -405,9 +410,177 @@ class SegmentationTask(Task):
         return 1.0 - float(evaluation["dice"]), {**values, "dice": float(evaluation["dice"])}
 
 
+class MultiClassSegmentationTask(SegmentationTask):
+    """Multi-class segmentation (``task.num_classes=K`` >= 2): the target is an integer label map of the image's
+    grid (0 background, labels 1..K), the head gives K+1 logits per voxel, their softmax the probabilities and
+    its argmax the predicted label map. Validation metrics: each label's mean per-subject Dice ``dice_<name>``
+    (``data.label_names``, else ``label1..labelK``), ``dice`` their mean (what picks best.pt, as in binary runs)
+    and ``iou`` the mean over the labels of their IoU. brain3d-predict writes the label map and the K+1
+    probabilities on the input's grid and scores each label's Dice and HD95 and their means.
+
+    Args:
+        num_classes: K, the labels besides the background (2..255).
+        label_names: the names of labels 1..K (None: ``label1..labelK``); see :func:`checked_label_names`.
+    """
+
+    losses = ("dice_ce",)
+
+    def __init__(self, name: str, column: str | None = None, loss_fn: torch.nn.Module | None = None,
+                 weight: float = 1.0, prefix: str = "", num_classes: int = 2, label_names: list[str] | None = None):
+        super().__init__(name, column, loss_fn, weight, prefix)
+        self.num_classes = int(num_classes)
+        self.label_names = checked_label_names(label_names, self.num_classes)
+
+    def state(self) -> dict:
+        return {**super().state(), "num_classes": self.num_classes, "label_names": self.label_names}
+
+    def new_outputs(self) -> dict:
+        return {"dice": [], "iou": [], "preview": None}
+
+    def collect(self, outputs: dict, logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor | None,
+                batch: dict, image: torch.Tensor, worst: report.WorstCases | None) -> None:
+        """``logits`` (B, K+1, D, H, W), ``target`` (B, 1, D, H, W) labels; per kept subject and label the Dice
+        and IoU of the argmax."""
+        ids = [str(s) for s in batch["subject_id"]]
+        if keep is not None:
+            kept = keep.cpu().reshape(-1).tolist()
+            logits, target, image = logits[keep], target[keep], image[keep]
+            ids = [s for s, k in zip(ids, kept) if k]
+        if not ids:
+            return
+        probability = torch.softmax(logits.float(), dim=1)  # (B, K+1, D, H, W)
+        predicted = probability.argmax(dim=1, keepdim=True)  # (B, 1, D, H, W) labels 0..K
+        truth = torch.round(target.float()).long()
+        labels = range(1, self.num_classes + 1)
+        dice = M.dice_per_class(predicted, truth, self.num_classes).numpy()  # (B, K)
+        iou = np.stack([np.asarray(M.iou_per_sample(predicted == k, truth == k)) for k in labels], axis=1)
+        outputs["dice"].append(dice)
+        outputs["iou"].append(iou)
+        if worst is not None:
+            for b, value in enumerate(dice.mean(axis=1).tolist()):
+                worst.offer(1.0 - value, lambda b=b, value=value: {
+                    "subject_id": ids[b], "dice": value,
+                    "slices": report.orthogonal_slices(image[b, 0].float().cpu().numpy(),
+                                                       truth=(truth[b, 0] > 0).cpu().numpy(),
+                                                       prediction=(predicted[b, 0] > 0).cpu().numpy())})
+        if outputs["preview"] is None:  # the TensorBoard overlay: any label against the background
+            outputs["preview"] = {"image": image[0, 0].float().cpu().numpy(),
+                                  "target": (truth[0, 0] > 0).float().cpu().numpy(),
+                                  "probability": (1.0 - probability[0, 0]).cpu().numpy()}
+
+    def parts(self, outputs: dict) -> dict[str, np.ndarray]:
+        k = self.num_classes
+        return {key: (np.concatenate(outputs[key]).reshape(-1, k) if outputs[key] else np.zeros((0, k)))
+                for key in ("dice", "iou")}  # (subjects, K) each
+
+    def metrics(self, parts: dict[str, np.ndarray]) -> dict[str, float]:
+        dice = np.asarray(parts["dice"], dtype=np.float64).reshape(-1, self.num_classes)
+        iou = np.asarray(parts["iou"], dtype=np.float64).reshape(-1, self.num_classes)
+        if not len(dice):
+            return {"dice": float("nan"), "iou": float("nan"),
+                    **{f"dice_{name}": float("nan") for name in self.label_names}}
+        per_label = dice.mean(axis=0)  # (K,): each label's mean per-subject Dice
+        return {"dice": float(per_label.mean()), "iou": float(iou.mean(axis=0).mean()),
+                **{f"dice_{name}": float(v) for name, v in zip(self.label_names, per_label)}}
+
+    def predict_subject(self, output: torch.Tensor, label, where: PredictionContext) -> tuple[dict, dict | None]:
+        """``<id>_<prefix>prob.nii.gz``: the K+1 probabilities as one 4-D float32 image (X, Y, Z, K+1) on the
+        input's grid, volume k the probability of label k (0: background); ``<id>_<prefix>mask.nii.gz``: the
+        label map (uint8, the most probable label of each voxel), on the input's grid (shape and affine);
+        ``predicted_volume_ml`` (every label) and ``predicted_volume_ml_<name>`` per label; with a true label map
+        (``label``: its path) brain3d.evaluation.label_map_case_metrics."""
+        probs = output[0].numpy()  # (K+1, D, H, W): the ensemble mean of the softmaxes
+        native = np.stack([invert_geometry(p, where.info, "trilinear") for p in probs[1:]], axis=-1)  # (X, Y, Z, K)
+        background = np.clip(1.0 - native.sum(axis=-1, keepdims=True), 0.0, 1.0)  # also 1 outside the crop
+        native = np.concatenate([background, native], axis=-1).astype(np.float32)  # (X, Y, Z, K+1)
+        labels = native.argmax(axis=-1).astype(np.uint8)  # (X, Y, Z) labels 0..K
+        stem = f"{where.subject_id}_{self.prefix}"
+        where.save_like_input(native, where.grid, where.out_dir / f"{stem}prob.nii.gz", np.float32)
+        where.save_like_input(labels, where.grid, where.out_dir / f"{stem}mask.nii.gz", np.uint8)
+        where.mask = (labels > 0).astype(np.uint8)  # report.html draws any label against the background
+        voxel_ml = float(np.prod(where.grid.voxel_size_mm)) / 1000.0
+        row = {self.out_key("predicted_volume_ml"): float((labels > 0).sum() * voxel_ml),
+               **{self.out_key(f"predicted_volume_ml_{name}"): float((labels == k).sum() * voxel_ml)
+                  for k, name in enumerate(self.label_names, start=1)}}
+        if label is None:
+            return row, None
+        true_labels, _ = load_label_map(label, self.num_classes)
+        where.true_mask = (true_labels > 0).astype(np.uint8)
+        return row, evaluation.label_map_case_metrics(labels, true_labels, where.grid.voxel_size_mm, self.label_names)
+
+    def prediction_metrics(self, evaluated: list[dict], num_samples: int, threshold: float) -> dict:
+        """brain3d.evaluation.label_map_report: ``dice``, ``iou``, ``hd95_mm`` (means over the labels) and each
+        label's, with 95% bootstrap intervals; the label map is the argmax, so no threshold."""
+        return evaluation.label_map_report(evaluated, self.label_names, num_samples=num_samples)
+
+
 KINDS: dict[str, type[Task]] = {cls.kind: cls for cls in (ClassificationTask, RegressionTask, SegmentationTask)}
 SINGLE_TASKS = tuple(KINDS)  # task=<kind>: one head named after its kind
 MULTITASK = "multitask"
+
+
+MAX_CLASSES = 255  # label maps are stored as uint8
+_LABEL_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # a label's name goes into metric names and CSV columns
+
+
+def checked_num_classes(value: Any, where: str = "task.num_classes") -> int:
+    """``task.num_classes`` as an int: 1 (binary, the default) or K in 2..255 (K labels plus background)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CLASSES:
+        raise ConfigError(f"{where}={value!r} must be a whole number from 1 to {MAX_CLASSES}: 1 for a binary mask, "
+                          "K >= 2 for a label map of K labels plus background")
+    return value
+
+
+def checked_label_names(names: Any, num_classes: int, where: str = "data.label_names") -> list[str]:
+    """The names of labels 1..K: ``names`` checked (K of them, unique, letters / digits / ``_.-``), or
+    ``label1..labelK`` for None."""
+    if names is None:
+        return [f"label{k}" for k in range(1, num_classes + 1)]
+    if isinstance(names, (str, bytes)) or not hasattr(names, "__len__"):
+        raise ConfigError(f"{where}={names!r} must be a list of {num_classes} names, e.g. {where}=[csf,gm,wm]")
+    names = [str(n) for n in names]
+    if len(names) != num_classes:
+        raise ConfigError(f"{where} has {len(names)} names ({', '.join(names)}) but task.num_classes={num_classes} "
+                          f"needs {num_classes}, one per label 1..{num_classes}")
+    bad = [n for n in names if not _LABEL_NAME.fullmatch(n)]
+    if bad:
+        raise ConfigError(f"{where}: {bad[0]!r} is not a usable label name (letters, digits, _ . - only: it names "
+                          f"metrics such as val_dice_<name>)")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"{where} names {', '.join(repeated)} more than once; each label needs its own name")
+    return names
+
+
+def task_class(kind: str, num_classes: int = 1) -> type[Task]:
+    """The class of a head of ``kind``: :class:`MultiClassSegmentationTask` for a segmentation with
+    ``num_classes`` >= 2, else ``KINDS[kind]``."""
+    if kind == "segmentation" and num_classes > 1:
+        return MultiClassSegmentationTask
+    return KINDS[kind]
+
+
+def single_task_losses(task_cfg: DictConfig | dict) -> tuple[list[str], str]:
+    """The loss options a single-task run may use and what to call the task in a message: ``task.losses``
+    (``regression``...), or a multi-class segmentation's (``segmentation with task.num_classes=3``)."""
+    num_classes = checked_num_classes(task_cfg.get("num_classes", 1))
+    if task_cfg["name"] == "segmentation" and num_classes > 1:
+        return list(MultiClassSegmentationTask.losses), f"segmentation with task.num_classes={num_classes}"
+    return list(task_cfg["losses"]), str(task_cfg["name"])
+
+
+def _head_for_classes(head: Any, kind: str, num_classes: int, where: str) -> Any:
+    """A segmentation head's module config with ``out_channels`` = K+1 for ``num_classes`` K >= 2 (the config's
+    ``out_channels: 1`` means "as the task needs"); unchanged for a binary head or another kind."""
+    if kind != "segmentation" or num_classes == 1:
+        return head
+    config = OmegaConf.to_container(head, resolve=True) if isinstance(head, DictConfig) else dict(head)
+    given = config.get("out_channels", 1)
+    if given not in (1, num_classes + 1):
+        raise ConfigError(f"{where}.out_channels={given} does not fit num_classes={num_classes}: a multi-class head "
+                          f"gives {num_classes + 1} channels (the labels plus background); leave it at 1")
+    config["out_channels"] = num_classes + 1
+    return config
 
 
 class TaskSet:
@@ -529,26 +702,34 @@ def loss_config(loss: Any) -> dict:
     return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
 
 
-def build_loss_fn(loss: Any, kind: str, where: str) -> torch.nn.Module:
-    """Instantiate a loss after checking that it fits the head's kind (``where`` names the config key)."""
+def build_loss_fn(loss: Any, kind: str, where: str, num_classes: int = 1) -> torch.nn.Module:
+    """Instantiate a loss after checking that it fits the head's kind (``where`` names the config key; a
+    segmentation head with ``num_classes`` >= 2 takes the multi-class losses)."""
     options = loss_config(loss)
     name = options.pop("name", None)
-    if name is not None and name not in KINDS[kind].losses:
-        raise ConfigError(f"{where}={name} does not fit a {kind} head; valid losses for {kind}: "
-                          f"{', '.join(KINDS[kind].losses)}")
+    valid = task_class(kind, num_classes).losses
+    if name is not None and name not in valid:
+        what = f"{kind} with num_classes={num_classes}" if num_classes > 1 else kind
+        raise ConfigError(f"{where}={name} does not fit a {what} head; valid losses for {what}: {', '.join(valid)}")
     return instantiate(options)
 
 
 def head_specs(task_cfg: DictConfig | dict) -> dict[str, dict]:
-    """``{head name: {"kind", "column", "loss", "weight", "head"}}`` of a task config, checked.
+    """``{head name: {"kind", "column", "loss", "weight", "num_classes", "head"}}`` of a task config, checked.
 
     task=<kind>: one head named after the kind (its column and loss are data.target_col and ``loss``).
     task=multitask: ``task.heads`` in order; ``kind`` is required, ``column`` defaults to the kind's, ``loss``
-    to the kind's first, ``weight`` to 1.0; ``head`` (the head module's config) is required.
+    to the kind's first, ``weight`` to 1.0; ``head`` (the head module's config) is required. ``num_classes``
+    (task.num_classes, or a head's; default 1) K >= 2 makes a segmentation head multi-class: its ``head`` gets
+    ``out_channels`` K+1 and its losses are the multi-class ones.
     """
     name = task_cfg["name"]
     if name in SINGLE_TASKS:
-        return {name: {"kind": name, "column": None, "loss": None, "weight": 1.0, "head": task_cfg["head"]}}
+        num_classes = checked_num_classes(task_cfg.get("num_classes", 1))
+        if num_classes > 1 and name != "segmentation":
+            raise ConfigError(f"task.num_classes={num_classes} is for task=segmentation (label maps), not task={name}")
+        return {name: {"kind": name, "column": None, "loss": None, "weight": 1.0, "num_classes": num_classes,
+                       "head": _head_for_classes(task_cfg["head"], name, num_classes, "task.head")}}
     if name != MULTITASK:
         raise ConfigError(f"task.name={name!r} is not one of {', '.join((*SINGLE_TASKS, MULTITASK))}")
     heads = task_cfg.get("heads") or {}
@@ -566,9 +747,13 @@ def head_specs(task_cfg: DictConfig | dict) -> dict[str, dict]:
         weight = spec.get("weight", 1.0)
         if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not weight >= 0:
             raise ConfigError(f"task.heads.{head}.weight={weight!r} must be a number >= 0")
+        num_classes = checked_num_classes(spec.get("num_classes", 1), f"task.heads.{head}.num_classes")
+        if num_classes > 1 and kind != "segmentation":
+            raise ConfigError(f"task.heads.{head}.num_classes={num_classes} is for a segmentation head, not {kind}")
         specs[str(head)] = {"kind": kind, "column": spec.get("column") or KINDS[kind].default_column,
-                            "loss": spec.get("loss") or KINDS[kind].losses[0], "weight": float(weight),
-                            "head": spec["head"]}
+                            "loss": spec.get("loss") or task_class(kind, num_classes).losses[0],
+                            "weight": float(weight), "num_classes": num_classes,
+                            "head": _head_for_classes(spec["head"], kind, num_classes, f"task.heads.{head}.head")}
     if not specs:
         raise ConfigError("task=multitask: every head of task.heads is removed; keep at least one")
     masks = [h for h, s in specs.items() if KINDS[s["kind"]].reads_mask]
@@ -585,18 +770,27 @@ def head_configs(task_cfg: DictConfig | dict) -> dict[str, Any]:
 def build_task_set(task_cfg: DictConfig, single_loss: torch.nn.Module | None = None,
                    data_cfg: DictConfig | dict | None = None) -> TaskSet:
     """The run's heads: task=<kind> gets ``single_loss`` (the ``loss`` group, already checked) and its column
-    from ``data_cfg`` (data.mask_col for a mask, else data.target_col); multitask builds each head's loss."""
+    from ``data_cfg`` (data.mask_col for a mask, else data.target_col); multitask builds each head's loss. A
+    multi-class segmentation head names its labels with data.label_names (checked: one name per label)."""
     specs = head_specs(task_cfg)
     multi = task_cfg["name"] == MULTITASK
+    label_names = (data_cfg or {}).get("label_names")
     tasks = []
     for name, spec in specs.items():
-        cls = KINDS[spec["kind"]]
+        cls = task_class(spec["kind"], spec["num_classes"])
         if multi:
-            loss_fn = build_loss_fn(spec["loss"], spec["kind"], f"task.heads.{name}.loss")
-            tasks.append(cls(name, spec["column"], loss_fn, spec["weight"], prefix=f"{name}_"))
+            loss_fn = build_loss_fn(spec["loss"], spec["kind"], f"task.heads.{name}.loss", spec["num_classes"])
+            args = (name, spec["column"], loss_fn, spec["weight"], f"{name}_")
         else:
-            column = (data_cfg or {}).get("mask_col" if cls.reads_mask else "target_col")
-            tasks.append(cls(name, column, single_loss))
+            args = (name, (data_cfg or {}).get("mask_col" if cls.reads_mask else "target_col"), single_loss)
+        if spec["num_classes"] > 1:
+            tasks.append(cls(*args, num_classes=spec["num_classes"],
+                             label_names=checked_label_names(label_names, spec["num_classes"])))
+        else:
+            tasks.append(cls(*args))
+    if label_names is not None and not any(t.num_classes > 1 for t in tasks if t.reads_mask):
+        raise ConfigError(f"data.label_names={list(label_names)} names the labels of a multi-class segmentation; "
+                          "set task.num_classes=K (K >= 2 labels) or leave data.label_names null")
     return TaskSet(tasks, multi)
 
 
@@ -606,7 +800,10 @@ def task_set_from_checkpoint(state: dict) -> TaskSet:
     if state.get("tasks"):
         tasks = []
         for name, saved in state["tasks"]["heads"].items():
-            task = KINDS[saved["kind"]](name, saved["column"], None, saved.get("weight", 1.0), saved.get("prefix", ""))
+            num_classes = saved.get("num_classes", 1)
+            extra = {"num_classes": num_classes, "label_names": saved.get("label_names")} if num_classes > 1 else {}
+            task = task_class(saved["kind"], num_classes)(name, saved["column"], None, saved.get("weight", 1.0),
+                                                          saved.get("prefix", ""), **extra)
             task.class_names, task.bias_correction = saved.get("class_names"), saved.get("bias_correction")
             task.target_mean, task.target_std = saved.get("target_mean", 0.0), saved.get("target_std", 1.0)
             tasks.append(task)

@@ -32,7 +32,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
@@ -57,6 +57,7 @@ from brain3d.command_setup import (  # noqa: F401 (prepare_manifest, cache_root:
     preprocessed_cache_dir,
     read_manifest,
 )
+from brain3d.data.channels import image_columns
 from brain3d.data.dataset import VolumeDataset
 from brain3d.data.loaders import build_loaders, shutdown_workers
 from brain3d.data.manifest import ManifestError, split_subjects
@@ -148,6 +149,9 @@ def load_resume_state(path: Path, config_dict: dict, device: torch.device) -> di
         state = load_checkpoint(path, map_location=device)
     except ValueError as err:
         raise ConfigError(f"trainer.resume: {err}") from err
+    if state.get("weights_only") or "optimizer" not in state:
+        raise ConfigError(f"trainer.resume: {path} holds weights only (brain3d-export format=weights): no optimizer "
+                          f"state to continue from; start a new run from its weights with trainer.init_from={path}")
     differences = config_differences(state["config"], config_dict)
     if differences:
         listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in differences[:8])
@@ -340,6 +344,7 @@ def set_up(cfg: DictConfig, stop: StopRequest) -> Run:
     run.patch_size = tuple(data_cfg.patch_size) if data_cfg.get("patch_size") else None
     check_input_geometry(cfg.task.name, run.settings, run.patch_size, run.tasks.kinds)
     run.resume_path = resolve_resume_path(trainer_cfg.resume, run.run_dir)
+    set_input_channels(cfg)  # data.image_col's columns -> backbone.in_channels, both kept in the checkpoint's config
     run.config_dict = OmegaConf.to_container(cfg, resolve=True)
     # A resume is checked against the checkpoint's config before anything is written (record_config: the
     # run's .hydra/ files), so a refused resume leaves the run folder as it was.
@@ -357,6 +362,26 @@ def set_up(cfg: DictConfig, stop: StopRequest) -> Run:
     if progress == "lines" and run.main_rank:
         run.line_every_s = float(trainer_cfg.get("progress_interval_s") or 60)
     return run
+
+
+def set_input_channels(cfg: DictConfig) -> None:
+    """The model's input channels follow the data: ``data.image_col`` becomes the list of columns read
+    (brain3d.data.channels.image_columns: e.g. data=bids data.suffix=[T1w,FLAIR] -> [image, FLAIR]) and
+    ``backbone.in_channels`` their number, so the checkpoint's config rebuilds the model and predict reads the
+    same columns. The backbone configs say 1; another number that is not the columns' is refused."""
+    try:
+        columns = image_columns(cfg.data)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    configured = cfg.backbone.get("in_channels", 1)
+    if configured not in (1, len(columns)):
+        raise ConfigError(f"backbone.in_channels={configured} but data.image_col={columns} gives {len(columns)} "
+                          f"channel(s): in_channels follows the image columns; leave it at 1")
+    with open_dict(cfg):
+        cfg.data.image_col = columns if len(columns) > 1 else columns[0]
+        if image_columns(cfg.data) != columns:  # data.channels=2 data.image_col=[image]: plain "image" means both
+            cfg.data.image_col = columns
+        cfg.backbone.in_channels = len(columns)
 
 
 def check_length_settings(cfg: DictConfig) -> float | None:
@@ -400,7 +425,8 @@ def load_data(run: Run) -> None:
     if run.distributed and not run.main_rank:
         dist_utils.barrier()  # rank 0 first: it generates / converts the data once, the others then read it
     heads = [(t.name, t.kind, t.column) for t in tasks] if tasks.multi else None
-    run.manifest = manifest = read_manifest(data_cfg, cfg.task.name, heads=heads)
+    num_classes = tasks.mask_task.num_classes if tasks.mask_task is not None else 1  # >= 2: label maps 0..K
+    run.manifest = manifest = read_manifest(data_cfg, cfg.task.name, heads=heads, num_classes=num_classes)
     if run.distributed and run.main_rank:
         dist_utils.barrier()
     for skipped in manifest.skipped:  # data.on_error=skip
@@ -435,11 +461,12 @@ def load_data(run: Run) -> None:
     dataset_heads = [(t.name, t.kind) for t in tasks] if tasks.multi else None
     task_name = next(iter(tasks)).kind if not tasks.multi else MULTITASK
     run.train_set = VolumeDataset(run.train_subjects, task_name, run.settings, cache_dir, run.patch_size,
-                                  data_cfg.get("foreground_fraction", 0.33), seed=cfg.trainer.seed, heads=dataset_heads)
+                                  data_cfg.get("foreground_fraction", 0.33), seed=cfg.trainer.seed, heads=dataset_heads,
+                                  num_classes=num_classes)
     # Distributed: each rank validates subjects rank, rank+W, ...; engine.evaluate gathers them (gather=...).
     val_subjects = run.val_subjects[run.rank::run.world_size] if run.distributed else run.val_subjects
     run.val_set = VolumeDataset(val_subjects, task_name, run.settings, cache_dir,
-                                heads=dataset_heads)  # whole volumes, never augmented
+                                heads=dataset_heads, num_classes=num_classes)  # whole volumes, never augmented
     if run.patch_size:
         trainer_cfg = cfg.trainer
         run.sliding_window = {"patch_size": run.patch_size, "overlap": trainer_cfg.sw_overlap,
@@ -497,7 +524,7 @@ def build_loaders_phase(run: Run) -> None:
                      run.resume_path)
     else:
         head = next(iter(tasks))
-        input_shape = (1, *(run.patch_size or run.settings["shape"]))  # one input (C, D, H, W)
+        input_shape = (run.cfg.backbone.in_channels, *(run.patch_size or run.settings["shape"]))  # (C, D, H, W)
         run.batch_record = memory_probe.resolve_batch_size(
             data_cfg, run.model, head.loss_fn, tasks if tasks.multi else head.kind, input_shape, run.device,
             run.amp_dtype, run.channels_last,

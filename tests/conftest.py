@@ -43,3 +43,19 @@ def read_summary(run_dir: Path) -> dict:
 def cache_dir(tmp_path_factory) -> Path:
     """One synthetic-data cache for the whole session (the phantoms are generated once)."""
     return tmp_path_factory.mktemp("brain3d_cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory, cache_dir) -> dict[str, Path]:
+    """One tiny debug=fast run per single task (2 epochs on the synthetic phantoms), trained once for the session
+    and shared by the modules that only read its outputs (predict, predict input=, export, report); the
+    segmentation and classification runs write report.html (segmentation: 2 of its 3 validation subjects
+    pictured). Tests must not write into these folders."""
+    root = tmp_path_factory.mktemp("tiny_runs")
+    runs = {}
+    for task in ("segmentation", "classification", "regression"):
+        report = {"segmentation": ["trainer.report=true", "trainer.report_subjects=2"],
+                  "classification": ["trainer.report=true"]}.get(task, [])
+        run_train([f"task={task}", *tiny_overrides(cache_dir), *report, f"hydra.run.dir={root / task}"], cwd=root)
+        runs[task] = root / task
+    return runs

@@ -37,8 +37,9 @@ def test_every_option_instantiates():
         net = instantiate(cfg.backbone)
         assert len(net.feature_channels) == 4
     for loss in options("loss"):
-        task = {"bce": "classification", "dice": "segmentation", "dice_bce": "segmentation"}.get(loss, "regression")
-        cfg = compose_train([f"task={task}", f"loss={loss}"])
+        task = {"bce": "classification", "dice": "segmentation", "dice_bce": "segmentation",
+                "dice_ce": "segmentation task.num_classes=3"}.get(loss, "regression")
+        cfg = compose_train([*f"task={task}".split(), f"loss={loss}"])
         assert isinstance(build_loss(cfg), torch.nn.Module)
     for opt in options("optimizer"):
         optimizer = build_optimizer(compose_train([f"optimizer={opt}"]).optimizer, model, torch.device("cpu"))

@@ -52,7 +52,9 @@ def evaluate_single_process(run_dir):
     return metrics, len(val_ids)
 
 
-@pytest.mark.parametrize("task", ["classification", "regression", "segmentation"])
+# segmentation in the default run (its gather is the most involved); the other two with -m slow (~8 s each)
+@pytest.mark.parametrize("task", [pytest.param("classification", marks=pytest.mark.slow),
+                                  pytest.param("regression", marks=pytest.mark.slow), "segmentation"])
 def test_two_process_ddp_run_matches_single_process_evaluation(task, tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     # fp32: the single-process reference below evaluates in fp32 (auto would be bf16 on a CPU with bf16)

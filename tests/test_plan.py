@@ -299,6 +299,7 @@ def mixed_phantoms(root: Path) -> tuple[Path, str]:
     return root / "manifest.csv", "sub-5"
 
 
+@pytest.mark.slow  # plans, then trains the printed command (~12 s)
 def test_printed_command_trains_within_the_budget_and_the_report_flags_the_flipped_subject(tmp_path):
     manifest, flipped = mixed_phantoms(tmp_path / "data")
     out = tmp_path / "plan"

@@ -17,8 +17,6 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, 
 from brain3d.data.nifti import load_mask
 from brain3d.data.synthetic import synthetic_cache_dir
 
-from tests.conftest import run_train, tiny_overrides
-
 
 def run_predict(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -47,13 +45,9 @@ def reoriented(img: nib.Nifti1Image, codes: str, zooms=None, crop=None) -> nib.N
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, cache_dir):
-    """A tiny model of each task, trained once for this module."""
-    root = tmp_path_factory.mktemp("predict_runs")
-    runs = {}
-    for task in ("segmentation", "classification", "regression"):
-        run_train([f"task={task}", *tiny_overrides(cache_dir), f"hydra.run.dir={root / task}"], cwd=root)
-        runs[task] = root / task
+def trained(tiny_runs, cache_dir):
+    """A tiny model of each task (conftest's tiny_runs, trained once for the session)."""
+    runs = dict(tiny_runs)
     # debug=fast's data
     manifest = synthetic_cache_dir(Path(cache_dir) / "synthetic", 12, (32, 32, 32), 0) / "manifest.csv"
     return runs, manifest

@@ -19,7 +19,7 @@ from matplotlib.image import imread
 from brain3d import report
 from brain3d.data.synthetic import synthetic_cache_dir
 
-from tests.conftest import read_summary, run_train, tiny_overrides
+from tests.conftest import read_summary, tiny_overrides
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -221,18 +221,14 @@ def test_report_guard_warns_once_and_never_raises(caplog):
 # ---- the reports of brain3d-train and brain3d-predict ---------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, cache_dir):
-    """A tiny segmentation run (2 of its 3 validation subjects pictured) and a classification run."""
-    root = tmp_path_factory.mktemp("report_runs")
-    run_train(["task=segmentation", *tiny_overrides(cache_dir), "trainer.report=true", "trainer.report_subjects=2",
-               f"hydra.run.dir={root / 'seg'}"], cwd=root)
-    run_train(["task=classification", *tiny_overrides(cache_dir), "trainer.report=true",
-               f"hydra.run.dir={root / 'cls'}"], cwd=root)
-    return root
+def runs(tiny_runs):
+    """A tiny segmentation run (2 of its 3 validation subjects pictured) and a classification run, with their
+    report.html (conftest's tiny_runs)."""
+    return {"seg": tiny_runs["segmentation"], "cls": tiny_runs["classification"]}
 
 
 def test_segmentation_run_report_has_curves_and_worst_subjects_first(runs):
-    run = runs / "seg"
+    run = runs["seg"]
     summary = read_summary(run)
     page = parse(run / "report.html")
     assert_pngs(run / "report.html", page)
@@ -251,7 +247,7 @@ def test_segmentation_run_report_has_curves_and_worst_subjects_first(runs):
 
 
 def test_classification_run_report_shows_the_most_confidently_wrong_first(runs):
-    run = runs / "cls"
+    run = runs["cls"]
     summary = read_summary(run)
     page = parse(run / "report.html")
     assert_pngs(run / "report.html", page)
@@ -282,7 +278,7 @@ def test_predict_writes_a_report_of_its_outputs(runs, cache_dir, tmp_path):
     manifest = synthetic_cache_dir(Path(cache_dir) / "synthetic", 12, (32, 32, 32), 0) / "manifest.csv"
     out = tmp_path / "preds"
     proc = subprocess.run([sys.executable, "-m", "brain3d.predict",
-                           f"checkpoint={runs / 'seg' / 'checkpoints' / 'last.pt'}",
+                           f"checkpoint={runs['seg'] / 'checkpoints' / 'last.pt'}",
                            f"data.manifest={manifest}", f"output_dir={out}", "report_subjects=4", "progress=false",
                            "bootstrap_samples=50"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)

@@ -69,6 +69,7 @@ def test_grad_checkpointing_run_completes(tmp_path, cache_dir):
     assert summary["final_train"]["loss"] > 0
 
 
+@pytest.mark.slow  # torch.compile on CPU (~10 s)
 def test_compiled_run_saves_plain_state_dict_names(tmp_path, cache_dir):
     # aot_eager: the torch.compile wrapper (graph capture, the _orig_mod. prefix) without generating C++ kernels
     summary = _tiny("trainer.compile=aot_eager", tmp_path, cache_dir, task="classification")

@@ -159,6 +159,7 @@ def test_data_manifest_without_data_nifti_is_refused(tmp_path, cache_dir):
     assert not (tmp_path / "run").exists()  # refused before Hydra made a run folder
 
 
+@pytest.mark.slow  # a third resume check (~16 s); the other resume tests here run by default
 def test_resume_with_more_epochs_follows_the_longer_schedule_and_metrics_csv_keeps_every_epoch(tmp_path, cache_dir):
     """A finished poly run (lr 0 at its end) continued to 4 epochs gets the lr a 4-epoch run has at epoch 3."""
     common = ["task=classification", *tiny_overrides(cache_dir), "scheduler=poly"]

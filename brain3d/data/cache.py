@@ -11,6 +11,12 @@ Training uses ``cache_dir = <data.cache_dir>/preprocessed``; the configs default
 
 **Keys.** The key is a sha1 over the *content identity* (:func:`file_identity`) of the image and of the
 mask (or None), :func:`brain3d.data.preprocess.settings_hash` of the settings and :data:`CACHE_VERSION`.
+Several channels (``data.image_col=[t1,flair]``; the image is then a list of paths) put the list of their
+identities, in channel order, where one image's identity goes: another order or another file is another key,
+and one channel keeps the key it always had. Their entry holds a ``(C, D, H, W)`` image.
+A multi-class segmentation's label map (``num_classes`` K >= 2: read with ``load_label_map`` and resampled per
+label) adds K to the key, so it never shares an entry with the same file read as a binary mask; binary keys are
+unchanged.
 Neither the path nor the mtime is part of it, so data copied to another folder (``cp``, ``rsync``, a job's
 local scratch on a cluster) finds the entries its original filled; a ``touch`` keeps the key too. Other
 settings give another key; old entries simply stop being used (delete the folder to reclaim the space; it
@@ -61,11 +67,12 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from brain3d.data.nifti import load_mask, load_nifti_with_grid
+from brain3d.data.channels import load_channels
+from brain3d.data.nifti import load_mask_or_labels
 from brain3d.data.preprocess import PreprocessInfo, preprocess_volume, settings_hash, validate_settings
 
 __all__ = ["CACHE_VERSION", "CachePaths", "cache_key", "cache_paths", "cached_volume", "default_cache_root",
@@ -151,20 +158,40 @@ def _source_record(path: str | os.PathLike | None, identity: dict | None) -> dic
     return {"path": str(Path(path).expanduser().resolve()), **identity}  # type: ignore[arg-type]
 
 
-def _key_from_identities(image_id: dict, mask_id: dict | None, settings: Mapping | Any) -> str:
+ImagePaths = str | os.PathLike | Sequence[str | os.PathLike]  # one image file, or the channels' files in order
+
+
+def _image_paths(image_path: ImagePaths) -> list[str | os.PathLike]:
+    """One path -> [path]; the channels' paths as a list."""
+    return [image_path] if isinstance(image_path, (str, os.PathLike)) else list(image_path)
+
+
+def _image_identity(image_path: ImagePaths) -> dict | list[dict]:
+    """The image's :func:`file_identity`; several channels': the list of theirs (one channel: its own, unlisted)."""
+    paths = _image_paths(image_path)
+    identities = [file_identity(p) for p in paths]
+    return identities[0] if len(identities) == 1 else identities  # type: ignore[return-value]
+
+
+def _key_from_identities(image_id: dict | list[dict], mask_id: dict | None, settings: Mapping | Any,
+                         num_classes: int = 1) -> str:
     payload = {"version": CACHE_VERSION, "image": image_id, "mask": mask_id, "settings": settings_hash(settings)}
+    if num_classes > 1:  # the mask read as a label map of K labels (resampled per label): never a binary entry
+        payload["label_map_classes"] = int(num_classes)
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return hashlib.sha1(text.encode("utf-8")).hexdigest()
 
 
-def cache_key(image_path: str | os.PathLike, mask_path: str | os.PathLike | None, settings: Mapping | Any) -> str:
-    """The cache key (sha1 hex) of one subject under ``settings`` (see the module docstring).
+def cache_key(image_path: ImagePaths, mask_path: str | os.PathLike | None, settings: Mapping | Any,
+              num_classes: int = 1) -> str:
+    """The cache key (sha1 hex) of one subject under ``settings`` (see the module docstring); ``image_path`` is
+    one file or the channels' files in channel order; ``num_classes`` >= 2: the mask is a multi-class label map.
 
     Raises:
         FileNotFoundError: the image or mask does not exist.
         ValueError: invalid settings.
     """
-    return _key_from_identities(file_identity(image_path), file_identity(mask_path), settings)  # type: ignore[arg-type]
+    return _key_from_identities(_image_identity(image_path), file_identity(mask_path), settings, num_classes)
 
 
 @dataclass(frozen=True)
@@ -217,7 +244,7 @@ def _read_entry(paths: CachePaths, key: str) -> tuple[np.ndarray, np.ndarray | N
         info = PreprocessInfo.from_dict(meta["info"])
         image = np.load(paths.image, mmap_mode="r", allow_pickle=False)
         mask = np.load(paths.mask, mmap_mode="r", allow_pickle=False) if meta["has_mask"] else None
-        if image.shape != info.output_shape or (mask is not None and mask.shape != info.output_shape):
+        if image.shape[-3:] != info.output_shape or (mask is not None and mask.shape != info.output_shape):
             raise ValueError("array shape differs from the recorded output shape")
     except (OSError, EOFError, ValueError, KeyError, TypeError) as err:
         log.warning("cache entry %s unusable (%s); rebuilding it", paths.meta, err)
@@ -226,19 +253,22 @@ def _read_entry(paths: CachePaths, key: str) -> tuple[np.ndarray, np.ndarray | N
 
 
 def _build_entry(
-    image_path: str | os.PathLike, mask_path: str | os.PathLike | None, settings: dict, cache_dir: str | os.PathLike
+    image_path: ImagePaths, mask_path: str | os.PathLike | None, settings: dict, cache_dir: str | os.PathLike,
+    num_classes: int = 1,
 ) -> str:
     """Load, preprocess and store one subject; return the key it was stored under."""
+    sources = _image_paths(image_path)
     for attempt in range(3):
-        image_id, mask_id = file_identity(image_path), file_identity(mask_path)
-        image_ras, ras_affine, grid = load_nifti_with_grid(Path(image_path).expanduser().resolve())
-        mask_ras = load_mask(Path(mask_path).expanduser().resolve())[0] if mask_path is not None else None
+        image_id, mask_id = _image_identity(image_path), file_identity(mask_path)
+        # one channel: load_nifti_with_grid; several: each on the first one's grid (brain3d.data.channels)
+        image_ras, ras_affine, grid = load_channels([Path(p).expanduser().resolve() for p in sources])
+        mask_ras = load_mask_or_labels(mask_path, num_classes)
         # A file rewritten while it was read would store new content under the old identity: re-read.
-        if file_identity(image_path) == image_id and file_identity(mask_path) == mask_id:
+        if _image_identity(image_path) == image_id and file_identity(mask_path) == mask_id:
             break
         log.warning("%s changed while it was read (attempt %d); reading it again", image_path, attempt + 1)
-    image, mask, info = preprocess_volume(image_ras, grid.voxel_size_mm, settings, mask_ras)
-    key = _key_from_identities(image_id, mask_id, settings)  # type: ignore[arg-type]
+    image, mask, info = preprocess_volume(image_ras, grid.voxel_size_mm, settings, mask_ras, num_classes)
+    key = _key_from_identities(image_id, mask_id, settings, num_classes)  # type: ignore[arg-type]
     paths = cache_paths(key, cache_dir)
     paths.meta.parent.mkdir(parents=True, exist_ok=True)
     _write_atomic(paths.image, lambda f: np.save(f, image, allow_pickle=False))
@@ -249,7 +279,8 @@ def _build_entry(
         "key": key,
         "info": info.to_dict(),
         "has_mask": mask is not None,
-        "image": _source_record(image_path, image_id),
+        "image": (_source_record(sources[0], image_id) if len(sources) == 1 else  # several: one record each
+                  [_source_record(p, i) for p, i in zip(sources, image_id)]),
         "mask": _source_record(mask_path, mask_id),
         "settings": validate_settings(settings),
         "settings_hash": settings_hash(settings),
@@ -262,27 +293,29 @@ def _build_entry(
 
 
 def ensure_cached(
-    image_path: str | os.PathLike,
+    image_path: ImagePaths,
     mask_path: str | os.PathLike | None,
     settings: Mapping | Any,
     cache_dir: str | os.PathLike,
+    num_classes: int = 1,
 ) -> tuple[str, bool]:
     """Make sure the entry exists; return ``(key, hit)`` without opening the arrays for the caller.
 
     ``hit`` is True when a complete, readable entry was already there.
     """
     settings = validate_settings(settings)
-    key = cache_key(image_path, mask_path, settings)
+    key = cache_key(image_path, mask_path, settings, num_classes)
     if _read_entry(cache_paths(key, cache_dir), key) is not None:
         return key, True
-    return _build_entry(image_path, mask_path, settings, cache_dir), False
+    return _build_entry(image_path, mask_path, settings, cache_dir, num_classes), False
 
 
 def cached_volume(
-    image_path: str | os.PathLike,
+    image_path: ImagePaths,
     mask_path: str | os.PathLike | None,
     settings: Mapping | Any,
     cache_dir: str | os.PathLike,
+    num_classes: int = 1,
 ) -> tuple[np.ndarray, np.ndarray | None, PreprocessInfo]:
     """The preprocessed image (and mask) of one subject, from the cache, filling it on a miss.
 
@@ -291,27 +324,30 @@ def cached_volume(
     atomically (module docstring).
 
     Args:
-        image_path: the image NIfTI file.
+        image_path: the image NIfTI file, or the channels' files in channel order (brain3d.data.channels).
         mask_path: its mask file, or None.
         settings: preprocessing settings (dict or DictConfig; see :mod:`brain3d.data.preprocess`).
         cache_dir: the cache root (created when missing).
+        num_classes: 1 (default): the mask is binary (:func:`load_mask`). K >= 2: a multi-class segmentation's
+            label map (:func:`brain3d.data.nifti.load_label_map`, resampled per label), under its own key.
 
     Returns:
         (image, mask, info): read-only ``np.memmap`` arrays opened with ``np.load(..., mmap_mode="r")``
-        (float32 image; uint8 mask or None) and the :class:`PreprocessInfo`. Copy with ``np.array`` before
-        modifying (e.g. flips in a Dataset); the pages are shared through the OS page cache.
+        (float32 image, ``(C, D, H, W)`` for several channels; uint8 mask or None) and the
+        :class:`PreprocessInfo`. Copy with ``np.array`` before modifying (e.g. flips in a Dataset); the pages
+        are shared through the OS page cache.
 
     Raises:
         FileNotFoundError: a missing file; NiftiReadError / ValueError: unreadable file or bad settings.
     """
     settings = validate_settings(settings)
     for _ in range(3):
-        key = cache_key(image_path, mask_path, settings)
+        key = cache_key(image_path, mask_path, settings, num_classes)
         paths = cache_paths(key, cache_dir)
         entry = _read_entry(paths, key)
         if entry is not None:
             return entry
-        _build_entry(image_path, mask_path, settings, cache_dir)
+        _build_entry(image_path, mask_path, settings, cache_dir, num_classes)
     raise RuntimeError(
         f"cache: could not build a stable entry for {image_path} in {cache_dir} (is it being rewritten?)"
     )

@@ -4,11 +4,15 @@ Every problem in the manifest is collected and reported together in one :class:`
 the file, the line (as an editor numbers them: the header is line 1) and the column, before any training starts:
 a bad file found after three hours of training is the failure this module exists to prevent.
 
-Checks, per row: cells beyond the header's columns, id (empty, duplicate), image / mask paths (empty, missing),
+Checks, per row: cells beyond the header's columns, id (empty, duplicate), image / mask paths (empty, missing;
+every column of a ``data.image_col`` list: several co-registered channels, brain3d.data.channels),
 target (empty, not a label, not a finite number), split value; from the headers (read in parallel): not NIfTI,
 not 3-D (a 4-D file says how many volumes it holds), mask shape and mask affine vs the image's; with
 ``check_data``, from the decoded data (in parallel): truncated files, NaN / Inf image voxels, mask values other
-than 0/1. Across rows: a group (or subject id) with rows in both train and val of the split column.
+than 0/1 (a multi-class segmentation's label maps: other than the integers 0..K). Across rows: a group (or
+subject id) with rows in both train and val of the split column.
+A further channel on another grid than the first channel's is not a problem: it is resampled onto it, and a
+grid that differs by more than ``affine_tolerance`` gets one logged warning per subject naming both files.
 
 ``on_error="skip"`` drops the rows that have problems (listed in :attr:`Manifest.skipped`) instead of raising;
 problems of the manifest as a whole (missing columns, no rows, a bad label set) always raise.
@@ -17,6 +21,7 @@ problems of the manifest as a whole (missing columns, no rows, a bad label set) 
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,8 +31,11 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 
+from brain3d.data.channels import checked_image_columns
 from brain3d.data.nifti import _READ_ERRORS, NiftiReadError, _read_error, load_nifti
 from brain3d.tasks import KINDS
+
+log = logging.getLogger("brain3d.data")
 
 MISSING_VALUES = {"", "n/a", "na", "nan", "none", "null"}  # BIDS writes "n/a"
 # The default target column of the single tasks that read one (brain3d.tasks: each kind's default_column).
@@ -61,6 +69,13 @@ class Subject:
     line: int | None = None  # the file's line the row starts on (header: line 1), as messages name it
     # task=multitask: {head: class index / value, or the mask path (its segmentation head); None: no label}
     labels: dict = field(default_factory=dict)
+    # every channel's file in data.image_col order (images[0] is image); empty: one channel, image
+    images: list = field(default_factory=list)
+
+    @property
+    def image_paths(self) -> list[Path]:
+        """The channels' files, in channel order: ``images``, else ``[image]``."""
+        return list(self.images) if self.images else [self.image]
 
 
 @dataclass
@@ -358,8 +373,9 @@ def _check_image_data(path: Path) -> list[str]:
     return [f"image has {found} voxel(s) out of {data.size}: {path}"]
 
 
-def _check_mask_data(path: Path, mask_values: str) -> list[str]:
-    """Decode a mask's stored values; ``binary``: only 0 and 1; ``labels``: non-negative integers (foreground = > 0).
+def _check_mask_data(path: Path, mask_values: str, num_classes: int = 1) -> list[str]:
+    """Decode a mask's stored values; ``binary``: only 0 and 1; ``labels``: non-negative integers (foreground = > 0);
+    ``num_classes`` K >= 2 (a multi-class segmentation): the integers 0..K only.
 
     ``load_mask`` thresholds at > 0.5 without complaint, so this reads the values before that.
     """
@@ -367,6 +383,14 @@ def _check_mask_data(path: Path, mask_values: str) -> list[str]:
         raw = _read_raw(path)
     except NiftiReadError as err:
         return [str(err)]
+    if num_classes > 1:
+        raw = np.asarray(raw, dtype=np.float64)  # within 1e-3 of an integer counts, as load_label_map reads it
+        bad = ~((np.abs(raw - np.round(raw)) <= 1e-3) & (np.round(raw) >= 0) & (np.round(raw) <= num_classes))
+        if not bad.any():
+            return []
+        values = np.unique(raw[bad])
+        return [f"a label map for task.num_classes={num_classes} must hold the integers 0..{num_classes} "
+                f"(0 background), found {len(values)} other distinct values {_format_values(values)} in {path}"]
     if raw.dtype == np.bool_:
         return []
     if mask_values == "binary":
@@ -393,11 +417,12 @@ def _check_mask_data(path: Path, mask_values: str) -> list[str]:
 
 
 def load_manifest(
-    path: str | Path, task: str, id_col: str | None = None, image_col: str = "image", target_col: str | None = None,
+    path: str | Path, task: str, id_col: str | None = None, image_col: str | Sequence[str] = "image",
+    target_col: str | None = None,
     mask_col: str = "mask", split_col: str = "split", positive_label: str | None = None, check_data: bool = True,
     num_threads: int = 8, require_targets: bool = True, class_names: list[str] | None = None,
     group_col: str | None = "group", on_error: str = "raise", affine_tolerance: float = 1e-3,
-    mask_values: str = "binary", heads: Sequence[tuple[str, str, str]] | None = None,
+    mask_values: str = "binary", heads: Sequence[tuple[str, str, str]] | None = None, num_classes: int = 1,
 ) -> Manifest:
     """Read and check a manifest for ``task``; raise one :class:`ManifestError` listing every problem.
 
@@ -405,7 +430,10 @@ def load_manifest(
         path: CSV or TSV, one row per subject. Relative file paths resolve against its folder.
         task: "classification", "regression", "segmentation" or "multitask" (with ``heads``).
         id_col: subject id column; None -> ``subject_id``, else ``participant_id`` (BIDS).
-        image_col: image path column. Default "image".
+        image_col: image path column (default "image"), or a list of columns: co-registered channels of one
+            input, in channel order (each must be present in every row; the mask lies on the first one's grid;
+            a further channel on another grid is resampled onto it, brain3d.data.channels). ``Subject.images``
+            then holds every channel's file, ``Subject.image`` the first.
         target_col: target column; None -> "sex" (classification) or "age" (regression). Unused for segmentation.
         mask_col: mask path column for segmentation. Default "mask".
         split_col: optional column with train/val per row; ignored when absent. Default "split".
@@ -424,7 +452,8 @@ def load_manifest(
             :attr:`Manifest.skipped`; problems of the manifest as a whole (a missing column, no rows, a bad
             label set) still raise, and so does a manifest in which every row has a problem.
         affine_tolerance: largest distance (mm) the image and mask grids may put the same voxel apart
-            (compared on the RAS-reoriented grids, over the volume's corners).
+            (compared on the RAS-reoriented grids, over the volume's corners); further channels farther from the
+            first channel's grid are logged (one warning per subject) and resampled.
         mask_values: "binary" (default): segmentation masks must hold only 0 and 1. "labels": masks may be
             integer label maps (e.g. the Medical Segmentation Decathlon's {0, 1, 2, 3}); brain3d's loader
             (``load_mask``: value > 0.5) then trains on every label > 0 as one foreground.
@@ -432,20 +461,23 @@ def load_manifest(
             ``require_targets``); an empty cell means the row has no label for that head (it still trains the
             others) and is never a problem; ``Subject.labels`` holds the labels and ``Subject.mask`` the
             segmentation head's mask; ``Manifest.head_class_names`` each classification head's labels.
+        num_classes: the segmentation head's labels (task.num_classes). K >= 2: masks are label maps whose
+            values must be integers 0..K (with ``check_data``; ``mask_values`` is then not used).
 
     Raises:
         ManifestError: every problem found, each naming the file's line (the header is line 1), the row's
             subject id and the column: "line 3 (sub-02), column 'image': image file not found: ...".
-        ValueError: a bad ``on_error`` or ``mask_values``.
+        ValueError: a bad ``on_error``, ``mask_values`` or ``image_col``.
     """
+    image_cols = checked_image_columns(image_col)
     path = _checked_path(path, on_error, mask_values)
     columns, rows, lines, extra_cells = read_table(path)
     if id_col is None:
         id_col = "subject_id" if "subject_id" in columns or "participant_id" not in columns else "participant_id"
     specs = _label_specs(task, target_col, mask_col, heads, require_targets)
     has_targets = _has_targets(specs, columns, mask_col)
-    _check_table(path, columns, rows, id_col, image_col, specs, require_targets)
-    layout = _Layout(path.parent, columns, id_col, image_col, mask_col, split_col,
+    _check_table(path, columns, rows, id_col, image_cols, specs, require_targets)
+    layout = _Layout(path.parent, columns, id_col, tuple(image_cols), mask_col, split_col,
                      group_col if group_col is not None and group_col in columns else None)
 
     # Problems of the manifest as a whole (always raise): grouping by the target, a bad label set.
@@ -455,11 +487,11 @@ def load_manifest(
 
     # Per row: pass 1 (no file opened), pass 2 (the headers), across rows (the split), pass 3 (the data).
     subjects, row_problems = _check_rows(rows, lines, extra_cells, layout, specs, spec_classes)
-    _check_headers(subjects, row_problems, image_col, mask_col, affine_tolerance, num_threads)
+    _check_headers(subjects, row_problems, image_cols, mask_col, affine_tolerance, num_threads)
     if split_col in columns:
         _check_split_sides(subjects, row_problems, split_col, group_col)
     if check_data:
-        _check_decoded(subjects, row_problems, image_col, mask_col, mask_values, num_threads)
+        _check_decoded(subjects, row_problems, image_cols, mask_col, mask_values, num_threads, num_classes)
     subjects, skipped = _keep_or_raise(path, problems, subjects, row_problems, on_error)
 
     if target is not None and KINDS[target.kind].class_mapped:
@@ -482,13 +514,14 @@ def _checked_path(path: str | Path, on_error: str, mask_values: str) -> Path:
     return path
 
 
-def _check_table(path: Path, columns: list[str], rows: list[dict], id_col: str, image_col: str,
+def _check_table(path: Path, columns: list[str], rows: list[dict], id_col: str, image_cols: list[str],
                  specs: list[_LabelSpec], require_targets: bool) -> None:
-    """Raise when a needed column is missing (id and image always, the label columns when ``require_targets``),
-    else when the manifest has no rows."""
-    needed = {"data.id_col": id_col, "data.image_col": image_col, **{s.key: s.column for s in specs}}
+    """Raise when a needed column is missing (id and every image column always, the label columns when
+    ``require_targets``), else when the manifest has no rows."""
+    needed = [("data.id_col", id_col), *(("data.image_col", col) for col in image_cols),
+              *((s.key, s.column) for s in specs)]
     problems = [f"column {col!r} ({key}) not found; the manifest has columns {columns}"
-                for key, col in needed.items()
+                for key, col in needed
                 if col not in columns and (require_targets or key in ("data.id_col", "data.image_col"))]
     if problems:
         raise ManifestError(path, problems)
@@ -503,7 +536,7 @@ class _Layout:
     base: Path
     columns: list[str]
     id_col: str
-    image_col: str
+    image_cols: tuple[str, ...]  # the channels' columns (data.image_col), in channel order
     mask_col: str
     split_col: str
     group_col: str | None  # None: no groups (data.group_col=null, or the manifest has no such column)
@@ -540,7 +573,7 @@ def _check_rows(rows: list[dict], lines: list[int], extra_cells: list[list[str]]
             mine.append(f"column {layout.id_col!r}: subject id {sid!r} is already used on line {seen_ids[sid]}")
         else:
             seen_ids[sid] = line
-        image = _existing_file(r, layout.image_col, "image", layout.base, mine)
+        images = [_existing_file(r, col, "image", layout.base, mine) for col in layout.image_cols]
         target, mask, labels = _read_labels(r, specs, spec_classes, layout.base, mine)
         split = None
         if layout.split_col in layout.columns and not _is_missing(r.get(layout.split_col)):
@@ -549,26 +582,39 @@ def _check_rows(rows: list[dict], lines: list[int], extra_cells: list[list[str]]
                 mine.append(f"column {layout.split_col!r}: {r[layout.split_col]!r} is not one of train, val")
         group = r.get(layout.group_col) if layout.group_col is not None else None
         group = None if _is_missing(group) else group
-        subjects.append(Subject(sid, image, i, target, mask, split, group, line, labels))
+        subjects.append(Subject(sid, images[0], i, target, mask, split, group, line, labels,
+                                images if len(images) > 1 else []))
     return subjects, row_problems
 
 
-def _check_headers(subjects: list[Subject], row_problems: list[list[str]], image_col: str, mask_col: str,
+def _row_files(s: Subject, image_cols: Sequence[str], mask_col: str) -> list[tuple[str, Path | None]]:
+    """``(column, path or None)`` of a row's files: every channel's, in channel order, then the mask's."""
+    return [*zip(image_cols, s.image_paths), (mask_col, s.mask)]
+
+
+def _check_headers(subjects: list[Subject], row_problems: list[list[str]], image_cols: Sequence[str], mask_col: str,
                    affine_tolerance: float, num_threads: int) -> None:
-    """Pass 2, the headers, in parallel: not NIfTI, not one 3-D volume, mask shape / grid vs the image's.
-    A file that fails is dropped from its subject (``image`` / ``mask`` None; the row is reported)."""
-    jobs = [(s, col, p) for s in subjects for col, p in ((image_col, s.image), (mask_col, s.mask)) if p is not None]
-    infos = dict(zip(((s.row, col) for s, col, _ in jobs), _read_headers([p for _, _, p in jobs], num_threads)))
+    """Pass 2, the headers, in parallel: not NIfTI, not one 3-D volume, mask shape / grid vs the (first
+    channel's) image's; further channels on another grid are logged (:func:`_warn_other_grids`). A file that
+    fails is dropped from its subject (``image`` / ``images[k]`` / ``mask`` None; the row is reported)."""
+    jobs = [(s, k, p) for s in subjects for k, (_, p) in enumerate(_row_files(s, image_cols, mask_col))
+            if p is not None]
+    infos = dict(zip(((s.row, k) for s, k, _ in jobs), _read_headers([p for _, _, p in jobs], num_threads)))
     for s in subjects:
         mine = row_problems[s.row - 1]
-        header: dict[str, HeaderInfo | None] = {}
-        for col, p in ((image_col, s.image), (mask_col, s.mask)):
-            info = infos.get((s.row, col)) if p is not None else None
+        header: list[HeaderInfo | None] = []
+        for k, (col, p) in enumerate(_row_files(s, image_cols, mask_col)):
+            info = infos.get((s.row, k)) if p is not None else None
             if isinstance(info, str):
                 mine.append(f"column {col!r}: {info}")
                 info = None
-            header[col] = info
-        image_info, mask_info = header[image_col], header[mask_col]
+            header.append(info)
+        *channel_infos, mask_info = header
+        image_info = channel_infos[0]
+        if s.images:  # several channels
+            if image_info is not None:
+                _warn_other_grids(s, image_cols, channel_infos, affine_tolerance)
+            s.images = [p if info is not None else None for p, info in zip(s.images, channel_infos)]
         if image_info and mask_info and not _mask_on_image_grid(s, image_info, mask_info, mask_col,
                                                                 affine_tolerance, mine):
             mask_info = None
@@ -578,6 +624,34 @@ def _check_headers(subjects: list[Subject], row_problems: list[list[str]], image
                 s.labels = {k: (None if isinstance(v, Path) else v) for k, v in s.labels.items()}
         if image_info is None:
             s.image = None
+
+
+def _warn_other_grids(s: Subject, image_cols: Sequence[str], infos: Sequence[HeaderInfo | None],
+                      affine_tolerance: float) -> None:
+    """One warning for a subject whose further channels lie on another grid than the first channel's (beyond
+    ``affine_tolerance`` mm, or another shape): naming both files; they are resampled onto the first's grid."""
+    first = infos[0]
+    differences = []
+    for col, path, info in zip(image_cols[1:], s.images[1:], infos[1:]):
+        if info is None:
+            continue
+        if info.shape != first.shape:
+            how = (f"{info.shape} voxels of {_voxel_mm(info)} mm vs {first.shape} of {_voxel_mm(first)} mm")
+        else:
+            distance = affine_distance_mm(first, info)
+            if distance <= affine_tolerance:
+                continue
+            how = f"the same voxel {distance:.4g} mm apart (data.affine_tolerance={affine_tolerance:g} mm)"
+        differences.append(f"column {col!r} ({path}) is on another grid than column {image_cols[0]!r} "
+                           f"({s.image}): {how}")
+    if differences:
+        log.warning("line %s%s: %s; resampled onto the grid of column %r", s.line,
+                    f" ({s.subject_id})" if s.subject_id else "", "; ".join(differences), image_cols[0])
+
+
+def _voxel_mm(info: HeaderInfo) -> str:
+    """The voxel size of a RAS grid, e.g. "1x1x1.2"."""
+    return "x".join(f"{v:.3g}" for v in np.sqrt((info.ras_affine[:3, :3] ** 2).sum(axis=0)))
 
 
 def _mask_on_image_grid(s: Subject, image_info: HeaderInfo, mask_info: HeaderInfo, mask_col: str,
@@ -620,14 +694,14 @@ def _check_split_sides(subjects: list[Subject], row_problems: list[list[str]], s
             )
 
 
-def _check_decoded(subjects: list[Subject], row_problems: list[list[str]], image_col: str, mask_col: str,
-                   mask_values: str, num_threads: int) -> None:
+def _check_decoded(subjects: list[Subject], row_problems: list[list[str]], image_cols: Sequence[str], mask_col: str,
+                   mask_values: str, num_threads: int, num_classes: int = 1) -> None:
     """Pass 3: decode every readable file once, in parallel: a truncated .nii.gz has a valid header."""
-    decode_jobs = [(s, col, p, is_mask) for s in subjects
-                   for col, p, is_mask in ((image_col, s.image, False), (mask_col, s.mask, True)) if p is not None]
+    decode_jobs = [(s, col, p, k == len(image_cols)) for s in subjects
+                   for k, (col, p) in enumerate(_row_files(s, image_cols, mask_col)) if p is not None]
 
     def decode(job: tuple[Subject, str, Path, bool]) -> list[str]:
-        return _check_mask_data(job[2], mask_values) if job[3] else _check_image_data(job[2])
+        return _check_mask_data(job[2], mask_values, num_classes) if job[3] else _check_image_data(job[2])
 
     with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
         results = list(pool.map(decode, decode_jobs))

@@ -4,8 +4,10 @@ Every volume brain3d reads goes through :func:`load_nifti` / :func:`load_mask`, 
 reorient to the closest canonical RAS orientation so that array axis 0 runs left->right,
 axis 1 posterior->anterior and axis 2 inferior->superior whatever the on-disk layout.
 
-Images are resampled with :func:`resize_volume` (trilinear), label maps with its "nearest" mode and binary
-masks with :func:`resize_mask` (linear then threshold, keeping every lesion).
+Images are resampled with :func:`resize_volume` (trilinear), binary masks with :func:`resize_mask` (linear then
+threshold, keeping every lesion) and the label maps of a multi-class segmentation (:func:`load_label_map`) with
+:func:`resize_label_map` (per label, keeping every label's components); other label maps with
+:func:`resize_volume`'s "nearest" mode.
 
 Runtime dependencies: numpy, nibabel, torch; scipy (``ndimage.label``) only when :func:`resize_mask`
 downsamples.
@@ -30,9 +32,12 @@ __all__ = [
     "NiftiReadError",
     "load_nifti",
     "load_mask",
+    "load_label_map",
+    "load_mask_or_labels",
     "read_header_shape",
     "resize_volume",
     "resize_mask",
+    "resize_label_map",
     "zscore_nonzero",
     "save_nifti",
     "NativeGrid",
@@ -210,6 +215,43 @@ def load_mask(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """
     data, affine = load_nifti(path)
     return (data > 0.5).astype(np.uint8), affine  # NaN > 0.5 is False -> 0
+
+
+def load_label_map(path: str | os.PathLike, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Load an integer label map (0 background, labels 1..``num_classes``) like :func:`load_nifti`, as uint8.
+
+    Values within 1e-3 of an integer count as that integer (a float file written with scaling).
+
+    Args:
+        path: a .nii or .nii.gz label map.
+        num_classes: K, the highest label allowed (at most 255).
+
+    Returns:
+        (labels, affine): uint8 array (X, Y, Z) of 0..K in RAS orientation, 4x4 float64 affine.
+
+    Raises:
+        NiftiReadError: unreadable file.
+        ValueError: not a 3-D volume, or a value that is not an integer in 0..K (the message names the file).
+    """
+    data, affine = load_nifti(path)
+    rounded = np.rint(data)
+    bad = ~(np.abs(data - rounded) <= 1e-3) | (rounded < 0) | (rounded > num_classes)  # NaN is bad too
+    if bad.any():
+        values = np.unique(data[bad])
+        raise ValueError(
+            f"label map {path}: values must be integers 0..{num_classes} (0 background, labels 1..{num_classes}), "
+            f"found {values[:8].tolist()}{' ...' if values.size > 8 else ''}"
+        )
+    return rounded.astype(np.uint8), affine
+
+
+def load_mask_or_labels(path: str | os.PathLike | None, num_classes: int = 1) -> np.ndarray | None:
+    """A segmentation target in RAS orientation: :func:`load_mask`'s 0/1 mask (``num_classes`` 1) or
+    :func:`load_label_map`'s labels 0..K (``num_classes`` K >= 2); None for no path."""
+    if path is None:
+        return None
+    path = Path(path).expanduser().resolve()
+    return (load_label_map(path, num_classes) if num_classes > 1 else load_mask(path))[0]
 
 
 def read_header_shape(path: str | os.PathLike) -> tuple[int, int, int]:
@@ -431,6 +473,60 @@ def resize_mask(mask: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     out = out.astype(np.uint8)
     if fg.any():
         _keep_vanished_lesions(fg, out)
+    return out
+
+
+def resize_label_map(labels: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Resample an integer label map (0 background, labels 1..K) to ``shape`` per label, keeping every label.
+
+    Each label's indicator and the background's are resampled as :func:`resize_mask` resamples a binary mask
+    before its threshold (downsampled axes linearly, exactly as images are; upsampled axes by nearest
+    neighbour), and every output voxel takes the class of highest value (ties: the lowest label, the
+    background last, so a map with one label gives :func:`resize_mask`'s ``>= 0.5``). This is the one-hot
+    resampling nnU-Net and batchgenerators use for label maps: boundaries follow the image's interpolation
+    and no value appears that was not in the input. Then, as :func:`resize_mask` does for lesions, every
+    26-connected component of a label that has no voxel of that label within its footprint gets its best
+    output voxel back, labels with more voxels first: where two labels compete for one output voxel, the
+    smaller label keeps it. So a small structure never vanishes.
+
+    Args:
+        labels: 3-D integer array (X, Y, Z) of labels 0..K (any integer or integer-valued dtype, K <= 255).
+        shape: target (X', Y', Z').
+
+    Returns:
+        uint8 array of shape ``shape`` holding only labels of the input.
+
+    Raises:
+        ValueError: a non-3-D map, a negative or non-integer value, or a target shape that is not 3 positive ints.
+    """
+    labels, shape = _checked_resize_args("resize_label_map", labels, shape)
+    if labels.size and (labels.min() < 0 or labels.max() > 255 or not np.array_equal(labels, np.rint(labels))):
+        raise ValueError("resize_label_map: expected integer labels 0..255")
+    labels = labels.astype(np.uint8)
+    if labels.shape == shape:
+        return labels.copy()
+    present = [int(k) for k in np.unique(labels) if k != 0]
+    out = np.zeros(shape, dtype=np.uint8)
+    if not present:
+        return out
+    t = torch.from_numpy(np.stack([labels == k for k in present]).astype(np.float32))[None]  # (1, L, X, Y, Z)
+    between = tuple(max(n, m) for n, m in zip(labels.shape, shape))  # upsampled axes done, downsampled ones not
+    if between != labels.shape:
+        t = F.interpolate(t, size=between, mode="nearest-exact")
+    if between != shape:
+        t = F.interpolate(t, size=shape, mode="trilinear", align_corners=False)
+    fields = t[0]  # (L, X', Y', Z'): each label's resampled indicator
+    background = 1.0 - fields.sum(dim=0, keepdim=True)  # the background's, by linearity
+    best = torch.cat([fields, background]).argmax(dim=0).numpy()  # first maximum: the lowest label, background last
+    out = np.where(best < len(present), np.asarray(present, dtype=np.uint8)[np.minimum(best, len(present) - 1)], 0)
+    out = out.astype(np.uint8)
+    if between == shape:  # nothing downsampled: nearest only, which cannot lose a voxel
+        return out
+    sizes = {k: int((labels == k).sum()) for k in present}
+    for k in sorted(present, key=lambda k: -sizes[k]):  # the smallest label last: it wins a contested voxel
+        own = (out == k).astype(np.uint8)
+        _keep_vanished_lesions(labels == k, own)
+        out[own == 1] = k
     return out
 
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from brain3d.data.dataset import VolumeDataset, head_targets, load_preprocessed
+from brain3d.data.dataset import VolumeDataset, channels_first, head_targets, load_preprocessed
 from brain3d.data.patches import mask_foreground_voxels, training_patch_start
 
 log = logging.getLogger("brain3d.data")
@@ -65,15 +65,17 @@ def available_bytes(where: torch.device) -> int:
 
 
 def estimated_bytes(datasets: Sequence[VolumeDataset]) -> int | None:
-    """Bytes the datasets take when resident: float32 images plus uint8 masks, when every volume has the
-    fixed preprocessed shape (``preprocess.shape``); None when the shapes are only known after loading."""
+    """Bytes the datasets take when resident: float32 images (one per channel) plus uint8 masks, when every
+    volume has the fixed preprocessed shape (``preprocess.shape``); None when the shapes are only known after
+    loading."""
     total = 0
     for dataset in datasets:
         shape = dataset.settings.get("shape")
         if shape is None:
             return None
         voxels = int(np.prod([int(s) for s in shape]))
-        total += len(dataset) * voxels * (4 + (1 if dataset.with_mask else 0))
+        channels = len(dataset.subjects[0].image_paths) if dataset.subjects else 1
+        total += len(dataset) * voxels * (4 * channels + (1 if dataset.with_mask else 0))
     return total
 
 
@@ -136,9 +138,9 @@ def residence_candidates(requested: str, device: torch.device, needed: int | Non
 class ResidentVolumes:
     """Every item of a :class:`~brain3d.data.dataset.VolumeDataset`, preprocessed once, as tensors on ``device``.
 
-    Per subject: the image (1, D, H, W) float32, the mask (1, D, H, W) uint8 (segmentation) or the target
-    (1,) float32, and for patch training the foreground voxel coordinates (N, 3) int32 on the host (to
-    draw patch starts as the dataset does).
+    Per subject: the image (C, D, H, W) float32 (C channels, 1 for one image column), the mask (1, D, H, W)
+    uint8 (segmentation) or the target (1,) float32, and for patch training the foreground voxel coordinates
+    (N, 3) int32 on the host (to draw patch starts as the dataset does).
 
     Args:
         dataset: the dataset whose items to hold (its settings, cache folder, patch size, seed and epoch).
@@ -162,7 +164,7 @@ class ResidentVolumes:
         def read(index: int):
             subject = dataset.subjects[index]
             return load_preprocessed(subject, dataset.settings, with_mask and subject.mask is not None,
-                                     dataset.cache_dir)
+                                     dataset.cache_dir, dataset.num_classes)
 
         indices = range(len(dataset))
         if num_threads > 0:
@@ -174,9 +176,9 @@ class ResidentVolumes:
         try:
             for index, (image, mask, _) in enumerate(tqdm(items, total=len(dataset), desc="data to memory",
                                                           leave=False, disable=not progress, dynamic_ncols=True)):
-                image_t = torch.from_numpy(np.array(image, dtype=np.float32))[None]  # a copy of the memory map
+                image_t = channels_first(torch.from_numpy(np.array(image, dtype=np.float32)))  # a copy of the map
                 if dataset.heads:  # multi-task: {head: target}, masks kept as uint8, and the labelled flags
-                    targets, labelled = head_targets(dataset.heads, dataset.subjects[index], mask, image.shape)
+                    targets, labelled = head_targets(dataset.heads, dataset.subjects[index], mask, image.shape[-3:])
                     target_t = {name: t.to(torch.uint8) if t.dim() > 1 else t for name, t in targets.items()}
                     self.labelled.append({name: flag.to(device) for name, flag in labelled.items()})
                 elif with_mask:
@@ -204,7 +206,7 @@ class ResidentVolumes:
 
     def batch(self, indices: Sequence) -> dict:
         """The batch of ``indices`` (ints, or (index, epoch) pairs) as the DataLoader would collate it:
-        ``{"image": (B, 1, D, H, W) float32, "target": (B, 1) or (B, 1, D, H, W) float32, "subject_id": [str]}``,
+        ``{"image": (B, C, D, H, W) float32, "target": (B, 1) or (B, 1, D, H, W) float32, "subject_id": [str]}``,
         on this store's device."""
         dataset = self.dataset
         images, targets, subject_ids, volumes = [], [], [], []

@@ -3,6 +3,7 @@
 - :func:`bids_manifest`: a BIDS folder (``participants.tsv`` + ``sub-*/[ses-*/]anat/*_<suffix>.nii[.gz]``),
   one row per image (per subject and session), grouped by participant so that the sessions of one
   participant never straddle train and val. participants.tsv is optional when the task needs no target.
+  Several suffixes (``data.suffix=[T1w,FLAIR]``) give one column per further suffix, read as input channels.
 - :func:`msd_manifest`: a Medical Segmentation Decathlon folder (``dataset.json`` with a "training" list of
   image / label pairs, as nnU-Net v1 and MONAI's ``load_decathlon_datalist`` read it).
 - :func:`source_manifest`: the one call ``train.prepare_manifest`` needs for ``data.source`` bids / msd: writes
@@ -300,11 +301,56 @@ def _raise_bids_problems(root: Path, tsv: Path, suffix: str, mask_suffix: str | 
         raise ValueError(f"{len(ambiguous)} image(s) match several '{mask_suffix}' masks: {_listing(ambiguous)}")
 
 
+def _find_channel(image: Path, prefix: str, suffix: str, first_suffix: str, extension: Sequence[str]) -> Path | None:
+    """The ``suffix`` scan of the image ``<prefix>_<first_suffix><ext>``, in the image's folder:
+    ``<prefix>_<suffix><ext>``, else (entities that differ, e.g. ``acq-``) the folder's one ``_<suffix>`` file
+    when the folder also holds one ``_<first_suffix>`` image; None when there is no such scan."""
+    folder = image.parent
+    for ext in extension:
+        exact = folder / f"{prefix}_{suffix}{ext}"
+        if exact.is_file():
+            return exact
+    scans = sorted(e for e in folder.iterdir() if e.is_file() and _split_name(e.name, suffix, extension))
+    firsts = [e for e in folder.iterdir() if e.is_file() and _split_name(e.name, first_suffix, extension)]
+    return scans[0] if len(scans) == 1 and len(firsts) == 1 else None
+
+
+def _add_channels(rows: list[dict[str, str]], suffixes: Sequence[str], extension: Sequence[str]) -> list[str]:
+    """Put each further suffix's scan in its column (named after the suffix) of every row; returns
+    ``"<subject_id>: <suffix>"`` for each scan that is missing."""
+    missing = []
+    for row in rows:
+        image = Path(row["image"])
+        for suffix in suffixes[1:]:
+            found = _find_channel(image, row["subject_id"], suffix, suffixes[0], extension)
+            if found is None:
+                missing.append(f"{row['subject_id']}: {suffix} (no {image.parent}/{row['subject_id']}_{suffix}"
+                               f"{{{','.join(extension)}}})")
+            row[suffix] = str(_abs(found)) if found is not None else ""
+    return missing
+
+
+def _checked_suffixes(suffix: str | Sequence[str], mask_suffix: str | None) -> list[str]:
+    """``suffix`` as a non-empty list of distinct suffixes (one string: one suffix), none of them the mask's or a
+    column the manifest writes."""
+    suffixes = [suffix] if isinstance(suffix, str) else [str(s) for s in suffix]
+    if not suffixes or len(set(suffixes)) != len(suffixes) or not all(suffixes):
+        raise ValueError(f"data.suffix={suffix!r} must be a suffix (e.g. T1w) or a list of distinct ones "
+                         f"(e.g. [T1w,FLAIR])")
+    if mask_suffix is not None and mask_suffix in suffixes:
+        raise ValueError(f"the mask suffix {mask_suffix!r} is an image suffix")
+    clash = [s for s in suffixes[1:] if s in BIDS_COLUMNS]
+    if clash:
+        raise ValueError(f"data.suffix {clash} would name a column the manifest already writes ({list(BIDS_COLUMNS)})")
+    return suffixes
+
+
 def _write_bids_manifest(out_path: Path, rows: Sequence[Mapping[str, str]], target_cols: Sequence[str],
-                         with_mask: bool) -> Path:
-    """Write the rows under the header subject_id, participant_id, session, image[, mask], targets; a target a row
-    lacks (e.g. a sessions.tsv column of another participant) is written "n/a"."""
-    header = list(BIDS_COLUMNS[:4]) + (["mask"] if with_mask else []) + list(target_cols)
+                         with_mask: bool, channel_cols: Sequence[str] = ()) -> Path:
+    """Write the rows under the header subject_id, participant_id, session, image[, further channels][, mask],
+    targets; a target a row lacks (e.g. a sessions.tsv column of another participant) is written "n/a"."""
+    header = (list(BIDS_COLUMNS[:4]) + list(channel_cols) + (["mask"] if with_mask else [])
+              + list(target_cols))
     missing_value = {c: "n/a" for c in target_cols}
     cells = ([r.get(c) or missing_value.get(c, "") for c in header] for r in rows)
     return _write_csv_atomic(out_path, header, cells)
@@ -313,7 +359,7 @@ def _write_bids_manifest(out_path: Path, rows: Sequence[Mapping[str, str]], targ
 def bids_manifest(
     root: str | os.PathLike,
     out_path: str | os.PathLike,
-    suffix: str = "T1w",
+    suffix: str | Sequence[str] = "T1w",
     mask_suffix: str | None = None,
     mask_root: str | os.PathLike | None = None,
     extension: Sequence[str] = (".nii.gz", ".nii"),
@@ -336,6 +382,12 @@ def bids_manifest(
     column of participants.tsv (and the sessions.tsv files), copied to each of the participant's rows. Paths
     are absolute. Rows follow participants.tsv, then the entity prefix.
 
+    Several suffixes (e.g. ``["T1w", "FLAIR"]``: the channels of one input): the rows are the first suffix's
+    images (its file in ``image``) and each further suffix gets a column named after it, after ``image``,
+    holding that scan of the same subject and session: ``<prefix>_<suffix><ext>`` in the image's folder, else
+    the folder's only ``_<suffix>`` file when it holds only one first-suffix image. Every image needs every
+    suffix: the missing ones are one error naming each subject (entity prefix) and suffix.
+
     Masks (``mask_suffix``, e.g. "mask" or "dseg"): for an image ``<prefix>_<suffix><ext>``, the file
     ``<prefix>_<mask_suffix>.nii[.gz]``, or ``<prefix>_<derivative entities>_<mask_suffix>.nii[.gz]`` (e.g.
     ``sub-01_ses-1_space-orig_label-lesion_mask.nii.gz``), in the image's folder or, with ``mask_root``,
@@ -346,7 +398,7 @@ def bids_manifest(
     Args:
         root: the BIDS dataset folder.
         out_path: the manifest to write (CSV; parents created; replaced atomically).
-        suffix: the image suffix, e.g. "T1w", "T2w", "FLAIR".
+        suffix: the image suffix, e.g. "T1w", "T2w", "FLAIR", or a list of them (one input channel each).
         mask_suffix: the mask suffix; None: no mask column.
         mask_root: where the masks are (a derivatives folder); None: next to the images.
         extension: the file extensions accepted, in order of preference (when one image is stored twice).
@@ -362,21 +414,30 @@ def bids_manifest(
             (without participants.tsv) no ``sub-*`` folder; participants.tsv has no
             participant_id column, no rows or a duplicate id, or a column named like one the manifest writes;
             a ``sub-*`` folder is not listed in participants.tsv; a listed participant has no image (all listed
-            together); an image matches several masks.
+            together); an image matches several masks; an image lacks a further suffix's scan (all listed
+            together); a bad ``suffix`` list.
     """
     root = _abs(Path(root).expanduser())
     out_path = Path(out_path).expanduser()
     if not root.is_dir():
         raise ValueError(f"BIDS root {root} is not a folder")
-    if mask_suffix is not None and mask_suffix == suffix:
-        raise ValueError(f"the mask suffix {mask_suffix!r} is the image suffix")
+    suffixes = _checked_suffixes(suffix, mask_suffix)
     tsv = root / "participants.tsv"
     participants, target_cols = _load_participants(root, tsv, require_participants, target_col)
     masks_by_pid = _mask_root_index(root, mask_root, mask_suffix, extension)
-    rows, target_cols, missing, ambiguous = _bids_rows(root, participants, target_cols, suffix, mask_suffix,
+    rows, target_cols, missing, ambiguous = _bids_rows(root, participants, target_cols, suffixes[0], mask_suffix,
                                                        extension, masks_by_pid)
-    _raise_bids_problems(root, tsv, suffix, mask_suffix, extension, missing, ambiguous)
-    return _write_bids_manifest(out_path, rows, target_cols, with_mask=mask_suffix is not None)
+    _raise_bids_problems(root, tsv, suffixes[0], mask_suffix, extension, missing, ambiguous)
+    clash = [s for s in suffixes[1:] if s in target_cols]
+    if clash:
+        raise ValueError(f"data.suffix {clash}: participants.tsv (or a sessions.tsv) has a column of that name, "
+                         f"and each further suffix gets a manifest column named after it; rename the column")
+    missing_channels = _add_channels(rows, suffixes, extension)
+    if missing_channels:
+        raise ValueError(f"{len(missing_channels)} scan(s) missing: every {suffixes[0]} image needs a scan of "
+                         f"each suffix in data.suffix={suffixes}: {_listing(missing_channels)}")
+    return _write_bids_manifest(out_path, rows, target_cols, with_mask=mask_suffix is not None,
+                                channel_cols=suffixes[1:])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -521,7 +582,9 @@ def source_manifest(data_cfg: Any, task: str | None = None, require_targets: boo
         if mask_root:
             mask_root = Path(str(mask_root)).expanduser()
             mask_root = _abs(mask_root if mask_root.is_absolute() else root / mask_root)
-        settings = {"suffix": str(_get(data_cfg, "suffix", "T1w")), "mask_suffix": _get(data_cfg, "mask_suffix"),
+        suffix = _get(data_cfg, "suffix", "T1w")  # one suffix, or a list: one input channel each
+        suffix = str(suffix) if isinstance(suffix, str) else [str(s) for s in suffix]
+        settings = {"suffix": suffix, "mask_suffix": _get(data_cfg, "mask_suffix"),
                     "mask_root": str(mask_root) if mask_root else None}
     else:
         settings = {"label_threshold": float(_get(data_cfg, "label_threshold", LOADER_THRESHOLD))}

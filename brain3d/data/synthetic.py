@@ -12,6 +12,15 @@ the anatomy, so all three tasks are learnable:
   thins, sulci widen and the brain shrinks a little inside a fixed skull.
 * lesions: 0-6 bright blobs inside white matter only -> the binary segmentation target.
 
+``num_classes=3`` writes the tissue label map instead of the lesion mask, for a multi-class segmentation
+(``task.num_classes=3``): 1 CSF (sulci, fissure and ventricles), 2 grey matter, 3 white matter (lesions
+included); ``num_classes=4`` keeps the lesions apart as label 4. The images are the same.
+
+``channels=2`` adds a FLAIR-like scan of the same head on the same grid (its own bias field and noise): CSF
+dark, grey matter brighter than white matter, lesions very bright; the T1-like scan then shows the lesions
+only faintly (slightly darker than white matter, as T1 shows white-matter lesions), so the second channel
+carries the information a lesion model needs.
+
 Runtime dependencies: numpy (+ nibabel via :mod:`brain3d.data.nifti` for writing).
 """
 
@@ -34,6 +43,7 @@ __all__ = [
     "make_phantom",
     "make_synthetic_dataset",
     "synthetic_cache_dir",
+    "tissue_label_map",
 ]
 
 # Bump when the phantom changes: it is part of the cache folder name.
@@ -43,6 +53,13 @@ FOV_MM = 192.0  # default field of view per axis (mm): voxel size = FOV / shape
 # Tissue labels of the internal label map, and their mean T1-ish intensities.
 BG, SCALP, SKULL, CSF, GM, WM, LESION = range(7)
 _INTENSITY = np.array([0.0, 0.30, 0.05, 0.15, 0.55, 0.80, 1.20], dtype=np.float32)
+# channels=2: the T1-like scan with faint (slightly hypointense) lesions, and the FLAIR-like scan.
+_INTENSITY_T1_FAINT_LESIONS = np.array([0.0, 0.30, 0.05, 0.15, 0.55, 0.80, 0.74], dtype=np.float32)
+_INTENSITY_FLAIR = np.array([0.0, 0.45, 0.05, 0.06, 0.65, 0.50, 1.30], dtype=np.float32)
+CHANNEL_NAMES = {1: ("T1w",), 2: ("T1w", "FLAIR")}  # file suffixes; the manifest columns: image, flair
+# num_classes >= 3: the tissue label map's labels (1..K) and their names, in label order.
+TISSUE_LABELS = {3: ((CSF,), (GM,), (WM, LESION)), 4: ((CSF,), (GM,), (WM,), (LESION,))}
+TISSUE_NAMES = {3: ("csf", "gm", "wm"), 4: ("csf", "gm", "wm", "lesion")}
 
 _HEAD_RADII_MM = np.array([62.0, 74.0, 66.0])  # female head ellipsoid radii (x, y, z)
 _VENTRICLE_RADII_MM = np.array([5.0, 17.0, 8.0])  # one lateral ventricle at 20 y (thin L-R, long P-A)
@@ -198,10 +215,11 @@ def _voxel_ellipsoid(c, r_vox: np.ndarray, shape) -> tuple[tuple[slice, ...], np
     return box, blob
 
 
-def _intensity_image(rng: np.random.Generator, labels: np.ndarray, X, Y, Z) -> np.ndarray:
-    """T1-ish image (D, H, W) float32 of a label map: tissue means (+-3 % per subject) x bias field + noise,
-    head only (background exactly 0, head voxels >= 0.01)."""
-    lut = _INTENSITY * rng.normal(1.0, 0.03, _INTENSITY.size).astype(np.float32)
+def _intensity_image(rng: np.random.Generator, labels: np.ndarray, X, Y, Z,
+                     intensity: np.ndarray = _INTENSITY) -> np.ndarray:
+    """T1-ish image (D, H, W) float32 of a label map: tissue means (``intensity``, +-3 % per subject) x bias
+    field + noise, head only (background exactly 0, head voxels >= 0.01)."""
+    lut = intensity * rng.normal(1.0, 0.03, intensity.size).astype(np.float32)
     image = lut[labels]  # (D, H, W) float32
     bias = np.exp(_smooth_field(rng, X, Y, Z, 0.06, n_waves=3))  # smooth multiplicative, ~+-10 %
     head = labels > BG
@@ -217,8 +235,10 @@ def make_phantom(
     age: float,
     rng: np.random.Generator,
     voxel_size_mm: float | Sequence[float] | None = None,
+    channels: int = 1,
+    num_classes: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Generate one brain-like T1-ish phantom and its lesion mask.
+    """Generate one brain-like T1-ish phantom and its lesion mask (or tissue label map).
 
     Args:
         shape: grid (D, H, W) = RAS axes (x: L->R, y: P->A, z: I->S); each >= 8.
@@ -228,15 +248,22 @@ def make_phantom(
         voxel_size_mm: scalar or per-axis voxel size; default 192 mm / shape per axis.
             The anatomy is defined in mm, so with the default the head fills the same
             fraction of any grid.
+        channels: 1 (the T1-ish image) or 2: (T1-ish with faint lesions ~0.74, FLAIR-ish: scalp 0.45,
+            skull 0.05, CSF 0.06, GM 0.65, WM 0.5, lesion 1.3), drawn from ``rng`` after the T1 image, so
+            the anatomy and the T1 draws are those of ``channels=1``.
+        num_classes: 1 (the lesion mask), 3 or 4: the tissue label map instead (:data:`TISSUE_LABELS`: CSF 1,
+            GM 2, WM 3 with the lesions, or lesions 4); no extra draws, so the image is that of ``num_classes=1``.
 
     Returns:
-        (image, mask): image float32 (D, H, W), background exactly 0, tissues ~ scalp 0.3,
-        skull 0.05, CSF 0.15, GM 0.55, WM 0.8, lesion 1.2 (times a bias field, plus noise;
-        head voxels kept >= 0.01 so "nonzero" == head); mask uint8 (D, H, W), 1 = lesion.
+        (image, mask): image float32 (D, H, W) (``channels=2``: (2, D, H, W)), background exactly 0,
+        tissues ~ scalp 0.3, skull 0.05, CSF 0.15, GM 0.55, WM 0.8, lesion 1.2 (times a bias field, plus
+        noise; head voxels kept >= 0.01 so "nonzero" == head); mask uint8 (D, H, W), 1 = lesion.
 
     Raises:
-        ValueError: bad shape, sex or voxel size.
+        ValueError: bad shape, sex, voxel size or channels.
     """
+    if channels not in CHANNEL_NAMES:
+        raise ValueError(f"channels must be 1 or 2, got {channels!r}")
     shape = _check_shape(shape)
     if sex not in (0, 1):
         raise ValueError(f"sex must be 0 or 1, got {sex!r}")
@@ -254,21 +281,46 @@ def make_phantom(
     del Xh, Yh, Zh
     mask = _paint_lesions(rng, labels, rho, wm_edge)
     del rho
-    return _intensity_image(rng, labels, X, Y, Z), mask
+    if num_classes != 1:
+        mask = tissue_label_map(labels, num_classes)
+    if channels == 1:
+        return _intensity_image(rng, labels, X, Y, Z), mask
+    t1 = _intensity_image(rng, labels, X, Y, Z, _INTENSITY_T1_FAINT_LESIONS)
+    return np.stack([t1, _intensity_image(rng, labels, X, Y, Z, _INTENSITY_FLAIR)]), mask
 
 
-def synthetic_cache_dir(root: str | os.PathLike, num_subjects: int, shape: Sequence[int], seed: int) -> Path:
-    """Cache folder of one synthetic dataset: ``root/n{num}_s{D}x{H}x{W}_seed{seed}_v{VERSION}``.
+def _check_num_classes(num_classes: int) -> None:
+    if num_classes != 1 and num_classes not in TISSUE_LABELS:
+        raise ValueError(f"the synthetic phantoms have label maps for num_classes 3 (csf, gm, wm) or 4 (csf, gm, wm, "
+                         f"lesion), or lesion masks (1); got num_classes={num_classes!r}")
+
+
+def tissue_label_map(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """The phantom's internal tissue labels as a label map of ``num_classes`` labels (:data:`TISSUE_LABELS`):
+    (D, H, W) uint8, 0 everywhere else (background, scalp, skull)."""
+    _check_num_classes(num_classes)
+    out = np.zeros(labels.shape, dtype=np.uint8)
+    for value, tissues in enumerate(TISSUE_LABELS[num_classes], start=1):
+        out[np.isin(labels, tissues)] = value
+    return out
+
+
+def synthetic_cache_dir(root: str | os.PathLike, num_subjects: int, shape: Sequence[int], seed: int,
+                        channels: int = 1, num_classes: int = 1) -> Path:
+    """Cache folder of one synthetic dataset: ``root/n{num}_s{D}x{H}x{W}_seed{seed}_v{VERSION}`` (``_c2``
+    appended for ``channels=2``).
 
     Args:
         root: parent folder of all synthetic caches.
-        num_subjects, shape, seed: the generator parameters.
+        num_subjects, shape, seed, channels: the generator parameters.
 
     Returns:
         The folder path (not created).
     """
     d, h, w = (int(s) for s in shape)
-    return Path(root) / f"n{int(num_subjects)}_s{d}x{h}x{w}_seed{int(seed)}_v{GENERATOR_VERSION}"
+    tail = "" if int(channels) == 1 else f"_c{int(channels)}"
+    tail += "" if int(num_classes) == 1 else f"_labels{int(num_classes)}"  # tissue label maps instead of lesions
+    return Path(root) / f"n{int(num_subjects)}_s{d}x{h}x{w}_seed{int(seed)}_v{GENERATOR_VERSION}{tail}"
 
 
 def _check_dataset_args(out_dir: Path, num_subjects: int, shape: Sequence[int],
@@ -295,25 +347,27 @@ def _subject_labels(seed: int, i: int) -> tuple[np.random.Generator, int, float]
 
 
 def _write_subjects(folder: Path, num_subjects: int, shape: tuple[int, int, int], seed: int,
-                    vox: tuple[float, float, float]) -> list[tuple]:
-    """Write every subject's image and mask under ``folder``; returns the manifest rows
-    (subject_id, image, mask, sex, age) with paths relative to ``folder``."""
+                    vox: tuple[float, float, float], channels: int = 1, num_classes: int = 1) -> list[tuple]:
+    """Write every subject's image(s) and mask under ``folder``; returns the manifest rows
+    (subject_id, image, [flair,] mask, sex, age) with paths relative to ``folder``."""
     affine = _affine(shape, vox)
     rows = []
     for i in range(num_subjects):
         rng, sex, age = _subject_labels(seed, i)
-        image, mask = make_phantom(shape, sex, age, rng, vox)
+        image, mask = make_phantom(shape, sex, age, rng, vox, channels=channels, num_classes=num_classes)
         sid = f"sub-{i:04d}"
-        img_rel = f"images/{sid}_T1w.nii.gz"
-        mask_rel = f"masks/{sid}_lesion.nii.gz"
-        save_nifti(image, affine, folder / img_rel, dtype=np.float32)
+        scans = [image] if channels == 1 else list(image)
+        scan_rels = [f"images/{sid}_{name}.nii.gz" for name in CHANNEL_NAMES[channels]]
+        mask_rel = f"masks/{sid}_{'lesion' if num_classes == 1 else 'tissue'}.nii.gz"
+        for scan, rel in zip(scans, scan_rels):
+            save_nifti(scan, affine, folder / rel, dtype=np.float32)
         save_nifti(mask, affine, folder / mask_rel, dtype=np.uint8)
-        rows.append((sid, img_rel, mask_rel, sex, f"{age:.1f}"))
+        rows.append((sid, *scan_rels, mask_rel, sex, f"{age:.1f}"))
     return rows
 
 
 def _write_dataset_json(path: Path, num_subjects: int, shape: tuple[int, int, int], seed: int,
-                        vox: tuple[float, float, float]) -> None:
+                        vox: tuple[float, float, float], channels: int = 1, num_classes: int = 1) -> None:
     """The generator parameters, beside the manifest."""
     with open(path, "w") as f:
         json.dump(
@@ -323,16 +377,19 @@ def _write_dataset_json(path: Path, num_subjects: int, shape: tuple[int, int, in
                 "seed": int(seed),
                 "voxel_size_mm": list(vox),
                 "GENERATOR_VERSION": GENERATOR_VERSION,
+                **({"channels": int(channels)} if channels != 1 else {}),
+                **({"num_classes": int(num_classes), "label_names": list(TISSUE_NAMES[num_classes])}
+                   if num_classes != 1 else {}),
             },
             f,
             indent=2,
         )
 
 
-def _write_manifest_csv(path: Path, rows: list[tuple]) -> None:
+def _write_manifest_csv(path: Path, rows: list[tuple], channels: int = 1) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["subject_id", "image", "mask", "sex", "age"])
+        writer.writerow(["subject_id", "image", *(["flair"] if channels == 2 else []), "mask", "sex", "age"])
         writer.writerows(rows)
 
 
@@ -352,6 +409,8 @@ def make_synthetic_dataset(
     shape: Sequence[int] = (64, 64, 64),
     seed: int = 0,
     voxel_size_mm: float | Sequence[float] | None = None,
+    channels: int = 1,
+    num_classes: int = 1,
 ) -> Path:
     """Write a synthetic phantom dataset (a cache: reused if ``out_dir/manifest.csv`` exists).
 
@@ -362,6 +421,8 @@ def make_synthetic_dataset(
     dataset is never visible.  Deterministic: subject i uses
     ``np.random.default_rng([seed, i])`` (so subject i does not depend on num_subjects);
     sex is balanced within each pair of subjects (order shuffled per pair), age ~ U(20, 80).
+    ``channels=2`` adds ``images/sub-XXXX_FLAIR.nii.gz`` (FLAIR-like, same grid) and a ``flair`` column after
+    ``image`` (read both with ``data.image_col=[image,flair]``; :func:`make_phantom` says how the scans differ).
 
     Args:
         out_dir: the dataset folder (must be absent, empty or an existing dataset).
@@ -369,6 +430,9 @@ def make_synthetic_dataset(
         shape: grid (D, H, W).
         seed: dataset seed.
         voxel_size_mm: scalar or per-axis; default 192 mm / shape (a ~192 mm field of view).
+        channels: 1 (T1-like) or 2 (T1-like and FLAIR-like).
+        num_classes: 1 (lesion masks) or 3 / 4: ``masks/sub-XXXX_tissue.nii.gz`` tissue label maps in the ``mask``
+            column instead (:func:`make_phantom`; label names in dataset.json).
 
     Returns:
         Path of ``out_dir/manifest.csv``.
@@ -382,12 +446,15 @@ def make_synthetic_dataset(
     if manifest.is_file():
         return manifest  # cached
     shape, vox = _check_dataset_args(out_dir, num_subjects, shape, voxel_size_mm)
+    if channels not in CHANNEL_NAMES:
+        raise ValueError(f"channels must be 1 or 2, got {channels!r}")
+    _check_num_classes(num_classes)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        rows = _write_subjects(tmp, num_subjects, shape, seed, vox)
-        _write_dataset_json(tmp / "dataset.json", num_subjects, shape, seed, vox)
-        _write_manifest_csv(tmp / "manifest.csv", rows)  # written last: marks completion
+        rows = _write_subjects(tmp, num_subjects, shape, seed, vox, channels, num_classes)
+        _write_dataset_json(tmp / "dataset.json", num_subjects, shape, seed, vox, channels, num_classes)
+        _write_manifest_csv(tmp / "manifest.csv", rows, channels)  # written last: marks completion
         _move_into_place(tmp, out_dir, manifest)
     finally:
         if tmp.exists():
