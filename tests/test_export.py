@@ -301,9 +301,9 @@ def test_the_command_line_check_names_the_key(trained, tmp_path, monkeypatch):
     assert problem(ckpt, f"output={tmp_path / 'm.pt'}") is None
     real_find_spec = export.importlib.util.find_spec
     monkeypatch.setattr(export.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "onnxscript" else real_find_spec(name, *a))
+                        lambda name, *a: None if name in ("onnx", "onnxscript") else real_find_spec(name, *a))
     assert problem(ckpt, "format=onnx", f"output={tmp_path / 'm.onnx'}") == (
-        "format=onnx needs onnxscript (not installed): pip install brain3d[export]")
+        "format=onnx needs onnx and onnxscript (not installed): pip install brain3d[export]")
 
 
 def test_help_describes_the_command_and_its_examples_compose():
