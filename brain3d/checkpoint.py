@@ -8,31 +8,47 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 
-def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
-    """Write ``state`` to ``path`` atomically: a temp file in the same folder, fsync, then ``os.replace``.
+def write_atomically(path: str | Path, write: Callable[[str], None], readable_by_others: bool = False) -> Path:
+    """``write(temp name)`` into a temp file in ``path``'s folder, fsync, then ``os.replace`` it onto ``path``.
 
-    A crash (or SIGKILL) mid-write leaves the previous checkpoint intact, never a truncated one.
+    A crash (or SIGKILL) mid-write leaves the previous file intact, never a truncated one; a ``write`` that
+    raises leaves no temp file. ``readable_by_others``: the permissions a new file gets from the umask (usually
+    rw-r--r--, for an exported model meant to be shared) instead of the temp file's rw-------.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
+        write(tmp_name)
+        fd = os.open(tmp_name, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if readable_by_others:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp_name, 0o666 & ~umask)
         os.replace(tmp_name, path)
     except BaseException:
         if os.path.exists(tmp_name):
             os.remove(tmp_name)
         raise
     return path
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path, readable_by_others: bool = False) -> Path:
+    """Write ``state`` to ``path`` atomically (:func:`write_atomically`): a crash mid-write leaves the previous
+    checkpoint intact, never a truncated one."""
+    return write_atomically(path, lambda tmp: torch.save(state, tmp), readable_by_others)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

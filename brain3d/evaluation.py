@@ -622,6 +622,21 @@ def _lesion_detection(pred: np.ndarray, true: np.ndarray, structure: np.ndarray)
 _COUNTED_FLAGS = {"hd95_worst_case": "hd95_worst_case_subjects"}
 
 
+def _means_and_counts(case_rows: list[dict], keys: list[str], flags: dict[str, str], num_samples: int,
+                      seed: int) -> dict[str, Any]:
+    """Per numeric ``key`` of the rows, the NaN-mean over subjects with its bootstrap CI; the 0/1 ``flags``
+    (``{flag: count_key}``) counted instead, as ``count_key`` (0 where no row has the flag)."""
+    report: dict[str, Any] = {}
+    for key in keys:
+        if key in flags:
+            continue
+        column = np.array([float(row[key]) for row in case_rows], dtype=np.float64)  # (N,)
+        report[key] = _with_ci(_nan_mean, column, num_samples=num_samples, seed=seed)
+    for flag, count_key in flags.items():
+        report[count_key] = int(sum(int(row[flag]) for row in case_rows)) if flag in keys else 0
+    return report
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating, np.bool_))
 
@@ -690,14 +705,8 @@ def segmentation_report(
             f"case_rows lack the lesion count keys {missing} (rows of segmentation_case_metrics have them)."
         )
 
-    report: dict[str, Any] = {"n": len(case_rows)}
-    for key in keys:
-        if key in _COUNTED_FLAGS:
-            continue
-        column = np.array([float(row[key]) for row in case_rows], dtype=np.float64)  # (N,)
-        report[key] = _with_ci(_nan_mean, column, num_samples=num_samples, seed=seed)
-    for flag, count_key in _COUNTED_FLAGS.items():
-        report[count_key] = int(sum(int(row[flag]) for row in case_rows)) if flag in keys else 0
+    report: dict[str, Any] = {"n": len(case_rows),
+                              **_means_and_counts(case_rows, keys, _COUNTED_FLAGS, num_samples, seed)}
     totals = {k: int(round(sum(float(row[k]) for row in case_rows))) for k in ("lesion_tp", "lesion_fp", "lesion_fn")}
     report["lesion_tp_total"] = totals["lesion_tp"]
     report["lesion_fp_total"] = totals["lesion_fp"]
@@ -791,12 +800,5 @@ def label_map_report(case_rows: Sequence[Mapping[str, Any]], label_names: Sequen
     num_samples = _check_num_samples(num_samples)
     keys = _numeric_keys(case_rows)
     flags = {f"hd95_worst_case_{name}": f"hd95_worst_case_subjects_{name}" for name in label_names}
-    report: dict[str, Any] = {"n": len(case_rows), "label_names": [str(n) for n in label_names]}
-    for key in keys:
-        if key in flags:
-            continue
-        column = np.array([float(row[key]) for row in case_rows], dtype=np.float64)  # (N,)
-        report[key] = _with_ci(_nan_mean, column, num_samples=num_samples, seed=seed)
-    for flag, count_key in flags.items():
-        report[count_key] = int(sum(int(row[flag]) for row in case_rows)) if flag in keys else 0
-    return report
+    return {"n": len(case_rows), "label_names": [str(n) for n in label_names],
+            **_means_and_counts(case_rows, keys, flags, num_samples, seed)}

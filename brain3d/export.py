@@ -26,11 +26,9 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
-import os
 import sys
-import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import hydra
@@ -38,7 +36,7 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig
 
-from brain3d.checkpoint import load_checkpoint, save_checkpoint
+from brain3d.checkpoint import load_checkpoint, save_checkpoint, write_atomically
 from brain3d.cli import config_dir, keys_help, report_user_error, run_command
 from brain3d.data.preprocess import validate_settings
 from brain3d.errors import ConfigError
@@ -178,29 +176,6 @@ def check_outputs(what: str, expected, actual, shape: list[int]) -> float:
     return difference
 
 
-def shareable(path: str | Path) -> None:
-    """The permissions a new file gets from the umask (usually rw-r--r--), not the temp file's rw-------: an
-    exported model is meant to be read by others."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
-def write_atomically(path: Path, write: Callable[[str], None]) -> Path:
-    """``write(temp name)`` in ``path``'s folder, then ``os.replace``: never a half-written model under ``path``."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp_name)
-        shareable(tmp_name)
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.remove(tmp_name)
-        raise
-    return path
-
-
 def export_torchscript(module: ExportedModel, example: torch.Tensor, check: torch.Tensor, path: Path,
                        metadata: str) -> float:
     """Trace ``module`` on ``example``, check it on ``check``, save it (with ``brain3d.json`` inside)."""
@@ -209,7 +184,8 @@ def export_torchscript(module: ExportedModel, example: torch.Tensor, check: torc
         warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated", category=DeprecationWarning)
         traced = torch.jit.trace(module, example, check_trace=False)
         difference = check_outputs("TorchScript", module(check), traced(check), list(check.shape))
-        write_atomically(path, lambda tmp: torch.jit.save(traced, tmp, _extra_files={"brain3d.json": metadata}))
+        write_atomically(path, lambda tmp: torch.jit.save(traced, tmp, _extra_files={"brain3d.json": metadata}),
+                         readable_by_others=True)
     return difference
 
 
@@ -262,7 +238,7 @@ def export_onnx(module: ExportedModel, example: torch.Tensor, check: torch.Tenso
                                    list(check.shape))
 
     difference = None
-    write_atomically(path, write)
+    write_atomically(path, write, readable_by_others=True)
     if difference is None:
         log.warning("onnxruntime is not installed: %s was not run after export (pip install brain3d[export])", path)
     return difference
@@ -422,7 +398,7 @@ def export(cfg: DictConfig) -> dict:
     result = {"output": str(output), "json": None, "checkpoint_bytes": checkpoint.stat().st_size,
               "max_difference": None}
     if fmt == "weights":
-        shareable(save_checkpoint(weights_state(state, bool(cfg.get("keep_subject_ids", True))), output))
+        save_checkpoint(weights_state(state, bool(cfg.get("keep_subject_ids", True))), output, readable_by_others=True)
     else:
         shape = input_shape(state["config"])
         tasks = task_set_from_checkpoint(state)
@@ -438,7 +414,7 @@ def export(cfg: DictConfig) -> dict:
         else:
             result["max_difference"] = export_onnx(module, example, check, output, metadata, segmentation)
         json_path = output.with_suffix(".json")
-        write_atomically(json_path, lambda tmp: Path(tmp).write_text(metadata + "\n"))
+        write_atomically(json_path, lambda tmp: Path(tmp).write_text(metadata + "\n"), readable_by_others=True)
         result["json"] = str(json_path)
     result["bytes"] = output.stat().st_size
     log.info("wrote %s (%s, %.2f MB; the checkpoint %s is %.2f MB)%s", output, fmt, result["bytes"] / 1e6,

@@ -57,6 +57,24 @@ def _check_weight(value: float, name: str) -> float:
     return float(value)
 
 
+def _check_term_weights(**weights: float) -> list[float]:
+    """The weights of a two-term loss (``dice_weight=..., bce_weight=...``), each checked, not both zero."""
+    checked = [_check_weight(value, name) for name, value in weights.items()]
+    if not any(checked):
+        names = " and ".join(weights)
+        given = ", ".join(f"{name}={value!r}" for name, value in weights.items())
+        raise ValueError(f"{names} must not both be zero, got {given}.")
+    return checked
+
+
+def _check_smooth(smooth: float) -> float:
+    if isinstance(smooth, bool) or not isinstance(smooth, (int, float)):
+        raise ValueError(f"smooth must be a positive float, got {smooth!r}.")
+    if not math.isfinite(smooth) or smooth <= 0:
+        raise ValueError(f"smooth must be a positive finite float (it keeps empty masks defined), got {smooth!r}.")
+    return float(smooth)
+
+
 class BCELoss(nn.Module):
     """Binary cross-entropy on logits (``F.binary_cross_entropy_with_logits``), in float32.
 
@@ -204,15 +222,9 @@ class DiceLoss(nn.Module):
 
     def __init__(self, smooth: float = 1e-5, batch: bool = False, reduction: str = "mean") -> None:
         super().__init__()
-        if isinstance(smooth, bool) or not isinstance(smooth, (int, float)):
-            raise ValueError(f"smooth must be a positive float, got {smooth!r}.")
-        if not math.isfinite(smooth) or smooth <= 0:
-            raise ValueError(
-                f"smooth must be a positive finite float (it keeps empty masks defined), got {smooth!r}."
-            )
+        self.smooth = _check_smooth(smooth)
         if reduction not in _DICE_REDUCTIONS:
             raise ValueError(f"reduction must be one of {_DICE_REDUCTIONS}, got {reduction!r}.")
-        self.smooth = float(smooth)
         self.batch = bool(batch)
         self.reduction = reduction
 
@@ -276,13 +288,7 @@ class DiceBCELoss(nn.Module):
         pos_weight: float | None = None,
     ) -> None:
         super().__init__()
-        self.dice_weight = _check_weight(dice_weight, "dice_weight")
-        self.bce_weight = _check_weight(bce_weight, "bce_weight")
-        if self.dice_weight == 0 and self.bce_weight == 0:
-            raise ValueError(
-                f"dice_weight and bce_weight must not both be zero, got dice_weight={dice_weight!r}, "
-                f"bce_weight={bce_weight!r}."
-            )
+        self.dice_weight, self.bce_weight = _check_term_weights(dice_weight=dice_weight, bce_weight=bce_weight)
         self.dice = DiceLoss(smooth=smooth, batch=batch, reduction="mean")
         self.bce = BCELoss(pos_weight=pos_weight)
 
@@ -336,14 +342,8 @@ class DiceCELoss(nn.Module):
     def __init__(self, dice_weight: float = 1.0, ce_weight: float = 1.0, smooth: float = 1e-5,
                  batch: bool = False) -> None:
         super().__init__()
-        self.dice_weight = _check_weight(dice_weight, "dice_weight")
-        self.ce_weight = _check_weight(ce_weight, "ce_weight")
-        if self.dice_weight == 0 and self.ce_weight == 0:
-            raise ValueError(
-                f"dice_weight and ce_weight must not both be zero, got dice_weight={dice_weight!r}, "
-                f"ce_weight={ce_weight!r}."
-            )
-        self.smooth = DiceLoss(smooth=smooth).smooth  # the same check as DiceLoss
+        self.dice_weight, self.ce_weight = _check_term_weights(dice_weight=dice_weight, ce_weight=ce_weight)
+        self.smooth = _check_smooth(smooth)
         self.batch = bool(batch)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

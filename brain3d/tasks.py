@@ -122,12 +122,7 @@ class Task:
         marks the subjects that have this head's label. ``worst`` (report.html) gets those samples offered."""
         values = self.decode(logits.float()).cpu().reshape(-1)
         truth = target.float().cpu().reshape(-1)
-        ids = [str(s) for s in batch["subject_id"]]
-        if keep is not None:
-            kept = keep.cpu().reshape(-1).tolist()
-            values, truth = values[keep.cpu()], truth[keep.cpu()]
-            ids = [s for s, k in zip(ids, kept) if k]
-            image = image[keep]
+        ids, (values, truth, image) = kept_samples(keep, batch, values, truth, image)
         outputs["predictions"].append(values)
         outputs["targets"].append(truth)
         if worst is not None:
@@ -168,6 +163,16 @@ class Task:
     def out_key(self, key: str) -> str:
         """A predictions.csv column of this head: ``key`` after :attr:`prefix` (``sex_probability``)."""
         return f"{self.prefix}{key}"
+
+
+def kept_samples(keep: torch.Tensor | None, batch: dict, *tensors: torch.Tensor) -> tuple[list[str], tuple]:
+    """The batch's samples that have this head's label: their subject ids, and each (B, ...) tensor cut to them
+    (``keep`` (B,) bool, moved to each tensor's device; None: every sample)."""
+    ids = [str(s) for s in batch["subject_id"]]
+    if keep is None:
+        return ids, tensors
+    flags = keep.cpu().reshape(-1).tolist()
+    return [s for s, k in zip(ids, flags) if k], tuple(t[keep.to(t.device)] for t in tensors)
 
 
 class PredictionContext:
@@ -340,11 +345,7 @@ class SegmentationTask(Task):
     def collect(self, outputs: dict, logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor | None,
                 batch: dict, image: torch.Tensor, worst: report.WorstCases | None) -> None:
         """``logits`` and ``target`` (B, 1, D, H, W); per-subject dice and iou of the kept samples."""
-        ids = [str(s) for s in batch["subject_id"]]
-        if keep is not None:
-            kept = keep.cpu().reshape(-1).tolist()
-            logits, target, image = logits[keep], target[keep], image[keep]
-            ids = [s for s, k in zip(ids, kept) if k]
+        ids, (logits, target, image) = kept_samples(keep, batch, logits, target, image)
         if not ids:
             return
         probability = torch.sigmoid(logits.float())  # (B, 1, D, H, W)
@@ -441,11 +442,7 @@ class MultiClassSegmentationTask(SegmentationTask):
                 batch: dict, image: torch.Tensor, worst: report.WorstCases | None) -> None:
         """``logits`` (B, K+1, D, H, W), ``target`` (B, 1, D, H, W) labels; per kept subject and label the Dice
         and IoU of the argmax."""
-        ids = [str(s) for s in batch["subject_id"]]
-        if keep is not None:
-            kept = keep.cpu().reshape(-1).tolist()
-            logits, target, image = logits[keep], target[keep], image[keep]
-            ids = [s for s, k in zip(ids, kept) if k]
+        ids, (logits, target, image) = kept_samples(keep, batch, logits, target, image)
         if not ids:
             return
         probability = torch.softmax(logits.float(), dim=1)  # (B, K+1, D, H, W)
