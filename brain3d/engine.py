@@ -233,7 +233,7 @@ def _forward_backward(model: torch.nn.Module, batch: dict, tasks: TaskSet, devic
     if augment is not None:
         mask_task = tasks.mask_task
         image, mask = augment(image, targets[mask_task.name] if mask_task else None, generator=generator,
-                              num_classes=mask_task.num_classes if mask_task else 1)  # >= 2: a label map
+                              num_classes=tasks.mask_classes)  # >= 2: a label map
         if mask_task is not None:
             targets[mask_task.name] = mask
     # DistributedDataParallel: gradients are all-reduced only on the micro-batch before an optimizer step.

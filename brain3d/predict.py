@@ -262,7 +262,7 @@ def read_prediction_manifest(cfg: DictConfig, state: dict, tasks: TaskSet,
     if listing is not None:
         data_cfg = OmegaConf.merge(cfg.data, {"manifest": str(listing)})
         columns.update(id_col=LISTING_COLUMNS[0], image_col=LISTING_COLUMNS[1])
-    num_classes = tasks.mask_task.num_classes if tasks.mask_task is not None else 1  # >= 2: label maps 0..K
+    num_classes = tasks.mask_classes
     if tasks.multi:
         heads = [(t.name, t.kind, t.column) for t in tasks]
         class_names = {t.name: t.class_names for t in tasks if t.class_names is not None}
@@ -280,7 +280,7 @@ def output_layout(layout: str, out_dir: Path, manifest: Manifest, state: dict, t
     """Where each subject's images go (brain3d.output_layout), every name checked before any is predicted; the
     desc of a single-task segmentation's BIDS names from the checkpoint's mask column, and a multi-class one's
     label map a BIDS dseg."""
-    label_map = getattr(tasks.mask_task, "num_classes", 1) > 1
+    label_map = tasks.mask_classes > 1
     desc = segmentation_desc((state["config"].get("data") or {}).get("mask_col"), label_map)
     return OutputLayout(layout, out_dir, {s.subject_id: s.image for s in manifest.subjects}, save_like_input, desc,
                         label_map)

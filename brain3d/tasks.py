@@ -614,6 +614,12 @@ class TaskSet:
         return next((t for t in self if t.reads_mask), None)
 
     @property
+    def mask_classes(self) -> int:
+        """The labels besides the background the mask files hold: 1 (binary masks, or no mask head); K >= 2:
+        integer label maps 0..K, read, resampled and augmented per label."""
+        return self.mask_task.num_classes if self.mask_task is not None else 1
+
+    @property
     def stratify_task(self) -> Task | None:
         """The head whose classes the train/val split balances (the first classification head), or None."""
         return next((t for t in self if t.stratify), None)

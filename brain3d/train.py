@@ -425,7 +425,7 @@ def load_data(run: Run) -> None:
     if run.distributed and not run.main_rank:
         dist_utils.barrier()  # rank 0 first: it generates / converts the data once, the others then read it
     heads = [(t.name, t.kind, t.column) for t in tasks] if tasks.multi else None
-    num_classes = tasks.mask_task.num_classes if tasks.mask_task is not None else 1  # >= 2: label maps 0..K
+    num_classes = tasks.mask_classes  # >= 2: label maps 0..K
     run.manifest = manifest = read_manifest(data_cfg, cfg.task.name, heads=heads, num_classes=num_classes)
     if run.distributed and run.main_rank:
         dist_utils.barrier()
