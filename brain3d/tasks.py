@@ -32,6 +32,7 @@ from brain3d import metrics as M
 from brain3d.data.nifti import load_label_map, load_mask
 from brain3d.data.preprocess import invert_geometry
 from brain3d.errors import ConfigError
+from brain3d.models.model import DEEP_SUFFIX
 
 
 class Task:
@@ -572,6 +573,9 @@ def _head_for_classes(head: Any, kind: str, num_classes: int, where: str) -> Any
     if kind != "segmentation" or num_classes == 1:
         return head
     config = OmegaConf.to_container(head, resolve=True) if isinstance(head, DictConfig) else dict(head)
+    if config.get("deep_supervision"):
+        raise ConfigError(f"{where}.deep_supervision=true works with binary segmentation only (num_classes=1); "
+                          f"with num_classes={num_classes} leave it false")
     given = config.get("out_channels", 1)
     if given not in (1, num_classes + 1):
         raise ConfigError(f"{where}.out_channels={given} does not fit num_classes={num_classes}: a multi-class head "
@@ -643,12 +647,17 @@ class TaskSet:
         for name, task in self.tasks.items():
             keep = labelled[name]
             head_logits, target = logits[name], targets[name]
+            deep = logits.get(name + DEEP_SUFFIX)  # a deep-supervised head's coarser logits, or None
             if keep is not None and not bool(keep.all()):
                 if not bool(keep.any()):
-                    per_head[name] = head_logits.float().sum() * 0.0
+                    per_head[name] = sum(x.float().sum() for x in [head_logits, *(deep or [])]) * 0.0
                     continue
                 head_logits, target = head_logits[keep], target[keep]
-            per_head[name] = task.loss_fn(head_logits, task.encode(target))
+                deep = [x[keep] for x in deep] if deep else None
+            target = task.encode(target)
+            per_head[name] = task.loss_fn(head_logits, target)
+            if deep:
+                per_head[name] = deep_supervised_loss(task.loss_fn, per_head[name], deep, target)
         if not self.multi:
             return next(iter(per_head.values())), per_head
         total = sum(self.tasks[name].weight * value for name, value in per_head.items())
@@ -673,6 +682,27 @@ class TaskSet:
 
     def state(self) -> dict:
         return {"multi": self.multi, "heads": {name: t.state() for name, t in self.tasks.items()}}
+
+
+def deep_supervised_loss(loss_fn: torch.nn.Module, full_loss: torch.Tensor, deep_logits: list[torch.Tensor],
+                         target: torch.Tensor) -> torch.Tensor:
+    """nnU-Net's deep supervision: ``(full_loss + 1/2 loss(logits/2) + 1/4 loss(logits/4)) / 1.75``, the weights
+    halving with each coarser output and normalised to sum 1 (so the loss keeps the scale it has without).
+
+    The coarse targets are the binary mask average-pooled to each output's grid: the lesion fraction of each
+    block, a soft target that BCE and soft Dice take as is. A 3-voxel lesion stays a positive there, where
+    nearest-neighbour downsampling (nnU-Net's) could drop it.
+
+    Shapes: target (B, 1, D, H, W) float 0/1; deep_logits [(B, 1, D/2, H/2, W/2), (B, 1, D/4, H/4, W/4)].
+    """
+    total, weight_sum = full_loss, 1.0
+    for level, coarse in enumerate(deep_logits, start=1):
+        block = [full // part for full, part in zip(target.shape[2:], coarse.shape[2:])]  # 2 or 4 per axis
+        coarse_target = torch.nn.functional.avg_pool3d(target.float(), kernel_size=block)  # lesion fraction
+        weight = 0.5**level
+        total = total + weight * loss_fn(coarse, coarse_target)
+        weight_sum += weight
+    return total / weight_sum
 
 
 def single_task(kind: str, loss_fn: torch.nn.Module | None = None, target_mean: float = 0.0,

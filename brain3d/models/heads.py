@@ -112,9 +112,14 @@ class SegmentationHead(nn.Module):
         feature_channels: the backbone's 4 feature channels (c1, c2, c3, c4).
         out_channels: output channels (1 for binary segmentation). Defaults to 1.
         norm: ``"batch"``, ``"instance"`` or ``"group"``. Defaults to ``"batch"``.
+        deep_supervision: also predict logits at 1/2 and 1/4 of the input size from the decoder's d2 and d3
+            (a 1x1 convolution each, nnU-Net's deep supervision), so the loss reaches the coarse decoder
+            stages directly. In training mode the forward then returns ``(logits, [logits/2, logits/4])``;
+            in eval mode, and by default, just the full-size logits (the seed's head, unchanged).
     """
 
-    def __init__(self, feature_channels: Sequence[int], out_channels: int = 1, norm: str = "batch") -> None:
+    def __init__(self, feature_channels: Sequence[int], out_channels: int = 1, norm: str = "batch",
+                 deep_supervision: bool = False) -> None:
         super().__init__()
         c1, c2, c3, c4 = _as_channels(feature_channels)
         self.decoder4 = Decoder3DBlock(c4, c3, c3, norm)
@@ -123,11 +128,18 @@ class SegmentationHead(nn.Module):
         c0 = max(1, c1 // 2)
         self.decoder1 = nn.ConvTranspose3d(c1, c0, 2, 2)
         self.final_conv = nn.Conv3d(c0, out_channels, kernel_size=1)
+        self.deep_supervision = bool(deep_supervision)
+        if self.deep_supervision:  # created after the seed's layers: their initial weights do not change
+            self.deep_half = nn.Conv3d(c1, out_channels, kernel_size=1)  # on d2 (D/2)
+            self.deep_quarter = nn.Conv3d(c2, out_channels, kernel_size=1)  # on d3 (D/4)
 
-    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         f1, f2, f3, f4 = features
         d4 = self.decoder4(f4, f3)  # (B, c3, D/8, H/8, W/8)
         d3 = self.decoder3(d4, f2)  # (B, c2, D/4, H/4, W/4)
         d2 = self.decoder2(d3, f1)  # (B, c1, D/2, H/2, W/2)
         d1 = self.decoder1(d2)  # (B, c1 // 2, D, H, W)
-        return self.final_conv(d1)  # (B, out_channels, D, H, W)
+        logits = self.final_conv(d1)  # (B, out_channels, D, H, W)
+        if self.deep_supervision and self.training:
+            return logits, [self.deep_half(d2), self.deep_quarter(d3)]  # (B, out, D/2, ...), (B, out, D/4, ...)
+        return logits

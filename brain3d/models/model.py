@@ -11,6 +11,10 @@ from hydra.utils import instantiate
 
 from brain3d.models.heads import SegmentationHead, check_segmentation_shape
 
+# Output key of a deep-supervised head's coarser logits in training mode: ``{"lesion": (B, 1, D, H, W),
+# "lesion:deep": [(B, 1, D/2, H/2, W/2), (B, 1, D/4, H/4, W/4)]}`` (brain3d.tasks.TaskSet.loss reads it).
+DEEP_SUFFIX = ":deep"
+
 
 class Brain3DModel(nn.Module):
     """A backbone shared by one or more named heads.
@@ -18,7 +22,8 @@ class Brain3DModel(nn.Module):
     Args:
         backbone: module with ``feature_channels`` whose forward maps (B, C, D, H, W) to
             a list of 4 feature maps.
-        heads: head name -> head module; each head maps the feature list to logits.
+        heads: head name -> head module; each head maps the feature list to logits (a deep-supervised
+            segmentation head in training mode also to coarser logits, returned under ``name + DEEP_SUFFIX``).
 
     Raises:
         ValueError (in forward): when the input is not 5-D (B, C, D, H, W), or when a
@@ -30,13 +35,19 @@ class Brain3DModel(nn.Module):
         self.backbone = backbone
         self.heads = nn.ModuleDict(dict(heads))
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> dict[str, Any]:
         if x.dim() != 5:
             raise ValueError(f"expected a 5-D input (B, C, D, H, W), got shape {tuple(x.shape)}")
         if any(isinstance(h, SegmentationHead) for h in self.heads.values()):
             check_segmentation_shape(x.shape[2:])
         features = self.backbone(x)  # [f1 (/2), f2 (/4), f3 (/8), f4 (/16)]
-        return {name: head(features) for name, head in self.heads.items()}
+        out: dict[str, Any] = {}
+        for name, head in self.heads.items():
+            logits = head(features)
+            if isinstance(logits, tuple):  # a deep-supervised head while training: (logits, coarser logits)
+                logits, out[name + DEEP_SUFFIX] = logits
+            out[name] = logits
+        return out
 
 
 def _target(cfg: Any) -> str:
