@@ -322,3 +322,17 @@ def test_backward_reaches_backbone_for_each_head(kind):
         assert any(g.abs().sum() > 0 for g in grads), name
         head_grads = [p.grad for p in model.heads[name].parameters()]
         assert all(g is not None for g in head_grads), name
+
+
+def test_a_key_the_backbone_does_not_take_is_named_with_the_keys_it_takes():
+    from brain3d.errors import ConfigError
+
+    cfg = {"_target_": "brain3d.models.backbones.PlainBackbone", "width": 0.125, "depth": 10}
+    head = {"_target_": "brain3d.models.heads.GlobalPoolHead", "out_features": 1}
+    with pytest.raises(ConfigError, match=r"^backbone\.depth is not a setting of brain3d\.models\.backbones\."
+                                          r"PlainBackbone \(it takes in_channels, width, norm\); remove it with "
+                                          r"'~backbone\.depth'"):
+        build_model(cfg, head, "classification")
+    with pytest.raises(ConfigError, match=r"^task\.head\.pool is not a setting of .*GlobalPoolHead"):
+        build_model({k: v for k, v in cfg.items() if k != "depth"},
+                    {**head, "pool": "max"}, "classification")

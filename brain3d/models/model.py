@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn as nn
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
+from brain3d.errors import ConfigError
 from brain3d.models.heads import SegmentationHead, check_segmentation_shape
 
 # Output key of a deep-supervised head's coarser logits in training mode: ``{"lesion": (B, 1, D, H, W),
@@ -74,7 +79,7 @@ def build_model(backbone_cfg: Any, head_cfg: Any, head_name: str | None = None) 
         TypeError: when the backbone is not an ``nn.Module`` with ``feature_channels``,
             or the head is not an ``nn.Module``; the message names the ``_target_``.
     """
-    backbone = instantiate(backbone_cfg)
+    backbone = _instantiate(backbone_cfg, "backbone")
     if not isinstance(backbone, nn.Module) or not hasattr(backbone, "feature_channels"):
         raise TypeError(
             f"backbone target {_target(backbone_cfg)} built {type(backbone).__name__}, "
@@ -88,10 +93,32 @@ def build_model(backbone_cfg: Any, head_cfg: Any, head_name: str | None = None) 
         # reordering heads does not change another head's initial weights, and a multi-task run's heads start
         # where single-task runs of the same seed do.
         torch.random.set_rng_state(after_backbone)
-        heads[name] = instantiate(cfg, feature_channels=list(backbone.feature_channels))
+        where = "task.head" if head_name is not None else f"task.heads.{name}.head"
+        heads[name] = _instantiate(cfg, where, feature_channels=list(backbone.feature_channels))
         if not isinstance(heads[name], nn.Module):
             raise TypeError(f"head target {_target(cfg)} built {type(heads[name]).__name__}, not an nn.Module")
     return Brain3DModel(backbone, heads)
+
+
+def _instantiate(cfg: Any, where: str, **kwargs: Any) -> Any:
+    """``instantiate(cfg, **kwargs)``; a key the class does not take is a ConfigError naming it and the keys it
+    does take (e.g. ``backbone.depth`` left by a preset for ResNet after ``backbone=plain``)."""
+    try:
+        return instantiate(cfg, **kwargs)
+    except InstantiationException as err:
+        found = re.search(r"unexpected keyword argument '(\w+)'", str(err.__cause__ or err))
+        target = _target(cfg)
+        if not found or "." not in target:
+            raise
+        module, _, name = target.rpartition(".")
+        try:
+            accepted = [p for p in inspect.signature(getattr(importlib.import_module(module), name)).parameters
+                        if p not in kwargs and p != "self"]
+        except (ImportError, AttributeError, TypeError, ValueError):
+            raise err from None
+        key = found.group(1)
+        raise ConfigError(f"{where}.{key} is not a setting of {target} (it takes {', '.join(accepted)}); remove it "
+                          f"with '~{where}.{key}' (a preset may set it for another {where.split('.')[0]})") from None
 
 
 def count_parameters(model: nn.Module) -> int:
