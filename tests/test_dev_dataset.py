@@ -137,3 +137,38 @@ def test_refuses_a_non_empty_folder(tmp_path, capsys):
         _script().main([str(tmp_path / "x"), "--num-subjects", "1"])
     assert exc.value.code != 0 and "not empty" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["keep.txt"]
+
+
+def _ceiling_script():
+    path = SCRIPT.parent / "dev_dataset_ceiling.py"
+    spec = importlib.util.spec_from_file_location("dev_dataset_ceiling", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_age_noise_zero_makes_age_a_function_of_the_parameters_and_the_ceiling_script_finds_it(tmp_path):
+    out = _generate(tmp_path / "exact", "--seed", "4", "--age-noise", "0")
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["options"]["age_noise"] == 0.0
+    for s in meta["subjects"]:  # no individual noise: each age effect is its formula of the age
+        years = s["age"] - 20.0
+        assert s["anatomy"]["cortical_thickness_mm"] == pytest.approx(3.3 * (1.0 - 0.004 * years), rel=1e-9)
+        assert s["anatomy"]["gm_intensity"] == pytest.approx(0.60 + 0.0015 * years, rel=1e-9)
+    ceiling = _ceiling_script()
+    report = ceiling.ceilings(out)
+    assert report["age"]["cortical_thickness_mm_mae"] < 1e-6  # linear in age: a perfect fit
+    assert report["age"]["mean_predictor_mae"] > 1.0
+    assert ceiling.main([str(out), "--json", str(tmp_path / "c.json")]) == 0
+    assert json.loads((tmp_path / "c.json").read_text())["age"] == pytest.approx(report["age"])
+
+
+def test_ceiling_auc_and_discriminant_against_hand_values():
+    ceiling = _ceiling_script()
+    assert ceiling.auc(np.array([0.9, 0.8, 0.1, 0.8]), np.array([1, 1, 0, 0])) == pytest.approx(0.875)  # 3.5/4
+    x = np.array([[0.0], [1.0], [4.0], [5.0], [0.5], [4.5]])
+    label = np.array([0, 0, 1, 1, 0, 1])
+    train = np.array([True, True, True, True, False, False])
+    # class means 0.5 and 4.5 on the train rows: the boundary is at 2.5, so val scores are w * (x - 2.5), w > 0
+    scores = ceiling.lda_scores(x, label, train)
+    assert scores[0] < 0 < scores[1] and scores[1] == pytest.approx(-scores[0])
