@@ -124,7 +124,8 @@ def test_task_set_loss_uses_the_deep_logits_and_keeps_only_labelled_samples():
 
 def test_multi_class_with_deep_supervision_is_a_clear_error():
     head = {"_target_": "brain3d.models.heads.SegmentationHead", "out_channels": 1, "deep_supervision": True}
-    with pytest.raises(ConfigError, match=r"task.head.deep_supervision=true works with binary segmentation only"):
+    with pytest.raises(ConfigError, match=r"task.head.deep_supervision=true works with binary segmentation only "
+                       r"\(num_classes=1\); with num_classes=3 add task.head.deep_supervision=false"):
         _head_for_classes(head, "segmentation", 3, "task.head")
 
 
