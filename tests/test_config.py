@@ -89,7 +89,7 @@ def test_experiment_brain_age_sets_regression_with_l1():
     assert (cfg.task.name, cfg.loss.name, cfg.data.target_col) == ("regression", "l1", "age")
     assert list(cfg.augment.flip_axes) == [0] and cfg.task.head.dropout == 0.0
     assert (cfg.trainer.precise_bn_batches, cfg.trainer.ema) == (8, 0.99)
-    assert cfg.backbone._target_.endswith("ResNetBackbone") and (cfg.backbone.depth, cfg.backbone.width) == (10, 0.25)
+    assert cfg.backbone._target_.endswith("ResNetBackbone") and (cfg.backbone.depth, cfg.backbone.width) == (10, 0.125)
     assert compose_train(["experiment=brain_age", "loss=huber"]).loss.name == "huber"
 
 
