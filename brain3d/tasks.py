@@ -575,8 +575,7 @@ def _head_for_classes(head: Any, kind: str, num_classes: int, where: str) -> Any
     config = OmegaConf.to_container(head, resolve=True) if isinstance(head, DictConfig) else dict(head)
     if config.get("deep_supervision"):
         raise ConfigError(f"{where}.deep_supervision=true works with binary segmentation only (num_classes=1); "
-                          f"with num_classes={num_classes} add {where}.deep_supervision=false (experiment=lesion "
-                          "turns it on)")
+                          f"with num_classes={num_classes} add {where}.deep_supervision=false")
     given = config.get("out_channels", 1)
     if given not in (1, num_classes + 1):
         raise ConfigError(f"{where}.out_channels={given} does not fit num_classes={num_classes}: a multi-class head "

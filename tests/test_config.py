@@ -101,7 +101,7 @@ def test_experiment_sex_and_lesion_presets():
     lesion = compose_train(["experiment=lesion"])
     assert (lesion.task.name, lesion.loss.name, lesion.loss.batch) == ("segmentation", "dice_bce", True)
     assert list(lesion.data.patch_size) == [64, 64, 64] and lesion.data.samples_per_volume == 2
-    assert lesion.trainer.val_every_n_epochs == 2 and lesion.task.head.deep_supervision is True
+    assert lesion.trainer.val_every_n_epochs == 2 and lesion.task.head.deep_supervision is False
     # a preset leaves the data source and the shape to the user
     assert compose_train(["experiment=lesion", "data.shape=[96,112,96]"]).data.shape == [96, 112, 96]
     assert lesion.data.source == "synthetic" and list(lesion.data.shape) == [64, 64, 64]
