@@ -60,6 +60,7 @@ __all__ = [
     "brain_age_gap",
     "segmentation_case_metrics",
     "lesion_detection",
+    "remove_small_components",
     "segmentation_report",
     "label_map_case_metrics",
     "label_map_report",
@@ -583,6 +584,31 @@ def _volume_ml(mask: np.ndarray, spacing: np.ndarray) -> float:
     """Volume of an (X, Y, Z) bool mask in ml: voxels * prod(spacing) mm^3, 1 ml = 1000 mm^3."""
     voxel_ml = float(np.prod(spacing)) / 1000.0
     return float(mask.sum()) * voxel_ml
+
+
+def remove_small_components(mask: Any, min_voxels: int, connectivity: int = 26) -> np.ndarray:
+    """``mask`` (any shape, 0/1 or bool) without its connected components of fewer than ``min_voxels`` voxels.
+
+    Small speckles are what lowers lesion-wise F1 most (each is a false-positive lesion while adding almost
+    nothing to Dice): on the development sets most predicted false positives were under 8 voxels of a 2 mm grid,
+    while the smallest true lesion had 50. ``min_voxels`` 0 or 1 keeps everything. Components are 26-connected
+    in 3-D (as :func:`lesion_detection` counts them); other ranks use the full neighbourhood of their rank.
+
+    Returns:
+        A bool array of ``mask``'s shape.
+    """
+    if isinstance(min_voxels, bool) or not isinstance(min_voxels, (int, np.integer)) or min_voxels < 0:
+        raise ValueError(f"min_voxels must be an integer >= 0, got {min_voxels!r}.")
+    mask = np.asarray(mask).astype(bool)
+    if min_voxels <= 1 or not mask.any():
+        return mask
+    structure = (_connectivity_structure(connectivity) if mask.ndim == 3
+                 else ndimage.generate_binary_structure(mask.ndim, mask.ndim))
+    labels, n = ndimage.label(mask, structure=structure)  # 0 = background, components 1..n
+    sizes = np.bincount(labels.reshape(-1), minlength=n + 1)  # voxels per component; [0] the background
+    keep = sizes >= min_voxels
+    keep[0] = False
+    return keep[labels]
 
 
 def lesion_detection(pred_mask: Any, true_mask: Any, connectivity: int = 26) -> dict[str, Any]:

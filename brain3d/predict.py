@@ -50,7 +50,14 @@ from brain3d.models.model import build_model
 from brain3d.output_layout import OutputLayout, check_layout, segmentation_desc
 from brain3d.saliency import grad_cam
 from brain3d.sliding_window import sliding_window_inference
-from brain3d.tasks import MULTITASK, PredictionContext, TaskSet, head_configs, task_set_from_checkpoint
+from brain3d.tasks import (
+    MULTITASK,
+    PredictionContext,
+    TaskSet,
+    checked_min_lesion_voxels,
+    head_configs,
+    task_set_from_checkpoint,
+)
 
 log = logging.getLogger("brain3d.predict")
 
@@ -201,6 +208,11 @@ def predict(cfg: DictConfig) -> dict:
     if len(states) > 1:  # each member's bias correction was fitted on its own validation split: none for the mean
         for task in tasks:
             task.bias_correction = None
+    if cfg.get("min_lesion_voxels") is not None:  # the command line's; null: each checkpoint's own
+        for task in tasks:
+            if task.reads_mask:
+                task.min_lesion_voxels = checked_min_lesion_voxels(cfg.min_lesion_voxels, task.kind,
+                                                                   task.num_classes, "min_lesion_voxels")
     if cfg.saliency and (tasks.multi or tasks.mask_task is not None):
         raise ConfigError("saliency=gradcam is for single-task classification and regression checkpoints")
     log.info("%d checkpoint(s), task %s (heads %s), input shape %s, device %s, precision %s, tta %s", len(models),

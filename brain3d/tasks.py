@@ -335,6 +335,27 @@ class SegmentationTask(Task):
     reads_mask = True
     num_classes = 1  # binary; MultiClassSegmentationTask: K labels plus background
     label_names: list[str] | None = None
+    min_lesion_voxels = 0  # task.min_lesion_voxels: predicted components of fewer voxels are dropped from the mask
+
+    def state(self) -> dict:
+        return {**super().state(), "min_lesion_voxels": self.min_lesion_voxels}
+
+    def predicted_mask(self, probability: torch.Tensor) -> torch.Tensor:
+        """(B, 1, D, H, W) bool mask of ``probability`` > 0.5, without the components of fewer than
+        ``min_lesion_voxels`` voxels of each sample (brain3d.evaluation.remove_small_components)."""
+        predicted = probability > 0.5
+        if self.min_lesion_voxels <= 1:
+            return predicted
+        kept = [evaluation.remove_small_components(m, self.min_lesion_voxels) for m in predicted[:, 0].cpu().numpy()]
+        return torch.from_numpy(np.stack(kept))[:, None].to(predicted.device)
+
+    def native_min_voxels(self, where: PredictionContext) -> int:
+        """``min_lesion_voxels`` (voxels of the model's grid) in voxels of the input's own grid: the same volume
+        in mm^3 (at least 1 where it is set)."""
+        if self.min_lesion_voxels <= 1:
+            return self.min_lesion_voxels
+        model_voxel, input_voxel = np.prod(where.info.output_spacing_mm), np.prod(where.grid.voxel_size_mm)
+        return max(1, int(round(self.min_lesion_voxels * model_voxel / input_voxel)))
 
     @staticmethod
     def random_target(batch_size: int, spatial_shape, device) -> torch.Tensor:
@@ -350,7 +371,7 @@ class SegmentationTask(Task):
         if not ids:
             return
         probability = torch.sigmoid(logits.float())  # (B, 1, D, H, W)
-        predicted, truth = probability > 0.5, target > 0.5
+        predicted, truth = self.predicted_mask(probability), target > 0.5
         dice = np.asarray(M.dice_per_sample(predicted, truth)).reshape(-1)
         outputs["dice"].append(dice)
         outputs["iou"].append(np.asarray(M.iou_per_sample(predicted, truth)).reshape(-1))
@@ -391,6 +412,8 @@ class SegmentationTask(Task):
         the per-subject metrics of brain3d.evaluation.segmentation_case_metrics."""
         probability = invert_geometry(output[0, 0].numpy(), where.info, "trilinear")  # on the input's RAS grid
         mask = (probability > where.threshold).astype(np.uint8)
+        if self.min_lesion_voxels > 1:  # task.min_lesion_voxels, converted to this grid's voxels
+            mask = evaluation.remove_small_components(mask, self.native_min_voxels(where)).astype(np.uint8)
         stem = f"{where.subject_id}_{self.prefix}"
         where.save_like_input(probability.astype(np.float32), where.grid, where.out_dir / f"{stem}prob.nii.gz",
                               np.float32)
@@ -403,7 +426,8 @@ class SegmentationTask(Task):
         return row, evaluation.segmentation_case_metrics(mask, where.true_mask, where.grid.voxel_size_mm)
 
     def prediction_metrics(self, evaluated: list[dict], num_samples: int, threshold: float) -> dict:
-        return {**evaluation.segmentation_report(evaluated, num_samples=num_samples), "threshold": threshold}
+        return {**evaluation.segmentation_report(evaluated, num_samples=num_samples), "threshold": threshold,
+                "min_lesion_voxels": self.min_lesion_voxels}
 
     def report_case(self, row: dict, evaluation: dict | None) -> tuple[float | None, dict]:
         values = {"predicted_volume_ml": row.get(self.out_key("predicted_volume_ml"))}
@@ -526,6 +550,22 @@ def checked_num_classes(value: Any, where: str = "task.num_classes") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CLASSES:
         raise ConfigError(f"{where}={value!r} must be a whole number from 1 to {MAX_CLASSES}: 1 for a binary mask, "
                           "K >= 2 for a label map of K labels plus background")
+    return value
+
+
+def checked_min_lesion_voxels(value: Any, kind: str, num_classes: int, where: str) -> int:
+    """``task.min_lesion_voxels`` (a multi-task head's ``task.heads.<name>.min_lesion_voxels``) as an int >= 0:
+    predicted components of fewer voxels (of the grid the model sees) are dropped from the mask. Binary
+    segmentation only."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{where}={value!r} must be a whole number >= 0 (0 keeps every predicted component)")
+    if value and kind != "segmentation":
+        raise ConfigError(f"{where}={value} is for a segmentation head, not {kind}")
+    if value and num_classes > 1:
+        raise ConfigError(f"{where}={value} works with binary segmentation only (num_classes=1); with "
+                          f"num_classes={num_classes} leave it 0")
     return value
 
 
@@ -762,6 +802,8 @@ def head_specs(task_cfg: DictConfig | dict) -> dict[str, dict]:
         if num_classes > 1 and name != "segmentation":
             raise ConfigError(f"task.num_classes={num_classes} is for task=segmentation (label maps), not task={name}")
         return {name: {"kind": name, "column": None, "loss": None, "weight": 1.0, "num_classes": num_classes,
+                       "min_lesion_voxels": checked_min_lesion_voxels(task_cfg.get("min_lesion_voxels"), name,
+                                                                      num_classes, "task.min_lesion_voxels"),
                        "head": _head_for_classes(task_cfg["head"], name, num_classes, "task.head")}}
     if name != MULTITASK:
         raise ConfigError(f"task.name={name!r} is not one of {', '.join((*SINGLE_TASKS, MULTITASK))}")
@@ -786,6 +828,9 @@ def head_specs(task_cfg: DictConfig | dict) -> dict[str, dict]:
         specs[str(head)] = {"kind": kind, "column": spec.get("column") or KINDS[kind].default_column,
                             "loss": spec.get("loss") or task_class(kind, num_classes).losses[0],
                             "weight": float(weight), "num_classes": num_classes,
+                            "min_lesion_voxels": checked_min_lesion_voxels(
+                                spec.get("min_lesion_voxels"), kind, num_classes,
+                                f"task.heads.{head}.min_lesion_voxels"),
                             "head": _head_for_classes(spec["head"], kind, num_classes, f"task.heads.{head}.head")}
     if not specs:
         raise ConfigError("task=multitask: every head of task.heads is removed; keep at least one")
@@ -821,6 +866,8 @@ def build_task_set(task_cfg: DictConfig, single_loss: torch.nn.Module | None = N
                              label_names=checked_label_names(label_names, spec["num_classes"])))
         else:
             tasks.append(cls(*args))
+        if spec["min_lesion_voxels"]:
+            tasks[-1].min_lesion_voxels = spec["min_lesion_voxels"]
     if label_names is not None and not any(t.num_classes > 1 for t in tasks if t.reads_mask):
         raise ConfigError(f"data.label_names={list(label_names)} names the labels of a multi-class segmentation; "
                           "set task.num_classes=K (K >= 2 labels) or leave data.label_names null")
@@ -839,6 +886,8 @@ def task_set_from_checkpoint(state: dict) -> TaskSet:
                                                           saved.get("prefix", ""), **extra)
             task.class_names, task.bias_correction = saved.get("class_names"), saved.get("bias_correction")
             task.target_mean, task.target_std = saved.get("target_mean", 0.0), saved.get("target_std", 1.0)
+            if saved.get("min_lesion_voxels"):
+                task.min_lesion_voxels = int(saved["min_lesion_voxels"])
             tasks.append(task)
         return TaskSet(tasks, bool(state["tasks"]["multi"]))
     task = KINDS[state["task"]](state["head_name"])
