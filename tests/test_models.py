@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 
 from brain3d.models.backbones import Conv3DBlock, PlainBackbone, ResNetBackbone, make_norm
 from brain3d.models.heads import GlobalPoolHead, SegmentationHead, check_segmentation_shape
+from brain3d.errors import ConfigError
 from brain3d.models.model import Brain3DModel, build_model, count_parameters
 
 SEED_CLS_PARAMS = 4_781_057
@@ -336,3 +337,32 @@ def test_a_key_the_backbone_does_not_take_is_named_with_the_keys_it_takes():
     with pytest.raises(ConfigError, match=r"^task\.head\.pool is not a setting of .*GlobalPoolHead"):
         build_model({k: v for k, v in cfg.items() if k != "depth"},
                     {**head, "pool": "max"}, "classification")
+
+
+# ----------------------------------------------------------------------------- ResNet stage-1 stride
+def test_resnet_stage1_stride_2_halves_every_feature_map_and_keeps_the_parameters():
+    torch.manual_seed(0)
+    plain = ResNetBackbone(width=W, depth=10)
+    strided = ResNetBackbone(width=W, depth=10, stage1_stride=2)
+    assert plain.feature_strides == (2, 4, 8, 16) and strided.feature_strides == (4, 8, 16, 32)
+    # a stride-2 first block needs a 1x1x1 projection on its skip path: the only new parameters
+    extra = count_parameters(strided) - count_parameters(plain)
+    c1 = plain.feature_channels[0]
+    assert extra == c1 * c1 + 2 * c1  # conv 1x1x1 without bias + its BatchNorm's weight and bias
+    x = torch.randn(2, 1, 64, 64, 64)
+    shapes = [tuple(f.shape[2:]) for f in strided(x)]
+    assert shapes == [(16, 16, 16), (8, 8, 8), (4, 4, 4), (2, 2, 2)]
+    model = Brain3DModel(strided, {"age": GlobalPoolHead(strided.feature_channels)})
+    assert model(x)["age"].shape == (2, 1)
+
+
+def test_resnet_stage1_stride_is_checked_and_refused_for_segmentation():
+    with pytest.raises(ValueError, match="stage1_stride must be 1 or 2"):
+        ResNetBackbone(width=W, depth=10, stage1_stride=3)
+    backbone = {"_target_": "brain3d.models.backbones.ResNetBackbone", "width": W, "depth": 10, "stage1_stride": 2}
+    with pytest.raises(ConfigError, match=r"task.head \(segmentation\) needs the backbone's features at 1/2, 1/4, "
+                       r"1/8, 1/16 of the input; this backbone gives 1/4, 1/8, 1/16, 1/32: leave "
+                       r"backbone.stage1_stride=1"):
+        build_model(backbone, {"_target_": "brain3d.models.heads.SegmentationHead", "out_channels": 1}, "seg")
+    model = build_model(backbone, {"_target_": "brain3d.models.heads.GlobalPoolHead", "out_features": 1}, "age")
+    assert model.backbone.feature_strides == (4, 8, 16, 32)

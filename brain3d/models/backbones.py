@@ -225,25 +225,32 @@ class ResNetBackbone(nn.Module):
             Defaults to 1.0.
         norm: ``"batch"``, ``"instance"`` or ``"group"``. Defaults to ``"batch"``.
         depth: 10 (1 block per stage) or 18 (2 blocks per stage). Defaults to 18.
+        stage1_stride: 1 (f1 at /2, the default) or 2: stage 1 also halves the size, so the features sit at
+            /4, /8, /16, /32 and stage 1, the costliest (most voxels), runs on 1/8 of the voxels. For
+            classification and regression (global pooling); the segmentation head needs f1 at /2.
 
     Raises:
-        ValueError: when ``depth`` is not 10 or 18, ``width`` is not > 0 or ``norm`` is
-            unknown.
+        ValueError: when ``depth`` is not 10 or 18, ``stage1_stride`` not 1 or 2, ``width`` is not > 0 or
+            ``norm`` is unknown.
     """
 
     BLOCKS = {10: (1, 1, 1, 1), 18: (2, 2, 2, 2)}
 
-    def __init__(self, in_channels: int = 1, width: float = 1.0, norm: str = "batch", depth: int = 18) -> None:
+    def __init__(self, in_channels: int = 1, width: float = 1.0, norm: str = "batch", depth: int = 18,
+                 stage1_stride: int = 1) -> None:
         super().__init__()
         if depth not in self.BLOCKS:
             raise ValueError(f"unsupported ResNet depth {depth!r}; allowed: 10, 18")
+        if stage1_stride not in (1, 2) or isinstance(stage1_stride, bool):
+            raise ValueError(f"backbone.stage1_stride must be 1 or 2, got {stage1_stride!r}")
         self.feature_channels = scale_channels(width)
+        self.feature_strides = tuple(2 * stage1_stride * 2**i for i in range(4))  # f1..f4 vs the input
         c1 = self.feature_channels[0]
         self.stem = Conv3DBlock(in_channels, c1, kernel_size=3, stride=2, padding=1, norm=norm)
         stages = []
         prev = c1
         for i, (channels, n_blocks) in enumerate(zip(self.feature_channels, self.BLOCKS[depth])):
-            stride = 1 if i == 0 else 2
+            stride = stage1_stride if i == 0 else 2
             blocks = [BasicBlock3D(prev, channels, stride, norm)]
             blocks += [BasicBlock3D(channels, channels, 1, norm) for _ in range(n_blocks - 1)]
             stages.append(nn.Sequential(*blocks))
@@ -254,7 +261,7 @@ class ResNetBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = run_stage(self, self.stem, x)  # (B, c1, D/2, H/2, W/2)
-        f1 = run_stage(self, self.layer1, x)  # (B, c1, D/2, H/2, W/2)
+        f1 = run_stage(self, self.layer1, x)  # (B, c1, D/2, H/2, W/2); /4 with stage1_stride=2
         f2 = run_stage(self, self.layer2, f1)  # (B, c2, D/4, H/4, W/4)
         f3 = run_stage(self, self.layer3, f2)  # (B, c3, D/8, H/8, W/8)
         f4 = run_stage(self, self.layer4, f3)  # (B, c4, D/16, H/16, W/16)

@@ -85,6 +85,7 @@ def build_model(backbone_cfg: Any, head_cfg: Any, head_name: str | None = None) 
             f"backbone target {_target(backbone_cfg)} built {type(backbone).__name__}, "
             "not an nn.Module with a feature_channels attribute"
         )
+    strides = tuple(getattr(backbone, "feature_strides", (2, 4, 8, 16)))
     head_cfgs = {head_name: head_cfg} if head_name is not None else dict(head_cfg)
     heads = {}
     after_backbone = torch.random.get_rng_state()
@@ -97,6 +98,10 @@ def build_model(backbone_cfg: Any, head_cfg: Any, head_name: str | None = None) 
         heads[name] = _instantiate(cfg, where, feature_channels=list(backbone.feature_channels))
         if not isinstance(heads[name], nn.Module):
             raise TypeError(f"head target {_target(cfg)} built {type(heads[name]).__name__}, not an nn.Module")
+        if isinstance(heads[name], SegmentationHead) and strides != (2, 4, 8, 16):
+            raise ConfigError(f"{where} (segmentation) needs the backbone's features at 1/2, 1/4, 1/8, 1/16 of the "
+                              f"input; this backbone gives 1/{', 1/'.join(str(s) for s in strides)}: leave "
+                              "backbone.stage1_stride=1")
     return Brain3DModel(backbone, heads)
 
 
