@@ -7,9 +7,9 @@ import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
 
+from brain3d.errors import ConfigError
 from brain3d.models.backbones import Conv3DBlock, PlainBackbone, ResNetBackbone, make_norm
 from brain3d.models.heads import GlobalPoolHead, SegmentationHead, check_segmentation_shape
-from brain3d.errors import ConfigError
 from brain3d.models.model import Brain3DModel, build_model, count_parameters
 
 SEED_CLS_PARAMS = 4_781_057
