@@ -89,7 +89,10 @@ def test_experiment_brain_age_sets_regression_with_l1():
     assert (cfg.task.name, cfg.loss.name, cfg.data.target_col) == ("regression", "l1", "age")
     assert list(cfg.augment.flip_axes) == [0] and cfg.task.head.dropout == 0.0
     assert (cfg.trainer.precise_bn_batches, cfg.trainer.ema) == (8, 0.99)
-    assert cfg.backbone._target_.endswith("ResNetBackbone") and (cfg.backbone.depth, cfg.backbone.width) == (10, 0.125)
+    assert cfg.backbone._target_.endswith("ResNetBackbone")
+    assert (cfg.backbone.depth, cfg.backbone.width, cfg.backbone.stage1_stride) == (10, 0.25, 2)
+    assert (cfg.augment.affine_prob, list(cfg.augment.scale_range)) == (0.5, [0.95, 1.05])
+    assert (cfg.augment.gamma_prob, cfg.augment.noise_prob, cfg.optimizer.weight_decay) == (0.0, 0.0, 0.05)
     assert compose_train(["experiment=brain_age", "loss=huber"]).loss.name == "huber"
 
 
@@ -102,6 +105,7 @@ def test_experiment_sex_and_lesion_presets():
     assert (lesion.task.name, lesion.loss.name, lesion.loss.batch) == ("segmentation", "dice_bce", True)
     assert list(lesion.data.patch_size) == [64, 64, 64] and lesion.data.samples_per_volume == 2
     assert lesion.trainer.val_every_n_epochs == 2 and lesion.task.head.deep_supervision is False
+    assert lesion.task.min_lesion_voxels == 4
     # a preset leaves the data source and the shape to the user
     assert compose_train(["experiment=lesion", "data.shape=[96,112,96]"]).data.shape == [96, 112, 96]
     assert lesion.data.source == "synthetic" and list(lesion.data.shape) == [64, 64, 64]
