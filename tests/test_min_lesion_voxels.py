@@ -4,7 +4,6 @@ export sidecar; the errors for the settings it does not fit."""
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,7 +21,7 @@ from brain3d.export import head_entry
 from brain3d.tasks import SegmentationTask, build_task_set, head_specs, task_set_from_checkpoint
 
 from tests.conftest import run_train, tiny_overrides
-from tests.test_predict import predict_here
+from tests.test_predict import predict_here, synthetic_rows, write_manifest
 
 
 def three_components() -> np.ndarray:
@@ -129,13 +128,8 @@ def test_a_run_saves_the_setting_and_predict_and_export_apply_it(tmp_path, cache
     assert entry["min_lesion_voxels"] == 3 and "fewer than 3 voxels" in entry["apply"]
 
     manifest = synthetic_cache_dir(Path(cache_dir) / "synthetic", 12, (32, 32, 32), 0) / "manifest.csv"
-    rows = list(csv.DictReader(open(manifest)))[:2]
-    subset = tmp_path / "two.csv"
-    with open(subset, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows([{**r, "image": str(manifest.parent / r["image"]), "mask": str(manifest.parent / r["mask"])}
-                          for r in rows])
+    rows = synthetic_rows(manifest, 2)
+    subset = write_manifest(tmp_path / "two.csv", rows)
 
     def predicted(out: str, *extra: str) -> tuple[dict, list[np.ndarray], list[np.ndarray]]:
         predict_here([f"checkpoint={checkpoint}", f"data.manifest={subset}", f"output_dir={tmp_path / out}",
