@@ -337,6 +337,11 @@ def test_a_key_the_backbone_does_not_take_is_named_with_the_keys_it_takes():
     with pytest.raises(ConfigError, match=r"^task\.head\.pool is not a setting of .*GlobalPoolHead"):
         build_model({k: v for k, v in cfg.items() if k != "depth"},
                     {**head, "pool": "max"}, "classification")
+    # every stray key at once (experiment=brain_age backbone=plain leaves two)
+    with pytest.raises(ConfigError, match=r"^backbone\.depth, backbone\.stage1_stride are not settings of "
+                                          r".*PlainBackbone \(it takes in_channels, width, norm\); remove them with "
+                                          r"'~backbone\.depth' '~backbone\.stage1_stride'"):
+        build_model({**cfg, "stage1_stride": 2}, head, "classification")
 
 
 # ----------------------------------------------------------------------------- ResNet stage-1 stride

@@ -121,9 +121,13 @@ def _instantiate(cfg: Any, where: str, **kwargs: Any) -> Any:
                         if p not in kwargs and p != "self"]
         except (ImportError, AttributeError, TypeError, ValueError):
             raise err from None
-        key = found.group(1)
-        raise ConfigError(f"{where}.{key} is not a setting of {target} (it takes {', '.join(accepted)}); remove it "
-                          f"with '~{where}.{key}' (a preset may set it for another {where.split('.')[0]})") from None
+        given = [str(k) for k in (cfg.keys() if hasattr(cfg, "keys") else ()) if not str(k).startswith("_")]
+        keys = [k for k in given if k not in accepted] or [found.group(1)]  # all at once, not one per try
+        names = ", ".join(f"{where}.{k}" for k in keys)
+        removal = " ".join(f"'~{where}.{k}'" for k in keys)
+        verb, it = ("is not a setting", "it") if len(keys) == 1 else ("are not settings", "them")
+        raise ConfigError(f"{names} {verb} of {target} (it takes {', '.join(accepted)}); remove {it} with {removal} "
+                          f"(a preset may set {it} for another {where.split('.')[0]})") from None
 
 
 def count_parameters(model: nn.Module) -> int:
