@@ -61,6 +61,7 @@ __all__ = [
     "segmentation_case_metrics",
     "lesion_detection",
     "remove_small_components",
+    "remove_small_label_components",
     "segmentation_report",
     "label_map_case_metrics",
     "label_map_report",
@@ -609,6 +610,23 @@ def remove_small_components(mask: Any, min_voxels: int, connectivity: int = 26) 
     keep = sizes >= min_voxels
     keep[0] = False
     return keep[labels]
+
+
+def remove_small_label_components(labels: Any, min_voxels: int, connectivity: int = 26) -> np.ndarray:
+    """An integer label map (0 background) whose components of fewer than ``min_voxels`` voxels, label by label
+    (:func:`remove_small_components`), become background. Returns an array of ``labels``' shape and dtype."""
+    labels = np.asarray(labels)
+    if isinstance(min_voxels, bool) or not isinstance(min_voxels, (int, np.integer)) or min_voxels < 0:
+        raise ValueError(f"min_voxels must be an integer >= 0, got {min_voxels!r}.")
+    if min_voxels <= 1:
+        return labels
+    out = labels.copy()
+    for k in np.unique(labels):
+        if k == 0:
+            continue
+        own = labels == k
+        out[own & ~remove_small_components(own, min_voxels, connectivity)] = 0
+    return out
 
 
 def lesion_detection(pred_mask: Any, true_mask: Any, connectivity: int = 26) -> dict[str, Any]:

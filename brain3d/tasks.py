@@ -472,6 +472,10 @@ class MultiClassSegmentationTask(SegmentationTask):
             return
         probability = torch.softmax(logits.float(), dim=1)  # (B, K+1, D, H, W)
         predicted = probability.argmax(dim=1, keepdim=True)  # (B, 1, D, H, W) labels 0..K
+        if self.min_lesion_voxels > 1:  # task.min_lesion_voxels: each label's small components become background
+            kept = [evaluation.remove_small_label_components(m, self.min_lesion_voxels)
+                    for m in predicted[:, 0].cpu().numpy()]
+            predicted = torch.from_numpy(np.stack(kept))[:, None].to(probability.device)
         truth = torch.round(target.float()).long()
         labels = range(1, self.num_classes + 1)
         dice = M.dice_per_class(predicted, truth, self.num_classes).numpy()  # (B, K)
@@ -516,6 +520,8 @@ class MultiClassSegmentationTask(SegmentationTask):
         background = np.clip(1.0 - native.sum(axis=-1, keepdims=True), 0.0, 1.0)  # also 1 outside the crop
         native = np.concatenate([background, native], axis=-1).astype(np.float32)  # (X, Y, Z, K+1)
         labels = native.argmax(axis=-1).astype(np.uint8)  # (X, Y, Z) labels 0..K
+        if self.min_lesion_voxels > 1:  # task.min_lesion_voxels, converted to this grid's voxels
+            labels = evaluation.remove_small_label_components(labels, self.native_min_voxels(where))
         stem = f"{where.subject_id}_{self.prefix}"
         where.save_like_input(native, where.grid, where.out_dir / f"{stem}prob.nii.gz", np.float32)
         where.save_like_input(labels, where.grid, where.out_dir / f"{stem}mask.nii.gz", np.uint8)
@@ -533,7 +539,8 @@ class MultiClassSegmentationTask(SegmentationTask):
     def prediction_metrics(self, evaluated: list[dict], num_samples: int, threshold: float) -> dict:
         """brain3d.evaluation.label_map_report: ``dice``, ``iou``, ``hd95_mm`` (means over the labels) and each
         label's, with 95% bootstrap intervals; the label map is the argmax, so no threshold."""
-        return evaluation.label_map_report(evaluated, self.label_names, num_samples=num_samples)
+        return {**evaluation.label_map_report(evaluated, self.label_names, num_samples=num_samples),
+                "min_lesion_voxels": self.min_lesion_voxels}
 
 
 KINDS: dict[str, type[Task]] = {cls.kind: cls for cls in (ClassificationTask, RegressionTask, SegmentationTask)}
@@ -555,17 +562,14 @@ def checked_num_classes(value: Any, where: str = "task.num_classes") -> int:
 
 def checked_min_lesion_voxels(value: Any, kind: str, num_classes: int, where: str) -> int:
     """``task.min_lesion_voxels`` (a multi-task head's ``task.heads.<name>.min_lesion_voxels``) as an int >= 0:
-    predicted components of fewer voxels (of the grid the model sees) are dropped from the mask. Binary
-    segmentation only."""
+    predicted components of fewer voxels (of the grid the model sees) are dropped from the mask (a label map: label
+    by label, to background)."""
     if value is None:
         return 0
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ConfigError(f"{where}={value!r} must be a whole number >= 0 (0 keeps every predicted component)")
     if value and kind != "segmentation":
         raise ConfigError(f"{where}={value} is for a segmentation head, not {kind}")
-    if value and num_classes > 1:
-        raise ConfigError(f"{where}={value} works with binary segmentation only (num_classes=1); with "
-                          f"num_classes={num_classes} leave it 0")
     return value
 
 

@@ -16,9 +16,15 @@ import torch
 from brain3d.checkpoint import load_checkpoint
 from brain3d.data.synthetic import synthetic_cache_dir
 from brain3d.errors import ConfigError
-from brain3d.evaluation import remove_small_components
+from brain3d.evaluation import remove_small_components, remove_small_label_components
 from brain3d.export import head_entry
-from brain3d.tasks import SegmentationTask, build_task_set, head_specs, task_set_from_checkpoint
+from brain3d.tasks import (
+    MultiClassSegmentationTask,
+    SegmentationTask,
+    build_task_set,
+    head_specs,
+    task_set_from_checkpoint,
+)
 
 from tests.conftest import run_train, tiny_overrides
 from tests.test_predict import predict_here, synthetic_rows, write_manifest
@@ -48,6 +54,27 @@ def test_remove_small_components_keeps_exactly_the_components_of_at_least_n_voxe
     assert remove_small_components(np.zeros((4, 4, 4)), 5).sum() == 0
     with pytest.raises(ValueError, match="min_voxels must be an integer >= 0"):
         remove_small_components(mask, -1)
+
+
+def test_a_label_map_loses_each_labels_small_components_to_the_background():
+    labels = np.zeros((10, 10, 10), dtype=np.uint8)
+    labels[0:2, 0:2, 0:2] = 1  # label 1: 8 voxels
+    labels[5, 5, 5] = 1  # label 1: 1 voxel
+    labels[2, 0:2, 0] = 2  # label 2: 2 voxels touching label 1's block (another label: its own component)
+    labels[7:9, 7:9, 7] = 2  # label 2: 4 voxels
+    cleaned = remove_small_label_components(labels, 3)
+    assert cleaned.dtype == np.uint8
+    assert (cleaned == 1).sum() == 8 and cleaned[5, 5, 5] == 0
+    assert (cleaned == 2).sum() == 4 and (cleaned[2, 0:2, 0] == 0).all()
+    np.testing.assert_array_equal(remove_small_label_components(labels, 0), labels)
+    # validation of a multi-class head scores the cleaned argmax
+    task = MultiClassSegmentationTask("segmentation", num_classes=2)
+    task.min_lesion_voxels = 3
+    logits = torch.from_numpy(np.stack([labels == k for k in range(3)]).astype(np.float32) * 10)[None]
+    target = torch.from_numpy(cleaned.astype(np.float32))[None, None]
+    outputs = task.new_outputs()
+    task.collect(outputs, logits, target, None, {"subject_id": ["s1"]}, target, None)
+    assert task.metrics(task.parts(outputs))["dice"] == pytest.approx(1.0)
 
 
 def validation_metrics(min_voxels: int, prob: np.ndarray, truth: np.ndarray) -> dict:
@@ -105,9 +132,6 @@ def test_the_task_carries_the_setting_into_its_checkpoint_state():
 @pytest.mark.parametrize("cfg, message", [
     (segmentation_cfg(min_lesion_voxels=-2), r"task.min_lesion_voxels=-2 must be a whole number >= 0"),
     (segmentation_cfg(min_lesion_voxels=2.5), r"task.min_lesion_voxels=2.5 must be a whole number >= 0"),
-    (segmentation_cfg(min_lesion_voxels=4, num_classes=3),
-     r"task.min_lesion_voxels=4 works with binary segmentation only \(num_classes=1\); with num_classes=3 leave "
-     r"it 0"),
     ({"name": "multitask", "heads": {"sex": {"kind": "classification", "min_lesion_voxels": 4, "head": {
         "_target_": "brain3d.models.heads.GlobalPoolHead", "out_features": 1}}}},
      r"task.heads.sex.min_lesion_voxels=4 is for a segmentation head, not classification"),

@@ -365,7 +365,7 @@ def test_resnet_stage1_stride_is_checked_and_refused_for_segmentation():
     with pytest.raises(ValueError, match="stage1_stride must be 1 or 2"):
         ResNetBackbone(width=W, depth=10, stage1_stride=3)
     backbone = {"_target_": "brain3d.models.backbones.ResNetBackbone", "width": W, "depth": 10, "stage1_stride": 2}
-    with pytest.raises(ConfigError, match=r"task.head \(segmentation\) needs the backbone's features at 1/2, 1/4, "
+    with pytest.raises(ConfigError, match=r"a segmentation head needs the backbone's features at 1/2, 1/4, "
                        r"1/8, 1/16 of the input; this backbone gives 1/4, 1/8, 1/16, 1/32: leave "
                        r"backbone.stage1_stride=1"):
         build_model(backbone, {"_target_": "brain3d.models.heads.SegmentationHead", "out_channels": 1}, "seg")

@@ -99,7 +99,7 @@ def build_model(backbone_cfg: Any, head_cfg: Any, head_name: str | None = None) 
         if not isinstance(heads[name], nn.Module):
             raise TypeError(f"head target {_target(cfg)} built {type(heads[name]).__name__}, not an nn.Module")
         if isinstance(heads[name], SegmentationHead) and strides != (2, 4, 8, 16):
-            raise ConfigError(f"{where} (segmentation) needs the backbone's features at 1/2, 1/4, 1/8, 1/16 of the "
+            raise ConfigError(f"a segmentation head needs the backbone's features at 1/2, 1/4, 1/8, 1/16 of the "
                               f"input; this backbone gives 1/{', 1/'.join(str(s) for s in strides)}: leave "
                               "backbone.stage1_stride=1")
     return Brain3DModel(backbone, heads)
