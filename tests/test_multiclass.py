@@ -365,3 +365,14 @@ def test_three_labels_train_and_predict_label_maps_on_each_inputs_grid(tmp_path,
         predicted = list(csv.DictReader(f))
     assert float(predicted[0]["predicted_volume_ml"]) == pytest.approx(
         sum(float(predicted[0][f"predicted_volume_ml_{n}"]) for n in NAMES))
+
+    # task.min_lesion_voxels at predict time: each label's small components become background, nothing else changes
+    out_small = tmp_path / "pred_small"
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(config_name="predict", overrides=[
+            "progress=false", "bootstrap_samples=20", "device=cpu", f"checkpoint={run_dir / 'checkpoints/best.pt'}",
+            f"data.manifest={tmp_path / 'test.csv'}", f"output_dir={out_small}", "report_subjects=0",
+            "min_lesion_voxels=1000000000"])
+    assert predict(cfg)["min_lesion_voxels"] == 1000000000
+    for sid in inputs:
+        assert not np.asanyarray(nib.load(str(out_small / f"{sid}_mask.nii.gz")).dataobj).any()
