@@ -587,6 +587,12 @@ def _volume_ml(mask: np.ndarray, spacing: np.ndarray) -> float:
     return float(mask.sum()) * voxel_ml
 
 
+def _check_min_voxels(min_voxels: int) -> int:
+    if isinstance(min_voxels, bool) or not isinstance(min_voxels, (int, np.integer)) or min_voxels < 0:
+        raise ValueError(f"min_voxels must be an integer >= 0, got {min_voxels!r}.")
+    return int(min_voxels)
+
+
 def remove_small_components(mask: Any, min_voxels: int, connectivity: int = 26) -> np.ndarray:
     """``mask`` (any shape, 0/1 or bool) without its connected components of fewer than ``min_voxels`` voxels.
 
@@ -598,8 +604,7 @@ def remove_small_components(mask: Any, min_voxels: int, connectivity: int = 26) 
     Returns:
         A bool array of ``mask``'s shape.
     """
-    if isinstance(min_voxels, bool) or not isinstance(min_voxels, (int, np.integer)) or min_voxels < 0:
-        raise ValueError(f"min_voxels must be an integer >= 0, got {min_voxels!r}.")
+    min_voxels = _check_min_voxels(min_voxels)
     mask = np.asarray(mask).astype(bool)
     if min_voxels <= 1 or not mask.any():
         return mask
@@ -616,8 +621,7 @@ def remove_small_label_components(labels: Any, min_voxels: int, connectivity: in
     """An integer label map (0 background) whose components of fewer than ``min_voxels`` voxels, label by label
     (:func:`remove_small_components`), become background. Returns an array of ``labels``' shape and dtype."""
     labels = np.asarray(labels)
-    if isinstance(min_voxels, bool) or not isinstance(min_voxels, (int, np.integer)) or min_voxels < 0:
-        raise ValueError(f"min_voxels must be an integer >= 0, got {min_voxels!r}.")
+    min_voxels = _check_min_voxels(min_voxels)
     if min_voxels <= 1:
         return labels
     out = labels.copy()

@@ -316,7 +316,7 @@ def head_entry(task, threshold: float) -> dict:
             entry["bias_correction_apply"] = ("optional brain-age bias correction: corrected = (value - intercept) "
                                               "/ slope")
     else:
-        small = getattr(task, "min_lesion_voxels", 0)
+        small = task.min_lesion_voxels
         entry.update(shape="(B, 1, D, H, W)", returns="voxel logits", threshold=threshold, min_lesion_voxels=small,
                      apply=f"probability = sigmoid(logit) per voxel; mask = probability > {threshold}"
                            + (f"; then drop the mask's 26-connected components of fewer than {small} voxels"

@@ -346,7 +346,12 @@ class SegmentationTask(Task):
         predicted = probability > 0.5
         if self.min_lesion_voxels <= 1:
             return predicted
-        kept = [evaluation.remove_small_components(m, self.min_lesion_voxels) for m in predicted[:, 0].cpu().numpy()]
+        return self.without_small_components(predicted, evaluation.remove_small_components)
+
+    def without_small_components(self, predicted: torch.Tensor, remove) -> torch.Tensor:
+        """(B, 1, D, H, W) masks or label maps through ``remove(array, min_lesion_voxels)`` (brain3d.evaluation)
+        sample by sample on the CPU, returned on ``predicted``'s device."""
+        kept = [remove(m, self.min_lesion_voxels) for m in predicted[:, 0].cpu().numpy()]
         return torch.from_numpy(np.stack(kept))[:, None].to(predicted.device)
 
     def native_min_voxels(self, where: PredictionContext) -> int:
@@ -411,9 +416,9 @@ class SegmentationTask(Task):
         threshold) on the input's own grid; ``predicted_volume_ml``; with a true mask (``label``: its path)
         the per-subject metrics of brain3d.evaluation.segmentation_case_metrics."""
         probability = invert_geometry(output[0, 0].numpy(), where.info, "trilinear")  # on the input's RAS grid
-        mask = (probability > where.threshold).astype(np.uint8)
-        if self.min_lesion_voxels > 1:  # task.min_lesion_voxels, converted to this grid's voxels
-            mask = evaluation.remove_small_components(mask, self.native_min_voxels(where)).astype(np.uint8)
+        # without the components under task.min_lesion_voxels, converted to this grid's voxels (0: all kept)
+        mask = evaluation.remove_small_components(probability > where.threshold,
+                                                  self.native_min_voxels(where)).astype(np.uint8)
         stem = f"{where.subject_id}_{self.prefix}"
         where.save_like_input(probability.astype(np.float32), where.grid, where.out_dir / f"{stem}prob.nii.gz",
                               np.float32)
@@ -473,9 +478,7 @@ class MultiClassSegmentationTask(SegmentationTask):
         probability = torch.softmax(logits.float(), dim=1)  # (B, K+1, D, H, W)
         predicted = probability.argmax(dim=1, keepdim=True)  # (B, 1, D, H, W) labels 0..K
         if self.min_lesion_voxels > 1:  # task.min_lesion_voxels: each label's small components become background
-            kept = [evaluation.remove_small_label_components(m, self.min_lesion_voxels)
-                    for m in predicted[:, 0].cpu().numpy()]
-            predicted = torch.from_numpy(np.stack(kept))[:, None].to(probability.device)
+            predicted = self.without_small_components(predicted, evaluation.remove_small_label_components)
         truth = torch.round(target.float()).long()
         labels = range(1, self.num_classes + 1)
         dice = M.dice_per_class(predicted, truth, self.num_classes).numpy()  # (B, K)
@@ -520,8 +523,8 @@ class MultiClassSegmentationTask(SegmentationTask):
         background = np.clip(1.0 - native.sum(axis=-1, keepdims=True), 0.0, 1.0)  # also 1 outside the crop
         native = np.concatenate([background, native], axis=-1).astype(np.float32)  # (X, Y, Z, K+1)
         labels = native.argmax(axis=-1).astype(np.uint8)  # (X, Y, Z) labels 0..K
-        if self.min_lesion_voxels > 1:  # task.min_lesion_voxels, converted to this grid's voxels
-            labels = evaluation.remove_small_label_components(labels, self.native_min_voxels(where))
+        # each label's components under task.min_lesion_voxels (in this grid's voxels) become background
+        labels = evaluation.remove_small_label_components(labels, self.native_min_voxels(where))
         stem = f"{where.subject_id}_{self.prefix}"
         where.save_like_input(native, where.grid, where.out_dir / f"{stem}prob.nii.gz", np.float32)
         where.save_like_input(labels, where.grid, where.out_dir / f"{stem}mask.nii.gz", np.uint8)
