@@ -8,7 +8,7 @@ shape, dtype and device; its inputs are never modified.
 Choices (fixed, not options):
 
 * **Spatial** transforms (flips, rotation, isotropic scale, translation) move image and mask together.
-  A sample that gets the random affine is resampled once with ``F.affine_grid`` / ``F.grid_sample``
+  A sample that gets the random affine is resampled once with :func:`affine_grid` / ``F.grid_sample``
   (``align_corners=False``, zero padding), its flips folded into the same matrix; a sample that only gets
   flips is flipped with ``torch.flip`` (exact, no resampling). The image is interpolated trilinearly.
   The **mask is interpolated trilinearly too, then thresholded at >= 0.5** (as nnU-Net/batchgenerators
@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BatchAugment", "affine_theta", "warp", "bias_field"]
+__all__ = ["BatchAugment", "affine_theta", "affine_grid", "warp", "bias_field"]
 
 # (i, j, k) degrees along (D, H, W) of the tensor-product Legendre terms of the log bias field:
 # total degree 1..3 (the constant would be a global scale), 19 terms.
@@ -154,6 +154,34 @@ def affine_theta(
     return torch.cat([a.flip(1).flip(2), t.flip(1)[:, :, None]], dim=2)
 
 
+def affine_grid(theta: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """``F.affine_grid(theta, size, align_corners=False)`` for a 5-D ``size`` (B, C, D, H, W), built by broadcasting.
+
+    The grid is affine in each voxel index, ``grid[b, d, h, w] = theta[b] @ (x_w, y_h, z_d, 1)``, so it is the
+    sum of three per-axis terms, (W, 3) + (H, 3) + (D, 3), broadcast to (D, H, W, 3): two additions per
+    element where ``F.affine_grid`` multiplies a (D*H*W, 4) base grid by theta (on 2 CPU cores, at
+    96x112x96, about a tenth of the time; the values agree to float rounding).
+
+    Args:
+        theta: (B, 3, 4) in grid_sample's (x=W, y=H, z=D) normalized coordinates (:func:`affine_theta`).
+        size: (B, C, D, H, W) of the volumes to sample.
+
+    Returns:
+        (B, D, H, W, 3) grid in theta's dtype and device.
+    """
+    _, _, d, h, w = (int(s) for s in size)
+    opts = dict(dtype=theta.dtype, device=theta.device)
+
+    def centres(n: int) -> torch.Tensor:  # align_corners=False: voxel centres at (2i + 1) / n - 1
+        return (torch.arange(n, **opts) * 2 + 1) / n - 1
+
+    along_w = centres(w)[None, :, None] * theta[:, None, :, 0]  # (B, W, 3)
+    along_h = centres(h)[None, :, None] * theta[:, None, :, 1]  # (B, H, 3)
+    along_d = centres(d)[None, :, None] * theta[:, None, :, 2] + theta[:, None, :, 3]  # (B, D, 3), with t
+    plane = along_d[:, :, None, None, :] + along_h[:, None, :, None, :]  # (B, D, H, 1, 3): small
+    return plane + along_w[:, None, None, :, :]  # (B, D, H, W, 3): the one full-size operation
+
+
 def warp(image: torch.Tensor, mask: torch.Tensor | None,
          theta: torch.Tensor, num_classes: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Resample ``image`` trilinearly and ``mask`` trilinearly + threshold >= 0.5 with ``theta`` (B, 3, 4).
@@ -164,7 +192,7 @@ def warp(image: torch.Tensor, mask: torch.Tensor | None,
     with the inputs' shapes and dtypes.
     """
     work = image.dtype if image.dtype in (torch.float32, torch.float64) else torch.float32
-    grid = F.affine_grid(theta.to(device=image.device, dtype=work), list(image.shape), align_corners=False)
+    grid = affine_grid(theta.to(device=image.device, dtype=work), image.shape)
     out = F.grid_sample(image.to(work), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     out = out.to(image.dtype)
     if mask is None:

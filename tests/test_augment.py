@@ -6,10 +6,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from brain3d.augment import BatchAugment, affine_theta, warp
+from brain3d.augment import BatchAugment, affine_grid, affine_theta, warp
 
 from tests.conftest import CONFIG_DIR
 
@@ -127,6 +128,19 @@ def test_image_and_mask_move_together():
         assert agree > 0.97, agree
         assert not torch.equal(out_mask, shape)  # the blob moved
         assert out_mask.sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_affine_grid_equals_torch_affine_grid(dtype):
+    # flips, rotation, scale and shift together, on a non-cubic volume (D, H, W all different)
+    size = (3, 1, 7, 9, 11)
+    theta = affine_theta(size[2:], flips=torch.tensor([[True, False, False], [False, True, True], [False] * 3]),
+                         angles=torch.tensor([[0.3, -0.2, 0.1], [0.0, 0.5, 0.0], [-0.1, 0.0, 0.2]]),
+                         scales=torch.tensor([0.9, 1.1, 1.0]), shifts=torch.tensor([[1.0, -2.0, 0.5]] * 3)).to(dtype)
+    ours = affine_grid(theta, size)
+    reference = F.affine_grid(theta, list(size), align_corners=False)
+    assert ours.shape == reference.shape == (3, 7, 9, 11, 3) and ours.dtype == dtype
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-12)
 
 
 def test_rotation_by_20_degrees_moves_the_blob_and_keeps_its_volume():
