@@ -154,11 +154,17 @@ def affine_theta(
     return torch.cat([a.flip(1).flip(2), t.flip(1)[:, :, None]], dim=2)
 
 
+def voxel_centres(n: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """(n,) normalized positions of the voxel centres along an axis of n voxels, ``(2i + 1) / n - 1`` in (-1, 1)
+    (grid_sample's ``align_corners=False`` convention)."""
+    return (torch.arange(n, dtype=dtype, device=device) * 2 + 1) / n - 1
+
+
 def affine_grid(theta: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """``F.affine_grid(theta, size, align_corners=False)`` for a 5-D ``size`` (B, C, D, H, W), built by broadcasting.
 
     The grid is affine in each voxel index, ``grid[b, d, h, w] = theta[b] @ (x_w, y_h, z_d, 1)``, so it is the
-    sum of three per-axis terms, (W, 3) + (H, 3) + (D, 3), broadcast to (D, H, W, 3): two additions per
+    sum of three per-axis terms, (W, 3) + (H, 3) + (D, 3), broadcast to (D, H, W, 3): one addition per
     element where ``F.affine_grid`` multiplies a (D*H*W, 4) base grid by theta (on 2 CPU cores, at
     96x112x96, about a tenth of the time; the values agree to float rounding).
 
@@ -171,13 +177,9 @@ def affine_grid(theta: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """
     _, _, d, h, w = (int(s) for s in size)
     opts = dict(dtype=theta.dtype, device=theta.device)
-
-    def centres(n: int) -> torch.Tensor:  # align_corners=False: voxel centres at (2i + 1) / n - 1
-        return (torch.arange(n, **opts) * 2 + 1) / n - 1
-
-    along_w = centres(w)[None, :, None] * theta[:, None, :, 0]  # (B, W, 3)
-    along_h = centres(h)[None, :, None] * theta[:, None, :, 1]  # (B, H, 3)
-    along_d = centres(d)[None, :, None] * theta[:, None, :, 2] + theta[:, None, :, 3]  # (B, D, 3), with t
+    along_w = voxel_centres(w, **opts)[None, :, None] * theta[:, None, :, 0]  # (B, W, 3)
+    along_h = voxel_centres(h, **opts)[None, :, None] * theta[:, None, :, 1]  # (B, H, 3)
+    along_d = voxel_centres(d, **opts)[None, :, None] * theta[:, None, :, 2] + theta[:, None, :, 3]  # (B, D, 3), with t
     plane = along_d[:, :, None, None, :] + along_h[:, None, :, None, :]  # (B, D, H, 1, 3): small
     return plane + along_w[:, None, None, :, :]  # (B, D, H, W, 3): the one full-size operation
 
@@ -219,7 +221,7 @@ def bias_field(coeffs: torch.Tensor, spatial_size: Sequence[int]) -> torch.Tenso
     b, dev, dt = coeffs.shape[0], coeffs.device, coeffs.dtype
 
     def legendre(n: int) -> torch.Tensor:  # (4, n): P0..P3 at the voxel centres
-        x = (torch.arange(n, device=dev, dtype=dt) * 2 + 1) / n - 1
+        x = voxel_centres(n, dtype=dt, device=dev)
         return torch.stack([torch.ones_like(x), x, (3 * x**2 - 1) / 2, (5 * x**3 - 3 * x) / 2])
 
     full = torch.zeros(b, 4, 4, 4, device=dev, dtype=dt)
