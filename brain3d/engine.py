@@ -11,6 +11,7 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 
 from brain3d import report
 from brain3d.data.sampling import iter_from
+from brain3d.inference import flip_combinations
 from brain3d.sliding_window import sliding_window_inference
 from brain3d.tasks import Task, TaskSet
 
@@ -307,6 +309,7 @@ def evaluate(
     gather: Callable[[dict], list[dict]] | None = None,
     collect_cases: bool = False,
     max_cases: int | None = None,
+    flip_axes: Sequence[int] = (),
 ) -> tuple[dict[str, float], dict]:
     """Validation loss and every head's metrics over ``loader``.
 
@@ -335,6 +338,11 @@ def evaluate(
     kind's ``collect`` says what a case holds: small 2-D slices, never volumes, so memory stays bounded);
     ``outputs["cases_task"]``, that head's kind; ``outputs["cases_total"]``, the subjects seen. Distributed:
     each rank collects its own subjects only (the caller on rank 0 shows rank 0's share).
+
+    ``flip_axes`` (trainer.val_flip_axes): spatial axes (0: left-right on the RAS grid) whose flips are
+    averaged: each volume (or window) is also run mirrored along every combination of them and the logits,
+    voxel-wise ones flipped back, are averaged before the loss and the metrics (brain3d-predict averages the
+    same flips' probabilities; :func:`brain3d.inference.predict_heads`).
     """
     tasks = as_task_set(task, loss_fn)
     model.eval()
@@ -342,19 +350,20 @@ def evaluate(
     collected = {head.name: head.new_outputs() for head in tasks}
     shown = tasks.mask_task or next(iter(tasks))  # the head whose worst subjects report.html pictures
     worst = report.WorstCases(max_cases) if collect_cases else None
+    flips = flip_combinations(flip_axes)
     for batch in tqdm(loader, desc=f"epoch {epoch} val", leave=False, disable=not progress, dynamic_ncols=True):
         image = batch["image"].to(device, non_blocking=True)
         targets, labelled = tasks.targets(to_device(batch, device))
         if sliding_window is not None:  # one segmentation head (patch training is refused for other tasks)
             name = shown.name
             logits = {name: sliding_window_inference(
-                image, lambda window: _forward(model, window, device, amp_dtype, channels_last)[name],
+                image, lambda window: _forward(model, window, device, amp_dtype, channels_last, flips)[name],
                 sliding_window["patch_size"], overlap=sliding_window["overlap"],
                 batch_size=sliding_window["batch_size"],
                 accumulate_device=sliding_window.get("accumulate_device") or device,
             )}
         else:
-            logits = _forward(model, image, device, amp_dtype, channels_last)
+            logits = _forward(model, image, device, amp_dtype, channels_last, flips)
         total_loss += tasks.loss(logits, targets, labelled)[0].item() * image.shape[0]
         total_volumes += image.shape[0]
         for head in tasks:
@@ -376,9 +385,23 @@ def evaluate(
 
 
 def _forward(model: torch.nn.Module, image: torch.Tensor, device: torch.device, amp_dtype,
-             channels_last: bool = False) -> dict[str, torch.Tensor]:
-    with autocast(device, amp_dtype):
-        return model(to_memory_format(image, channels_last))
+             channels_last: bool = False, flips: Sequence[tuple[int, ...]] = ((),)) -> dict[str, torch.Tensor]:
+    """The model's logits for ``image``, averaged over ``flips`` (dims of the (B, C, D, H, W) batch; ``()`` is
+    the volume as it is): voxel-wise (5-D) logits are flipped back first. One flip returns the logits as the
+    model gives them (dtype included); several give their float32 mean."""
+    if len(flips) == 1 and not flips[0]:
+        with autocast(device, amp_dtype):
+            return model(to_memory_format(image, channels_last))
+    total: dict[str, torch.Tensor] = {}
+    for dims in flips:
+        with autocast(device, amp_dtype):
+            outputs = model(to_memory_format(torch.flip(image, dims) if dims else image, channels_last))
+        for name, out in outputs.items():
+            out = out.float()
+            if dims and out.dim() == 5:
+                out = torch.flip(out, dims)
+            total[name] = out if name not in total else total[name] + out
+    return {name: value / len(flips) for name, value in total.items()}
 
 
 def _gather_parts(gather: Callable[[dict], list[dict]], total_loss: float, total_volumes: int,

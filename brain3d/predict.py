@@ -23,7 +23,7 @@ from pathlib import Path
 import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from tqdm.auto import tqdm
 
 from brain3d import report
@@ -45,7 +45,7 @@ from brain3d.data.nifti import NativeGrid, save_on_native_grid
 from brain3d.data.preprocess import invert_geometry, preprocess_volume, validate_settings
 from brain3d.errors import ConfigError
 from brain3d.hardware import resolve_device, resolve_precision
-from brain3d.inference import predict_heads, predict_outputs
+from brain3d.inference import predict_heads, predict_outputs, tta_flip_axes
 from brain3d.models.model import build_model
 from brain3d.output_layout import OutputLayout, check_layout, segmentation_desc
 from brain3d.saliency import grad_cam
@@ -215,9 +215,12 @@ def predict(cfg: DictConfig) -> dict:
                                                                    task.num_classes, "min_lesion_voxels")
     if cfg.saliency and (tasks.multi or tasks.mask_task is not None):
         raise ConfigError("saliency=gradcam is for single-task classification and regression checkpoints")
-    log.info("%d checkpoint(s), task %s (heads %s), input shape %s, device %s, precision %s, tta %s", len(models),
-             states[0]["task"], ", ".join(tasks.names), states[0]["config"]["data"]["shape"], device, precision,
-             cfg.tta)
+    flip_axes = prediction_flip_axes(cfg.get("tta"), states[0])
+    with open_dict(cfg):
+        cfg.tta = list(flip_axes)  # what ensemble_outputs and metrics.json read
+    log.info("%d checkpoint(s), task %s (heads %s), input shape %s, device %s, precision %s, tta flips of axes %s",
+             len(models), states[0]["task"], ", ".join(tasks.names), states[0]["config"]["data"]["shape"], device,
+             precision, list(flip_axes) or "none")
     if scans is None:
         manifest, columns, origins = read_prediction_manifest(cfg, states[0], tasks)
     else:
@@ -384,6 +387,19 @@ def predict_subject(cfg: DictConfig, subject, members: list, tasks: TaskSet, set
                               "true_mask": where.true_mask}
 
 
+def prediction_flip_axes(tta, state: dict) -> tuple[int, ...]:
+    """The spatial axes whose flips predictions average: ``tta=null`` (the default) the checkpoint's
+    trainer.val_flip_axes, so predict gives what validation measured (none for checkpoints without it);
+    ``tta=true`` all 8 flips of the three axes; ``tta=false`` none; ``tta=[0]`` left-right flips only."""
+    if tta is None:
+        return tta_flip_axes(state["config"].get("trainer", {}).get("val_flip_axes"), "the checkpoint's "
+                             "trainer.val_flip_axes")
+    try:
+        return tta_flip_axes(tta, "tta")
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+
+
 def ensemble_outputs(cfg: DictConfig, x: torch.Tensor, members: list, tasks: TaskSet, patch_size, device,
                      amp_dtype) -> dict[str, torch.Tensor]:
     """Every head's output averaged over the checkpoints: probabilities (classification, segmentation) or
@@ -431,7 +447,7 @@ def write_metrics(cfg: DictConfig, out_dir: Path, paths: list[str], tasks: TaskS
     write_csv(out_dir / "metrics.csv", [csv_rows[r[id_col]] for r in evaluated_rows])
     head_metrics = {"heads": per_head} if tasks.multi else next(iter(per_head.values()))
     metrics = {"task": MULTITASK if tasks.multi else next(iter(tasks)).kind, "checkpoints": paths,
-               "tta": bool(cfg.tta), **head_metrics, "num_in_training_split": count_in_training(evaluated_rows)}
+               "tta": bool(cfg.tta), "tta_flip_axes": list(cfg.tta), **head_metrics, "num_in_training_split": count_in_training(evaluated_rows)}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 

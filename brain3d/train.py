@@ -71,6 +71,7 @@ from brain3d.hardware import (
     resolve_device,
     resolve_precision,
 )
+from brain3d.inference import tta_flip_axes
 from brain3d.models.model import build_model, count_parameters
 from brain3d.preemption import EXIT_INTERRUPTED, Preempted, StopRequest, stop_on_signals
 from brain3d.sweep import in_multirun, record_job_error
@@ -227,6 +228,7 @@ class Run:
     train_set: VolumeDataset = None
     val_set: VolumeDataset = None
     sliding_window: dict | None = None
+    val_flip_axes: tuple = ()  # trainer.val_flip_axes: the spatial axes whose flips validation averages
     augment: Any = None
     # model, loaders, optimizer
     model: torch.nn.Module = None
@@ -342,6 +344,10 @@ def set_up(cfg: DictConfig, stop: StopRequest) -> Run:
     except ValueError as err:
         raise ConfigError(f"preprocess: {err}") from err
     run.patch_size = tuple(data_cfg.patch_size) if data_cfg.get("patch_size") else None
+    try:
+        run.val_flip_axes = tta_flip_axes(trainer_cfg.get("val_flip_axes"), "trainer.val_flip_axes")
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     check_input_geometry(cfg.task.name, run.settings, run.patch_size, run.tasks.kinds)
     run.resume_path = resolve_resume_path(trainer_cfg.resume, run.run_dir)
     set_input_channels(cfg)  # data.image_col's columns -> backbone.in_channels, both kept in the checkpoint's config
@@ -851,7 +857,8 @@ def validate_epoch(run: Run, train_stats: dict) -> tuple[dict, dict]:
         evaluated, run.val_loader, None, run.tasks, run.device, run.amp_dtype, run.epoch + 1, run.bars,
         sliding_window=run.sliding_window, channels_last=run.channels_last,
         gather=dist_utils.all_gather_object if run.distributed else None,
-        collect_cases=report_enabled, max_cases=int(run.cfg.trainer.get("report_subjects", 16)))
+        collect_cases=report_enabled, max_cases=int(run.cfg.trainer.get("report_subjects", 16)),
+        flip_axes=run.val_flip_axes)
     return epoch_record(run, train_stats, val_stats), val_outputs
 
 

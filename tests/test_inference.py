@@ -18,7 +18,7 @@ from brain3d.data.nifti import (
     save_on_native_grid,
     to_native_orientation,
 )
-from brain3d.inference import flip_combinations, predict_outputs
+from brain3d.inference import flip_combinations, predict_outputs, tta_flip_axes
 from brain3d.models.heads import GlobalPoolHead
 from brain3d.models.model import Brain3DModel, build_model
 from brain3d.saliency import grad_cam
@@ -356,3 +356,61 @@ def test_grad_cam_errors():
         grad_cam(model, x[0], "cls")
     with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
         grad_cam(model, x, "cls")
+
+
+def test_flip_combinations_of_named_axes():
+    assert flip_combinations((0,)) == [(), (2,)]
+    assert flip_combinations((2, 0)) == [(), (2,), (4,), (2, 4)]
+    assert flip_combinations(()) == [()]
+
+
+@pytest.mark.parametrize("value,axes", [(None, ()), (False, ()), ([], ()), (True, (0, 1, 2)), ([0], (0,)),
+                                        ([2, 0], (0, 2))])
+def test_tta_flip_axes_reads_every_form(value, axes):
+    assert tta_flip_axes(value) == axes
+
+
+@pytest.mark.parametrize("value", [[3], [0, 0], "lr", [True], 1])
+def test_tta_flip_axes_refuses_what_is_not_a_list_of_axes(value):
+    with pytest.raises(ValueError, match="trainer.val_flip_axes=.*0, 1, 2"):
+        tta_flip_axes(value, "trainer.val_flip_axes")
+
+
+class _Corner(nn.Module):
+    """A per-volume output that reads one corner voxel: flipping axis 0 (dim 2) reads the opposite one."""
+
+    def __init__(self, name: str = "age"):
+        super().__init__()
+        self.name = name
+
+    def forward(self, x):
+        return {self.name: x[:, :, 0, 0, 0].reshape(x.shape[0], 1)}
+
+
+def test_predict_outputs_left_right_tta_averages_the_volume_and_its_mirror():
+    x = torch.randn(3, 1, 4, 5, 6, generator=torch.Generator().manual_seed(4))
+    out = predict_outputs([_Corner()], x, "age", "regression", tta=[0])
+    torch.testing.assert_close(out, (x[:, :, 0, 0, 0] + x[:, :, -1, 0, 0]).reshape(3, 1) / 2)
+
+
+def test_evaluate_with_val_flip_axes_scores_the_mean_of_the_volume_and_its_mirror():
+    """engine.evaluate(flip_axes=(0,)): MAE and loss of the decoded mean of the two passes, by hand."""
+    from brain3d import engine
+    from brain3d.tasks import single_task
+
+    gen = torch.Generator().manual_seed(5)
+    batches = [{"image": torch.randn(2, 1, 4, 4, 4, generator=gen), "target": torch.tensor([[60.0], [30.0]]),
+                "subject_id": [f"s{2 * i}", f"s{2 * i + 1}"]} for i in range(2)]
+    task = single_task("regression", nn.L1Loss(), target_mean=50.0, target_std=10.0)
+    model = _Corner("regression")  # a single-task run's head is named after its kind
+    plain, _ = engine.evaluate(model, batches, None, task, torch.device("cpu"), None, progress=False)
+    flipped, outputs = engine.evaluate(model, batches, None, task, torch.device("cpu"), None, progress=False,
+                                       flip_axes=(0,))
+    image = torch.cat([b["image"] for b in batches])
+    target = torch.cat([b["target"] for b in batches]).reshape(-1)
+    mean_logit = (image[:, 0, 0, 0, 0] + image[:, 0, -1, 0, 0]) / 2
+    np.testing.assert_allclose(outputs["predictions"], (mean_logit * 10 + 50).numpy(), rtol=1e-6)
+    assert flipped["mae"] == pytest.approx((mean_logit * 10 + 50 - target).abs().mean().item(), rel=1e-5)
+    assert plain["mae"] == pytest.approx((image[:, 0, 0, 0, 0] * 10 + 50 - target).abs().mean().item(), rel=1e-5)
+    assert flipped["loss"] == pytest.approx((mean_logit - (target - 50) / 10).abs().mean().item(), rel=1e-5)
+    assert flipped["mae"] != pytest.approx(plain["mae"])

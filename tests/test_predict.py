@@ -16,6 +16,7 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, 
 
 from brain3d.data.nifti import load_mask
 from brain3d.data.synthetic import synthetic_cache_dir
+from brain3d.errors import ConfigError
 
 
 def run_predict(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -323,3 +324,33 @@ def test_predictions_keep_the_manifests_id_column_name(trained, tmp_path):
         with open(out / name) as f:
             header = next(csv.reader(f))
         assert header[0] == "participant_id", (name, header)
+
+
+def test_predict_averages_the_flips_the_checkpoint_was_validated_with(trained, tmp_path):
+    """tta=null (the default) follows the checkpoint's trainer.val_flip_axes: a checkpoint validated with
+    left-right flips is predicted as tta=[0] is, not as tta=false; tta=false and a wrong value as asked."""
+    from brain3d.checkpoint import load_checkpoint, save_checkpoint
+
+    runs, manifest = trained
+    state = load_checkpoint(runs["regression"] / "checkpoints" / "last.pt", map_location="cpu")
+    assert state["config"]["trainer"]["val_flip_axes"] == []
+    state["config"]["trainer"]["val_flip_axes"] = [0]
+    flipped = save_checkpoint(state, tmp_path / "flipped.pt")
+    data = write_manifest(tmp_path / "m.csv", synthetic_rows(manifest, 3))
+
+    def predictions(tta: str, checkpoint=flipped) -> tuple[list[float], dict]:
+        out = tmp_path / f"out_{tta.strip('[]')}_{Path(checkpoint).stem}"
+        metrics = predict_here([f"checkpoint={checkpoint}", f"data.manifest={data}", f"output_dir={out}",
+                                f"tta={tta}"])
+        return [float(r["prediction"]) for r in csv.DictReader(open(out / "predictions.csv"))], metrics
+
+    default, metrics = predictions("null")
+    left_right, _ = predictions("[0]")
+    none, none_metrics = predictions("false")
+    assert default == left_right and default != none
+    assert metrics["tta"] is True and metrics["tta_flip_axes"] == [0]
+    assert none_metrics["tta"] is False and none_metrics["tta_flip_axes"] == []
+    unflipped, _ = predictions("null", runs["regression"] / "checkpoints" / "last.pt")
+    assert unflipped == none  # a checkpoint validated without flips is predicted without them
+    with pytest.raises(ConfigError, match=r"tta=\[3\] must list distinct spatial axes among 0, 1, 2"):
+        predictions("[3]")
