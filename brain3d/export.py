@@ -351,6 +351,13 @@ def sidecar(state: dict, fmt: str, output: Path, checkpoint: str, shape: list[in
                    "average": "probabilities (sigmoid before averaging)",
                    "why": "trained on patches: brain3d-predict runs whole volumes by Gaussian-weighted sliding "
                           "windows of the patch size (the volume zero-padded to at least one patch)"}
+    flip_axes = list((config.get("trainer") or {}).get("val_flip_axes") or [])
+    flips = None
+    if flip_axes:  # trainer.val_flip_axes: how validation measured the model and brain3d-predict runs it
+        flips = {"axes": flip_axes, "average": "probabilities (sigmoid / softmax first); regression: the values",
+                 "how": "also run the input flipped along every combination of these array axes (D, H, W = 0, 1, "
+                        "2; 0 is left-right), flip voxel-wise outputs back, and average: the model was validated "
+                        "so, and brain3d-predict does it by default"}
     returns = ("one tensor: the logits of head " + repr(tasks.names[0]) if len(outputs) == 1
                else "a tuple of tensors, one per head in the order " + ", ".join(tasks.names))
     usage = {
@@ -375,6 +382,7 @@ def sidecar(state: dict, fmt: str, output: Path, checkpoint: str, shape: list[in
         "returns": returns,
         "outputs": outputs,
         "sliding_window": sliding,
+        "flip_averaging": flips,
         "postprocessing": "predictions are on the preprocessed grid; brain3d-predict maps a mask back to the input "
                           "file's grid by undoing the crop / pad, resampling (trilinear) and reorienting",
         "usage": (f"{usage}, with x the preprocessed image as a (B, C, D, H, W) float32 tensor (steps in "

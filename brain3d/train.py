@@ -260,6 +260,8 @@ class Run:
     writer: Any = None
     report_note: str = ""
     report_guard: report.ReportGuard = field(default_factory=lambda: report.ReportGuard("report.html"))
+    report_pending: Any = None  # the latest validation's report.html, not yet drawn (trainer.report_interval_s)
+    report_drawn_at: float = -math.inf  # time.monotonic() when report.html was last drawn
 
     @property
     def distributed(self) -> bool:
@@ -673,6 +675,7 @@ def checkpoint_state(run: Run, epochs_done: int, position: engine.EpochProgress 
 
 def stop_now(run: Run, where: str) -> None:
     """After last.pt is saved: leave with Preempted (main exits with stop.exit_code: 75, or 130 for SIGINT)."""
+    draw_report(run)
     run.writer.close()
     log.warning("%s received: stopped at %s and saved %s; the same command with trainer.resume=auto continues "
                 "(exit code %d)", run.stop.signal_name, where, run.last_path, run.stop.exit_code)
@@ -724,14 +727,18 @@ def run_epochs(run: Run) -> None:
             epochs.total = run.end_epoch
         last = epoch + 1 >= min(run.end_epoch, process_end or run.end_epoch)
         validated = last or (epoch + 1) % val_every == 0
+        started = time.monotonic()
         if validated:
-            started = time.monotonic()
             record, val_outputs = validate_epoch(run, train_stats)
-            if run.budget is not None:
-                run.budget.val_s.append(time.monotonic() - started)
         else:
             record, val_outputs = epoch_record(run, train_stats, {}), {}
         improved = log_and_checkpoint(run, record, val_outputs)
+        if run.budget is not None:  # what follows the training (validation, checkpoints, report.html) is planned too
+            after = time.monotonic() - started
+            if validated:
+                run.budget.val_s.append(after)
+            else:
+                run.budget.train_s[-1] += after
         monitor = run.best["name"]
         epochs.update()
         epochs.set_postfix(train_loss=f"{record['train_loss']:.4f}",
@@ -745,6 +752,7 @@ def run_epochs(run: Run) -> None:
             break
         epoch += 1
     epochs.close()
+    draw_report(run)  # the last validation's, whatever trainer.report_interval_s skipped
 
 
 def plan_epochs(run: Run, val_every: int) -> None:
@@ -905,13 +913,25 @@ def log_and_checkpoint(run: Run, record: dict, val_outputs: dict) -> bool:
         save_checkpoint(state, run.last_path)
         if improved:
             save_checkpoint(state, run.best_path)
-    # report.html after each validation; a failure is one warning
+    # report.html after a validation, at most every trainer.report_interval_s (and at the end: draw_report)
     if run.main_rank and validated and trainer_cfg.get("report", True):
         shown = run.tasks.mask_task or next(iter(run.tasks))
-        run.report_guard(report.write_run_report, run.run_dir, run.history, run.best, shown.kind,
-                     val_outputs.get("cases", []), int(trainer_cfg.get("report_subjects", 16)),
-                     total_cases=val_outputs.get("cases_total"), class_names=shown.class_names, note=run.report_note)
+        run.report_pending = functools.partial(
+            report.write_run_report, run.run_dir, list(run.history), dict(run.best), shown.kind,
+            val_outputs.get("cases", []), int(trainer_cfg.get("report_subjects", 16)),
+            total_cases=val_outputs.get("cases_total"), class_names=shown.class_names, note=run.report_note)
+        interval = float(trainer_cfg.get("report_interval_s") or 0)
+        if time.monotonic() - run.report_drawn_at >= interval:
+            draw_report(run)
     return improved
+
+
+def draw_report(run: Run) -> None:
+    """report.html of the latest validation, if it is not drawn yet (a failure is one warning)."""
+    if run.report_pending is not None:
+        run.report_drawn_at = time.monotonic()
+        run.report_guard(run.report_pending)
+        run.report_pending = None
 
 
 def finish(run: Run) -> float:

@@ -149,6 +149,15 @@ def test_json_of_a_patch_trained_model_says_to_run_sliding_windows(trained, tmp_
     assert "sliding windows" in info["input"]["spatial"]
 
 
+def test_json_says_which_flips_validation_averaged(trained, tmp_path):
+    state = load_checkpoint(trained["regression"])
+    shape = export.input_shape(state["config"])
+    assert export.sidecar(state, "torchscript", tmp_path / "m.pt", "c.pt", shape, 0.5, "cpu")["flip_averaging"] is None
+    state["config"]["trainer"]["val_flip_axes"] = [0]
+    flips = export.sidecar(state, "torchscript", tmp_path / "m.pt", "c.pt", shape, 0.5, "cpu")["flip_averaging"]
+    assert flips["axes"] == [0] and "left-right" in flips["how"]
+
+
 def test_regression_json_turns_the_output_into_target_units(trained, exported):
     """The JSON's recipe (output * target_std + target_mean) gives what brain3d's RegressionTask.decode gives."""
     info = json.loads(exported["regression"].with_suffix(".json").read_text())

@@ -290,3 +290,27 @@ def test_predict_writes_a_report_of_its_outputs(runs, cache_dir, tmp_path):
     per_subject = json.loads((out / "metrics.json").read_text())
     assert dice == sorted(dice) and dice[0] <= per_subject["dice"]["value"] + 1e-3  # the worst of the 12 first
     assert any("the 4 worst of 12" in t for t in page.texts) and "dice" in page.cells
+
+
+@pytest.mark.parametrize("interval,expected", [(3600, [1, 3]), (0, [1, 2, 3])])
+def test_report_interval_draws_the_first_validation_and_always_the_last(interval, expected, tmp_path, cache_dir,
+                                                                        monkeypatch):
+    """trainer.report_interval_s: report.html is drawn after the first validation, then only once the interval
+    has passed, and always after the last epoch, from its history (0: after every validation)."""
+    from hydra import compose, initialize_config_dir
+
+    from brain3d.cli import config_dir
+    from brain3d.train import train
+
+    drawn, draw = [], report.write_run_report
+    monkeypatch.setattr(report, "write_run_report",
+                        lambda run_dir, history, *a, **k: drawn.append(history[-1]["epoch"]) or draw(run_dir, history,
+                                                                                                     *a, **k))
+    run = tmp_path / "run"
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[
+            "task=regression", *tiny_overrides(cache_dir), "trainer.report=true", f"trainer.report_interval_s={interval}",
+            "trainer.max_epochs=3", f"output_dir={run}"])
+    train(cfg)
+    assert drawn == expected
+    assert "final (epoch 3)" in (run / "report.html").read_text() and len(read_summary(run)["history"]) == 3
