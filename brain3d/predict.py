@@ -447,7 +447,8 @@ def write_metrics(cfg: DictConfig, out_dir: Path, paths: list[str], tasks: TaskS
     write_csv(out_dir / "metrics.csv", [csv_rows[r[id_col]] for r in evaluated_rows])
     head_metrics = {"heads": per_head} if tasks.multi else next(iter(per_head.values()))
     metrics = {"task": MULTITASK if tasks.multi else next(iter(tasks)).kind, "checkpoints": paths,
-               "tta": bool(cfg.tta), "tta_flip_axes": list(cfg.tta), **head_metrics, "num_in_training_split": count_in_training(evaluated_rows)}
+               "tta": bool(cfg.tta), "tta_flip_axes": list(cfg.tta), **head_metrics,
+               "num_in_training_split": count_in_training(evaluated_rows)}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 

@@ -309,8 +309,8 @@ def test_report_interval_draws_the_first_validation_and_always_the_last(interval
     run = tmp_path / "run"
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[
-            "task=regression", *tiny_overrides(cache_dir), "trainer.report=true", f"trainer.report_interval_s={interval}",
-            "trainer.max_epochs=3", f"output_dir={run}"])
+            "task=regression", *tiny_overrides(cache_dir), "trainer.report=true",
+            f"trainer.report_interval_s={interval}", "trainer.max_epochs=3", f"output_dir={run}"])
     train(cfg)
     assert drawn == expected
     assert "final (epoch 3)" in (run / "report.html").read_text() and len(read_summary(run)["history"]) == 3
