@@ -367,7 +367,33 @@ def test_resnet_stage1_stride_is_checked_and_refused_for_segmentation():
     backbone = {"_target_": "brain3d.models.backbones.ResNetBackbone", "width": W, "depth": 10, "stage1_stride": 2}
     with pytest.raises(ConfigError, match=r"a segmentation head needs the backbone's features at 1/2, 1/4, "
                        r"1/8, 1/16 of the input; this backbone gives 1/4, 1/8, 1/16, 1/32: leave "
-                       r"backbone.stage1_stride=1"):
+                       r"backbone.stage1_stride=1 and backbone.stem_stride=2"):
         build_model(backbone, {"_target_": "brain3d.models.heads.SegmentationHead", "out_channels": 1}, "seg")
     model = build_model(backbone, {"_target_": "brain3d.models.heads.GlobalPoolHead", "out_features": 1}, "age")
     assert model.backbone.feature_strides == (4, 8, 16, 32)
+
+
+def test_resnet_stem_stride_4_is_a_patchify_stem_with_features_at_a_quarter():
+    torch.manual_seed(0)
+    backbone = ResNetBackbone(width=W, depth=10, stem_stride=4)
+    assert backbone.feature_strides == (4, 8, 16, 32)
+    conv = backbone.stem.conv
+    assert conv.kernel_size == (4, 4, 4) and conv.stride == (4, 4, 4) and conv.padding == (0, 0, 0)
+    x = torch.randn(2, 1, 64, 48, 32)
+    assert [tuple(f.shape[2:]) for f in backbone(x)] == [(16, 12, 8), (8, 6, 4), (4, 3, 2), (2, 2, 1)]
+    # each stem output voxel is its own 4x4x4 patch: changing one patch changes one output voxel only
+    with torch.no_grad():
+        backbone.eval()
+        before = conv(x)
+        y = x.clone()
+        y[:, :, 4:8, 0:4, 8:12] += 1.0
+        changed = (conv(y) - before).abs().sum(dim=(0, 1)) > 0
+    assert changed.nonzero().tolist() == [[1, 0, 2]]
+    # parameters: the stem's 4^3 kernel instead of 3^3 (c1 filters of one channel)
+    c1 = backbone.feature_channels[0]
+    assert count_parameters(backbone) - count_parameters(ResNetBackbone(width=W, depth=10)) == c1 * (64 - 27)
+    with pytest.raises(ValueError, match="stem_stride must be 2 or 4, got 3"):
+        ResNetBackbone(width=W, depth=10, stem_stride=3)
+    seg = {"_target_": "brain3d.models.backbones.ResNetBackbone", "width": W, "depth": 10, "stem_stride": 4}
+    with pytest.raises(ConfigError, match="this backbone gives 1/4, 1/8, 1/16, 1/32"):
+        build_model(seg, {"_target_": "brain3d.models.heads.SegmentationHead", "out_channels": 1}, "seg")

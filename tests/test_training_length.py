@@ -223,3 +223,25 @@ def test_samples_per_volume_draws_each_volume_k_times_with_its_own_patches(tmp_p
     batch = store.batch([(4, 0), (7, 0)])
     torch.testing.assert_close(batch["image"][0], items[1]["image"])
     torch.testing.assert_close(batch["image"][1], items[2]["image"])
+
+
+def test_the_budget_times_what_follows_an_epochs_training(tmp_path, cache_dir, monkeypatch):
+    """Checkpoints (and report.html) after an epoch are planned for: they count in the epoch's time, in val_s
+    after a validation and in train_s after an epoch that does not validate."""
+    from hydra import compose, initialize_config_dir
+
+    import brain3d.train as train_module
+    from brain3d.cli import config_dir
+
+    save = train_module.save_checkpoint
+    monkeypatch.setattr(train_module, "save_checkpoint", lambda *a, **k: time.sleep(1.5) or save(*a, **k))
+    run = tmp_path / "run"
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[
+            *tiny_overrides(cache_dir), "trainer.max_epochs=4", "trainer.max_time=10min",
+            "trainer.val_every_n_epochs=2", f"output_dir={run}"])
+    train_module.train(cfg)
+    timing = read_summary(run)["time_budget"]
+    assert len(timing["train_s"]) == 4 and len(timing["val_s"]) == 2
+    assert min(timing["val_s"]) >= 1.5  # epochs 2 and 4 validate: their checkpoints are in val_s
+    assert timing["train_s"][2] - timing["train_s"][1] >= 1.2  # epoch 3's checkpoint in its train_s, epoch 2's not

@@ -228,25 +228,35 @@ class ResNetBackbone(nn.Module):
         stage1_stride: 1 (f1 at /2, the default) or 2: stage 1 also halves the size, so the features sit at
             /4, /8, /16, /32 and stage 1, the costliest (most voxels), runs on 1/8 of the voxels. For
             classification and regression (global pooling); the segmentation head needs f1 at /2.
+        stem_stride: 2 (the default: a 3x3x3 convolution of stride 2) or 4: a 4x4x4 convolution of stride 4
+            without padding ("patchify", as ConvNeXt's stem), whose output has 1/8 of the voxels: a stem
+            convolution of one input channel is the costliest layer of a small ResNet on CPU (its weight
+            gradient, norm and ReLU run on the largest feature map). Features then sit at
+            ``stem_stride * stage1_stride * (1, 2, 4, 8)``; input sizes divisible by 4 are covered whole.
 
     Raises:
-        ValueError: when ``depth`` is not 10 or 18, ``stage1_stride`` not 1 or 2, ``width`` is not > 0 or
-            ``norm`` is unknown.
+        ValueError: when ``depth`` is not 10 or 18, ``stage1_stride`` not 1 or 2, ``stem_stride`` not 2 or 4,
+            ``width`` is not > 0 or ``norm`` is unknown.
     """
 
     BLOCKS = {10: (1, 1, 1, 1), 18: (2, 2, 2, 2)}
 
     def __init__(self, in_channels: int = 1, width: float = 1.0, norm: str = "batch", depth: int = 18,
-                 stage1_stride: int = 1) -> None:
+                 stage1_stride: int = 1, stem_stride: int = 2) -> None:
         super().__init__()
         if depth not in self.BLOCKS:
             raise ValueError(f"unsupported ResNet depth {depth!r}; allowed: 10, 18")
         if stage1_stride not in (1, 2) or isinstance(stage1_stride, bool):
             raise ValueError(f"backbone.stage1_stride must be 1 or 2, got {stage1_stride!r}")
+        if stem_stride not in (2, 4) or isinstance(stem_stride, bool):
+            raise ValueError(f"backbone.stem_stride must be 2 or 4, got {stem_stride!r}")
         self.feature_channels = scale_channels(width)
-        self.feature_strides = tuple(2 * stage1_stride * 2**i for i in range(4))  # f1..f4 vs the input
+        self.feature_strides = tuple(stem_stride * stage1_stride * 2**i for i in range(4))  # f1..f4 vs the input
         c1 = self.feature_channels[0]
-        self.stem = Conv3DBlock(in_channels, c1, kernel_size=3, stride=2, padding=1, norm=norm)
+        if stem_stride == 2:
+            self.stem = Conv3DBlock(in_channels, c1, kernel_size=3, stride=2, padding=1, norm=norm)
+        else:  # non-overlapping 4x4x4 patches
+            self.stem = Conv3DBlock(in_channels, c1, kernel_size=4, stride=4, padding=0, norm=norm)
         stages = []
         prev = c1
         for i, (channels, n_blocks) in enumerate(zip(self.feature_channels, self.BLOCKS[depth])):
@@ -260,7 +270,7 @@ class ResNetBackbone(nn.Module):
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = run_stage(self, self.stem, x)  # (B, c1, D/2, H/2, W/2)
+        x = run_stage(self, self.stem, x)  # (B, c1, D/2, H/2, W/2); /4 with stem_stride=4
         f1 = run_stage(self, self.layer1, x)  # (B, c1, D/2, H/2, W/2); /4 with stage1_stride=2
         f2 = run_stage(self, self.layer2, f1)  # (B, c2, D/4, H/4, W/4)
         f3 = run_stage(self, self.layer3, f2)  # (B, c3, D/8, H/8, W/8)

@@ -101,7 +101,7 @@ def build_model(backbone_cfg: Any, head_cfg: Any, head_name: str | None = None) 
         if isinstance(heads[name], SegmentationHead) and strides != (2, 4, 8, 16):
             raise ConfigError(f"a segmentation head needs the backbone's features at 1/2, 1/4, 1/8, 1/16 of the "
                               f"input; this backbone gives 1/{', 1/'.join(str(s) for s in strides)}: leave "
-                              "backbone.stage1_stride=1")
+                              "backbone.stage1_stride=1 and backbone.stem_stride=2")
     return Brain3DModel(backbone, heads)
 
 
