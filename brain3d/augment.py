@@ -248,17 +248,38 @@ def _check_batch(image: torch.Tensor, mask: torch.Tensor | None) -> None:
         raise ValueError(f"mask {tuple(mask.shape)} must be (B, Cm, D, H, W) matching image {tuple(image.shape)}")
 
 
-def _flip_unwarped(image: torch.Tensor, mask: torch.Tensor | None, out_image: torch.Tensor,
-                   out_mask: torch.Tensor | None, flips: torch.Tensor, affine: torch.Tensor) -> None:
-    """Write into ``out_*`` the exact ``torch.flip`` of each sample that gets no affine (flips (B, 3) bool)."""
+def shift_zero_filled(x: torch.Tensor, shifts: Sequence[int]) -> torch.Tensor:
+    """``x`` (..., D, H, W) moved by whole voxels, ``shifts`` (sD, sH, sW) (+: towards higher indices), the
+    voxels moved in from outside set to 0 (a shift of a whole axis or more leaves zeros). Exact: no resampling."""
+    out = torch.zeros_like(x)
+    dst, src = [], []
+    for n, s in zip(x.shape[-3:], shifts):
+        s = int(s)
+        if abs(s) >= n:
+            return out
+        dst.append(slice(s, n) if s >= 0 else slice(0, n + s))
+        src.append(slice(0, n - s) if s >= 0 else slice(-s, n))
+    out[(..., *dst)] = x[(..., *src)]
+    return out
+
+
+def _flip_shift_unwarped(image: torch.Tensor, mask: torch.Tensor | None, out_image: torch.Tensor,
+                         out_mask: torch.Tensor | None, flips: torch.Tensor, shifts: torch.Tensor | None,
+                         affine: torch.Tensor) -> None:
+    """Write into ``out_*`` each sample that gets no affine, exactly ``torch.flip``-ed (flips (B, 3) bool) and
+    then moved by whole voxels (shifts (B, 3) int, or None: no shift; :func:`shift_zero_filled`)."""
     for i in range(image.shape[0]):
         if affine[i]:
-            continue  # its flips are folded into its affine
+            continue  # its flips (and its own translation) are in its affine
         axes = [2 + a for a in range(3) if flips[i, a]]
-        if axes:
-            out_image[i] = torch.flip(image[i : i + 1], axes)[0]
-            if mask is not None:
-                out_mask[i] = torch.flip(mask[i : i + 1], axes)[0]
+        shift = [int(v) for v in shifts[i]] if shifts is not None else [0, 0, 0]
+        if not axes and not any(shift):
+            continue
+        for source, out in ((image, out_image), (mask, out_mask)):
+            if source is None:
+                continue
+            moved = torch.flip(source[i], [a - 1 for a in axes]) if axes else source[i]  # (C, D, H, W)
+            out[i] = shift_zero_filled(moved, shift) if any(shift) else moved
 
 
 def _warp_affine_samples(image: torch.Tensor, mask: torch.Tensor | None, out_image: torch.Tensor,
@@ -379,6 +400,10 @@ class BatchAugment(nn.Module):
         contrast_range: (low, high), 0 < low <= high, or None: factor ``c`` uniform in the range,
             ``x -> mean + c * (x - mean)`` with the sample's foreground mean.
         contrast_prob: probability of the contrast change per sample, in [0, 1]; > 0 needs ``contrast_range``.
+        shift_voxels: maximum shift by whole voxels along each axis, >= 0 (an integer): each sample that gets
+            no affine is moved by an integer drawn uniformly from ``[-shift_voxels, shift_voxels]`` per axis,
+            zero filled (exact, no resampling, as brain-age CNNs such as SFCN augment: an interpolated affine
+            low-pass filters the thin cortical ribbon whose contrast carries age); the mask moves with it.
 
     Raises:
         ValueError: an argument outside its range (the message names the argument, its value and the range).
@@ -400,6 +425,7 @@ class BatchAugment(nn.Module):
         contrast_range: Sequence[float] | None = None,
         contrast_prob: float = 0.0,
         flip_axes: Sequence[int] = (0, 1, 2),
+        shift_voxels: int = 0,
     ) -> None:
         super().__init__()
         self.flip_prob = _in_range(flip_prob, "flip_prob", 0.0, 1.0)
@@ -419,6 +445,9 @@ class BatchAugment(nn.Module):
         self.bias_prob = _in_range(bias_prob, "bias_prob", 0.0, 1.0)
         self.contrast_range = _pair(contrast_range, "contrast_range", allow_none=True)
         self.contrast_prob = _in_range(contrast_prob, "contrast_prob", 0.0, 1.0)
+        if isinstance(shift_voxels, bool) or int(_non_negative(shift_voxels, "shift_voxels")) != shift_voxels:
+            raise ValueError(f"shift_voxels must be a whole number of voxels >= 0, got {shift_voxels!r}")
+        self.shift_voxels = int(shift_voxels)
         if self.gamma_prob > 0 and self.gamma_range is None:
             raise ValueError(
                 f"gamma_prob={gamma_prob!r} > 0 needs gamma_range, a (low, high) pair with 0 < low <= high; got None"
@@ -441,6 +470,10 @@ class BatchAugment(nn.Module):
         )
 
     @property
+    def _shift_on(self) -> bool:
+        return self.shift_voxels > 0
+
+    @property
     def _gamma_on(self) -> bool:
         return self.gamma_prob > 0 and self.gamma_range != (1.0, 1.0)
 
@@ -459,13 +492,14 @@ class BatchAugment(nn.Module):
     @property
     def is_identity(self) -> bool:
         """True when no transform is enabled (``forward`` then returns copies of its inputs)."""
-        return not (self._flip_on or self._affine_on or self._gamma_on or self._noise_on or self._bias_on
+        return not (self._flip_on or self._affine_on or self._shift_on or self._gamma_on or self._noise_on or self._bias_on
                     or self._contrast_on)
 
     def extra_repr(self) -> str:
         names = [
             "flip_prob", "flip_axes", "rotation_deg", "scale_range", "translation_frac", "affine_prob", "gamma_range",
             "gamma_prob", "noise_std", "noise_prob", "bias_field_std", "bias_prob", "contrast_range", "contrast_prob",
+            "shift_voxels",
         ]  # fmt: skip
         return ", ".join(f"{n}={getattr(self, n)}" for n in names)
 
@@ -493,6 +527,8 @@ class BatchAugment(nn.Module):
         lo, hi = self.gamma_range or (1.0, 1.0)
         p["gamma_value"] = torch.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * u(b))
         p["noise"] = u(b) < self.noise_prob
+        if self._shift_on:  # drawn last and only when on, so every other draw of a seed is what it was without
+            p["int_shifts"] = (u(b, 3) * (2 * self.shift_voxels + 1)).floor().long() - self.shift_voxels
         return {k: v.cpu() for k, v in p.items()}
 
     @torch.no_grad()
@@ -524,9 +560,10 @@ class BatchAugment(nn.Module):
             return out_image, out_mask
         p = self._draw(b, generator)  # every per-sample parameter, before any transform draws noise
 
-        # spatial: resample the affine samples (flips folded in), torch.flip the flip-only ones
+        # spatial: resample the affine samples (flips folded in), torch.flip and whole-voxel shift the others
         affine = p["affine"] if self._affine_on else torch.zeros(b, dtype=torch.bool)
-        _flip_unwarped(image, mask, out_image, out_mask, p["flips"], affine)
+        _flip_shift_unwarped(image, mask, out_image, out_mask, p["flips"], p.get("int_shifts"),
+                             affine)
         if affine.any():
             _warp_affine_samples(image, mask, out_image, out_mask, p, affine, num_classes)
 

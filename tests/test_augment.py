@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from brain3d.augment import BatchAugment, affine_grid, affine_theta, warp
+from brain3d.augment import BatchAugment, affine_grid, affine_theta, shift_zero_filled, warp
 
 from tests.conftest import CONFIG_DIR
 
@@ -313,3 +313,47 @@ def test_flip_axes_limits_flips_to_left_right():
     assert BatchAugment(flip_prob=1.0, flip_axes=[]).is_identity
     with pytest.raises(ValueError, match="flip_axes must be a list of the axes 0, 1, 2"):
         BatchAugment(flip_prob=0.5, flip_axes=[3])
+
+
+def test_shift_zero_filled_matches_a_hand_shift():
+    x = torch.arange(2 * 4 * 5 * 6, dtype=torch.float32).view(2, 4, 5, 6) + 1
+    out = shift_zero_filled(x, (1, -2, 0))
+    expected = torch.zeros_like(x)
+    expected[:, 1:, :3, :] = x[:, :3, 2:, :]  # by hand: +1 along D, -2 along H
+    assert torch.equal(out, expected)
+    assert torch.equal(shift_zero_filled(x, (0, 0, 0)), x)
+    assert not shift_zero_filled(x, (0, 5, 0)).any()  # a whole axis: nothing left
+
+
+def test_whole_voxel_shifts_are_exact_and_move_image_and_mask_together():
+    image = torch.zeros(6, 1, 16, 16, 16)
+    image[:, :, 6:10, 5:9, 7:11] = torch.rand(6, 1, 4, 4, 4) + 0.5  # a blob away from the borders
+    mask = (image > 0).float()
+    aug = BatchAugment(shift_voxels=3)
+    out, out_mask = aug(image, mask, generator=gen(0))
+    seen = set()
+    for i in range(6):
+        # the output is the input moved by whole voxels: the same values, each shift in [-3, 3]
+        nz = torch.nonzero(out_mask[i, 0])
+        shift = (nz.min(0).values - torch.tensor([6, 5, 7])).tolist()
+        assert all(-3 <= s <= 3 for s in shift)
+        seen.add(tuple(shift))
+        assert torch.equal(out[i], shift_zero_filled(image[i], shift))
+        assert torch.equal(out_mask[i], shift_zero_filled(mask[i], shift))
+    assert len(seen) > 1  # drawn per sample
+
+
+def test_shifts_leave_the_other_draws_of_a_seed_unchanged():
+    image = torch.randn(4, 1, 12, 12, 12)
+    flips = BatchAugment(flip_prob=0.5)(image, generator=gen(3))[0]
+    both = BatchAugment(flip_prob=0.5, shift_voxels=2)(image, generator=gen(3))[0]
+    for i in range(4):  # the same flips, then a shift: undoing the flip-only output's shift is not needed,
+        # the shifted output must be a whole-voxel shift of the flip-only one
+        assert any(torch.equal(both[i], shift_zero_filled(flips[i], (a, b, c)))
+                   for a in range(-2, 3) for b in range(-2, 3) for c in range(-2, 3))
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True])
+def test_shift_voxels_must_be_a_whole_number(value):
+    with pytest.raises(ValueError, match="shift_voxels"):
+        BatchAugment(shift_voxels=value)
