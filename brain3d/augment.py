@@ -492,8 +492,8 @@ class BatchAugment(nn.Module):
     @property
     def is_identity(self) -> bool:
         """True when no transform is enabled (``forward`` then returns copies of its inputs)."""
-        return not (self._flip_on or self._affine_on or self._shift_on or self._gamma_on or self._noise_on or self._bias_on
-                    or self._contrast_on)
+        return not (self._flip_on or self._affine_on or self._shift_on or self._gamma_on or self._noise_on
+                    or self._bias_on or self._contrast_on)
 
     def extra_repr(self) -> str:
         names = [
