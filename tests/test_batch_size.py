@@ -154,6 +154,7 @@ def test_auto_batch_size_fits_a_simulated_budget_and_a_resume_keeps_it(tmp_path,
     assert "as found when the run began" in resumed.stdout + resumed.stderr
 
 
+@pytest.mark.slow  # 8-17 s on 2 fp32 CPU cores: the default suite stays under 10 minutes
 def test_fixed_batch_size_is_recorded_as_fixed(tmp_path, cache_dir):
     run_dir = tmp_path / "fixed"
     run_train([*tiny_overrides(cache_dir), "trainer.max_epochs=1", f"hydra.run.dir={run_dir}"], cwd=tmp_path)

@@ -33,6 +33,7 @@ def test_bad_fold_is_refused():
         split_subjects(subjects([0, 1, 0, 1]), 0.2, seed=0, stratify=False, num_folds=2, fold=2)
 
 
+@pytest.mark.slow  # 8-17 s on 2 fp32 CPU cores: the default suite stays under 10 minutes
 def test_five_fold_sweep_gives_five_summaries_and_one_table(tmp_path, cache_dir):
     sweep = tmp_path / "cv"
     run_train(["-m", "task=regression", *tiny_overrides(cache_dir), "data.num_subjects=10", "trainer.max_epochs=1",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
 
 from brain3d.data.synthetic import make_synthetic_dataset
@@ -88,6 +89,7 @@ def test_patch_training_validates_larger_volumes_by_sliding_windows(tmp_path, ca
     assert 0.0 <= summary["final_val"]["dice"] <= 1.0 and np.isfinite(summary["final_val"]["loss"])
 
 
+@pytest.mark.slow  # 8-17 s on 2 fp32 CPU cores: the default suite stays under 10 minutes
 def test_patch_size_must_fit_the_network(tmp_path, cache_dir):
     proc = run_train(["task=segmentation", *tiny_overrides(cache_dir), "data.patch_size=[20,16,16]",
                       f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, check=False)

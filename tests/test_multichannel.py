@@ -260,6 +260,7 @@ def test_bids_suffix_list_gives_one_column_per_suffix(tmp_path):
         bids_manifest(tmp_path / "partial", tmp_path / "p.csv", suffix=["T1w", "FLAIR"])
 
 
+@pytest.mark.slow  # 8-17 s on 2 fp32 CPU cores: the default suite stays under 10 minutes
 def test_two_channel_synthetic_trains_predicts_and_evaluates(tmp_path, cache_dir):
     run = tmp_path / "run"
     run_train(["task=segmentation", "data.channels=2", *tiny_overrides(cache_dir), "trainer.max_epochs=1",

@@ -136,6 +136,7 @@ def test_classification_predictions_ensemble_tta_and_saliency(trained, tmp_path)
     assert all(0.0 <= float(r["probability"]) <= 1.0 for r in tta_rows)
 
 
+@pytest.mark.slow  # 8-17 s on 2 fp32 CPU cores: the default suite stays under 10 minutes
 def test_ensemble_of_identical_checkpoints_equals_one(trained, tmp_path):
     runs, manifest = trained
     ckpt = runs["regression"] / "checkpoints" / "last.pt"

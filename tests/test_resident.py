@@ -167,6 +167,7 @@ def test_settled_loss_sum_equals_the_per_step_sum():
     assert results[0] == results[1] > 0
 
 
+@pytest.mark.slow  # 8-17 s on 2 fp32 CPU cores: the default suite stays under 10 minutes
 def test_worker_path_and_resident_path_train_the_same_run(tmp_path, cache_dir):
     common = ["task=segmentation", *tiny_overrides(cache_dir), "trainer.max_epochs=2"]
     run_train([*common, "data.resident=off", "data.num_workers=2", f"hydra.run.dir={tmp_path / 'workers'}"],

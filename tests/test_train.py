@@ -121,6 +121,7 @@ def test_resume_continues_identical_history(tmp_path, cache_dir):
         torch.testing.assert_close(w1[name], w2[name], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # 8-17 s on 2 fp32 CPU cores: the default suite stays under 10 minutes
 def test_multirun_gives_each_job_its_own_folder(tmp_path, cache_dir):
     sweep = tmp_path / "sweep"
     run_train(["-m", "task=segmentation", "loss=dice,dice_bce", *tiny_overrides(cache_dir), "trainer.max_epochs=1",
@@ -183,6 +184,7 @@ def test_resume_with_more_epochs_follows_the_longer_schedule_and_metrics_csv_kee
         assert float(row["lr"]) == pytest.approx(record["lr"])
 
 
+@pytest.mark.slow  # 8-17 s on 2 fp32 CPU cores: the default suite stays under 10 minutes
 def test_resume_with_another_model_is_refused_before_anything_is_written(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     common = ["task=regression", *tiny_overrides(cache_dir), "trainer.max_epochs=1", f"hydra.run.dir={run_dir}"]

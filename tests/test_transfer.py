@@ -136,6 +136,7 @@ def segmentation_run(tmp_path_factory, cache_dir):
     return run_dir
 
 
+@pytest.mark.slow  # 8-17 s on 2 fp32 CPU cores: the default suite stays under 10 minutes
 def test_regression_run_starts_from_a_segmentation_checkpoint_with_a_frozen_backbone(segmentation_run, cache_dir,
                                                                                       tmp_path):
     source = segmentation_run / "checkpoints" / "best.pt"
