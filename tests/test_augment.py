@@ -347,8 +347,7 @@ def test_shifts_leave_the_other_draws_of_a_seed_unchanged():
     image = torch.randn(4, 1, 12, 12, 12)
     flips = BatchAugment(flip_prob=0.5)(image, generator=gen(3))[0]
     both = BatchAugment(flip_prob=0.5, shift_voxels=2)(image, generator=gen(3))[0]
-    for i in range(4):  # the same flips, then a shift: undoing the flip-only output's shift is not needed,
-        # the shifted output must be a whole-voxel shift of the flip-only one
+    for i in range(4):  # the same flips as without shifts: each output is a whole-voxel shift of the flip-only one
         assert any(torch.equal(both[i], shift_zero_filled(flips[i], (a, b, c)))
                    for a in range(-2, 3) for b in range(-2, 3) for c in range(-2, 3))
 
