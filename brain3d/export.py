@@ -315,6 +315,15 @@ def head_entry(task, threshold: float) -> dict:
         if task.bias_correction:
             entry["bias_correction_apply"] = ("optional brain-age bias correction: corrected = (value - intercept) "
                                               "/ slope")
+    elif getattr(task, "num_classes", 1) > 1:  # MultiClassSegmentationTask: K labels plus the background
+        small = task.min_lesion_voxels
+        k = task.num_classes
+        entry.update(shape=f"(B, {k + 1}, D, H, W)", returns="voxel logits, channel 0 the background",
+                     num_classes=k, label_names=list(task.label_names), min_lesion_voxels=small,
+                     apply=f"probabilities = softmax(logits) over the {k + 1} channels; label map = argmax (0 "
+                           f"background, 1..{k} = label_names)"
+                           + (f"; then every label's 26-connected components of fewer than {small} voxels become "
+                              "background" if small > 1 else ""))
     else:
         small = task.min_lesion_voxels
         entry.update(shape="(B, 1, D, H, W)", returns="voxel logits", threshold=threshold, min_lesion_voxels=small,
@@ -348,7 +357,7 @@ def sidecar(state: dict, fmt: str, output: Path, checkpoint: str, shape: list[in
     if patch_size and segmentation:
         overlap = float((config.get("trainer") or {}).get("sw_overlap", 0.5))  # as validation ran
         sliding = {"patch_size": list(patch_size), "overlap": overlap, "weighting": "gaussian (sigma 0.125 x patch)",
-                   "average": "probabilities (sigmoid before averaging)",
+                   "average": "probabilities (sigmoid, or softmax for several labels, before averaging)",
                    "why": "trained on patches: brain3d-predict runs whole volumes by Gaussian-weighted sliding "
                           "windows of the patch size (the volume zero-padded to at least one patch)"}
     flip_axes = list((config.get("trainer") or {}).get("val_flip_axes") or [])

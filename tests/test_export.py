@@ -323,3 +323,16 @@ def test_help_describes_the_command_and_its_examples_compose():
     for line in examples:
         words = shlex.split(line)
         assert cli.check_command_line("export", words[1:], export.REQUIRED) is None, line
+
+
+def test_json_of_a_multi_class_head_says_softmax_and_argmax_over_k_plus_1_channels():
+    """task.num_classes=3: the sidecar names K+1 channels, softmax and argmax, not the binary sigmoid/threshold."""
+    from brain3d.tasks import MultiClassSegmentationTask, SegmentationTask
+
+    multi = MultiClassSegmentationTask("tissue", "mask", num_classes=3, label_names=["csf", "gm", "wm"])
+    entry = export.head_entry(multi, threshold=0.5)
+    assert entry["shape"] == "(B, 4, D, H, W)" and entry["num_classes"] == 3
+    assert entry["label_names"] == ["csf", "gm", "wm"] and "threshold" not in entry
+    assert "softmax" in entry["apply"] and "argmax" in entry["apply"] and "sigmoid" not in entry["apply"]
+    binary = export.head_entry(SegmentationTask("lesion", "mask"), threshold=0.4)
+    assert binary["shape"] == "(B, 1, D, H, W)" and binary["threshold"] == 0.4 and "sigmoid" in binary["apply"]
