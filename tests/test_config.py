@@ -89,6 +89,7 @@ def test_experiment_brain_age_sets_regression_with_l1():
     assert (cfg.task.name, cfg.loss.name, cfg.data.target_col) == ("regression", "l1", "age")
     assert list(cfg.augment.flip_axes) == [0] and cfg.task.head.dropout == 0.0
     assert (cfg.trainer.precise_bn_batches, cfg.trainer.ema, list(cfg.trainer.val_flip_axes)) == (38, 0.995, [0])
+    assert cfg.trainer.max_epochs == 200  # the budget decides on a fast CPU (100 capped it at 8 of the 10 minutes)
     assert cfg.backbone._target_.endswith("ResNetBackbone")
     backbone = cfg.backbone
     assert (backbone.depth, backbone.width, backbone.stem_stride, backbone.stage1_stride) == (10, 0.25, 4, 1)
