@@ -315,21 +315,21 @@ def head_entry(task, threshold: float) -> dict:
         if task.bias_correction:
             entry["bias_correction_apply"] = ("optional brain-age bias correction: corrected = (value - intercept) "
                                               "/ slope")
-    elif getattr(task, "num_classes", 1) > 1:  # MultiClassSegmentationTask: K labels plus the background
-        small = task.min_lesion_voxels
-        k = task.num_classes
-        entry.update(shape=f"(B, {k + 1}, D, H, W)", returns="voxel logits, channel 0 the background",
-                     num_classes=k, label_names=list(task.label_names), min_lesion_voxels=small,
-                     apply=f"probabilities = softmax(logits) over the {k + 1} channels; label map = argmax (0 "
-                           f"background, 1..{k} = label_names)"
-                           + (f"; then every label's 26-connected components of fewer than {small} voxels become "
-                              "background" if small > 1 else ""))
-    else:
-        small = task.min_lesion_voxels
-        entry.update(shape="(B, 1, D, H, W)", returns="voxel logits", threshold=threshold, min_lesion_voxels=small,
-                     apply=f"probability = sigmoid(logit) per voxel; mask = probability > {threshold}"
-                           + (f"; then drop the mask's 26-connected components of fewer than {small} voxels"
-                              if small > 1 else ""))
+    else:  # segmentation: one logit per voxel (binary), or K labels plus the background (K+1 logits)
+        small, k = task.min_lesion_voxels, task.num_classes
+        if k > 1:
+            entry.update(shape=f"(B, {k + 1}, D, H, W)", returns="voxel logits, channel 0 the background",
+                         num_classes=k, label_names=list(task.label_names),
+                         apply=f"probabilities = softmax(logits) over the {k + 1} channels; label map = argmax (0 "
+                               f"background, 1..{k} = label_names)")
+            removal = f"every label's 26-connected components of fewer than {small} voxels become background"
+        else:
+            entry.update(shape="(B, 1, D, H, W)", returns="voxel logits", threshold=threshold,
+                         apply=f"probability = sigmoid(logit) per voxel; mask = probability > {threshold}")
+            removal = f"drop the mask's 26-connected components of fewer than {small} voxels"
+        entry["min_lesion_voxels"] = small
+        if small > 1:
+            entry["apply"] += f"; then {removal}"
     return entry
 
 
